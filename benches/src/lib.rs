@@ -1,0 +1,1 @@
+//! Benchmarks of sparsejit kernels (kernel-bench and criterion benches).

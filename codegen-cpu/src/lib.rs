@@ -1,0 +1,1 @@
+//! CPU backend of sparsejit (in progress: see issue 3).

@@ -1,0 +1,1 @@
+//! OpenCL backend of sparsejit (not written yet: see issue 5).

@@ -1,0 +1,1 @@
+//! The `sparse_kernel!` proc macro (not written yet: see issue 6).

@@ -1,0 +1,1 @@
+//! Training runtime of sparsejit (not written yet: see issue 4).

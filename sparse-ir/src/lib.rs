@@ -1,0 +1,24 @@
+//! # sparse-ir
+//!
+//! The foundation of sparsejit: what a layer's mask *is* and what kernels it needs.
+//!
+//! - [`Pattern`]: the immutable, validated CSR structure of a `rows × cols` mask, with its
+//!   stable content hash, transposed (CSC) view and row chunks.
+//! - [`KernelSpec`]: one kernel a layer needs ([`Op`]), for a pattern, batch size and row stride.
+//! - [`backend`]: the contract every backend implements ([`backend::Backend`],
+//!   [`backend::Kernel`], [`Strategy`]) and the argument checks they all share.
+//! - [`interp`]: the reference interpreter, the oracle every backend is tested against.
+//!
+//! Layout (see `CONTRACTS.md`): activations are feature-major `[features × batch]` with row
+//! stride `ld ≥ batch`; weight values are one `f32` array in the pattern's CSR order.
+
+pub mod backend;
+pub mod interp;
+pub mod pattern;
+pub mod spec;
+pub mod verify;
+
+pub use backend::{Args, BackendError, Launch, Strategy};
+pub use pattern::{Pattern, PatternError, RowChunk, Transposed};
+pub use spec::{Dim, KernelSpec, Op};
+pub use verify::VerifyError;
