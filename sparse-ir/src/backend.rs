@@ -373,10 +373,11 @@ pub trait Kernel {
 
 /// A place where kernels run, with its own buffers and compiler.
 pub trait Backend {
-    /// An owned buffer of `f32` on this backend.
-    type Buffer: BufferLen;
     /// The kernels this backend compiles.
-    type Kernel: Kernel<Buffer = Self::Buffer>;
+    type Kernel: Kernel;
+    /// An owned buffer of `f32` on this backend; it borrows as the kernels' buffer type
+    /// (`Vec<f32>` borrows as `[f32]` on the CPU).
+    type Buffer: std::borrow::BorrowMut<<Self::Kernel as Kernel>::Buffer>;
 
     /// The backend name: `cpu` or `opencl`.
     fn name(&self) -> &'static str;
