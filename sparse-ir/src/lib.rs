@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod interp;
 pub mod pattern;
+pub mod rust_emit;
 pub mod spec;
 pub mod verify;
 
