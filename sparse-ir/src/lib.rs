@@ -17,9 +17,11 @@ pub mod interp;
 pub mod pattern;
 pub mod rust_emit;
 pub mod spec;
+pub mod text;
 pub mod verify;
 
 pub use backend::{Args, BackendError, Launch, Strategy};
 pub use pattern::{Pattern, PatternError, RowChunk, Transposed};
 pub use spec::{Dim, KernelSpec, Op};
+pub use text::{Module, ParseError};
 pub use verify::VerifyError;
