@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod interp;
+pub mod mask_io;
 pub mod pattern;
 pub mod rust_emit;
 pub mod spec;
@@ -21,6 +22,7 @@ pub mod text;
 pub mod verify;
 
 pub use backend::{Args, BackendError, Launch, Strategy};
+pub use mask_io::{read_mask, LoadedMask, MaskIoError, NdArray};
 pub use pattern::{Pattern, PatternError, RowChunk, Transposed};
 pub use spec::{Dim, KernelSpec, Op};
 pub use text::{Module, ParseError};
