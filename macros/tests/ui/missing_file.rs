@@ -1,0 +1,7 @@
+macros::sparse_kernel! {
+    name = k,
+    op = spmm,
+    batch = any,
+    mask_file = "../../../../macros/tests/masks/does_not_exist.npy",
+}
+fn main() {}
