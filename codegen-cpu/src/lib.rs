@@ -1,1 +1,3 @@
 //! CPU backend of sparsejit (in progress: see issue 3).
+
+pub mod jit;

@@ -1,0 +1,569 @@
+//! The Cranelift JIT: machine code specialised to one exact nonzero pattern.
+//!
+//! [`JitKernel::compile`] turns a [`KernelSpec`] (`spmm` with its epilogue, `spmm_t` or
+//! `sddmm`, with a fixed batch and row stride) into one function per row chunk
+//! ([`Pattern::chunks`], about [`JitOptions::chunk_nnz`] nonzeros each) in which the column
+//! offsets are immediates; the weight values are read from the value array passed at run
+//! time. `spmm_t` compiles the transposed pattern ([`Pattern::transpose`]) with the value
+//! positions of its `value_index` baked in. `dense_grad` has no pattern to bake in and is left
+//! to the generic and dense strategies.
+//!
+//! Code is owned per chunk: chunks compile in parallel, and a chunk whose code is alive in any
+//! kernel (same op, batch, `ld`, code shape and structure) is reused rather than compiled, so
+//! after a mask update only the chunks whose rows changed compile. A chunk's machine code is
+//! unmapped when the last kernel using it is dropped. [`CompileStats`] tells what happened.
+//!
+//! The code shapes are described in the `emit` module; the defaults of [`JitOptions`] were
+//! chosen by measurement (see `examples/jit_bench.rs`).
+
+mod code;
+mod emit;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cranelift_codegen::Context;
+use cranelift_frontend::FunctionBuilderContext;
+use sparse_ir::backend::Kernel;
+use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+
+use code::{ChunkCode, ChunkKey, CodegenConfig, Job};
+use emit::{ChunkOp, ChunkSource, Shape};
+
+/// Cranelift's optimisation level for the generated code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OptLevel {
+    /// No optimisation passes (the fastest compile; also the fastest kernels measured here:
+    /// `speed` hoists the weight loads out of the rows and spills).
+    None,
+    /// Cranelift's `speed`.
+    Speed,
+}
+
+impl OptLevel {
+    fn name(self) -> &'static str {
+        match self {
+            OptLevel::None => "none",
+            OptLevel::Speed => "speed",
+        }
+    }
+}
+
+/// Cranelift's register allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Regalloc {
+    /// The backtracking allocator (slower to compile, better code).
+    Backtracking,
+    /// The single-pass allocator (about half the compile time, slower code).
+    SinglePass,
+}
+
+impl Regalloc {
+    fn name(self) -> &'static str {
+        match self {
+            Regalloc::Backtracking => "backtracking",
+            Regalloc::SinglePass => "single_pass",
+        }
+    }
+}
+
+/// How to compile: code shape, code generator settings, parallelism and text capture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JitOptions {
+    /// Threads compiling chunks in parallel (at least 1).
+    pub threads: usize,
+    /// Target nonzeros per chunk function (a row is never split).
+    pub chunk_nnz: usize,
+    /// Independent accumulator sets per row in `spmm`/`spmm_t` (1 to 4).
+    pub accumulators: usize,
+    /// `f32x4` vectors per batch block in `spmm`/`spmm_t` (1 to 4).
+    pub block_vectors: usize,
+    /// Cranelift optimisation level.
+    pub opt_level: OptLevel,
+    /// Cranelift register allocator.
+    pub regalloc: Regalloc,
+    /// Run Cranelift's IR verifier (slow; for debugging the generator).
+    pub verifier: bool,
+    /// Reuse live chunk code from the global cache (off: always compile, for measurements).
+    pub use_cache: bool,
+    /// Keep the CLIF text of every function ([`FunctionInfo::clif`]).
+    pub capture_clif: bool,
+    /// Keep the machine code listing of every function ([`FunctionInfo::disasm`]).
+    pub capture_disasm: bool,
+}
+
+impl Default for JitOptions {
+    fn default() -> Self {
+        JitOptions {
+            threads: 2,
+            chunk_nnz: 1000,
+            accumulators: 4,
+            block_vectors: 4,
+            opt_level: OptLevel::None,
+            regalloc: Regalloc::Backtracking,
+            verifier: false,
+            use_cache: true,
+            capture_clif: false,
+            capture_disasm: false,
+        }
+    }
+}
+
+/// What one compilation did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CompileStats {
+    /// Chunk functions of the kernel.
+    pub functions: usize,
+    /// Functions compiled by this call.
+    pub compiled: usize,
+    /// Functions whose live code was taken from the global cache.
+    pub reused: usize,
+    /// Functions identical to another chunk of the same kernel (compiled once).
+    pub shared: usize,
+    /// Nonzeros of the kernel's pattern.
+    pub nnz: usize,
+    /// Nonzeros in the chunks compiled by this call.
+    pub compiled_nnz: usize,
+    /// Machine code bytes of all the kernel's functions.
+    pub code_bytes: usize,
+    /// Wall time of the whole compilation, milliseconds.
+    pub compile_ms: f64,
+    /// Threads used.
+    pub threads: usize,
+}
+
+impl CompileStats {
+    /// Compile time per compiled nonzero, microseconds (0 when nothing compiled).
+    pub fn us_per_compiled_nnz(&self) -> f64 {
+        if self.compiled_nnz == 0 {
+            0.0
+        } else {
+            self.compile_ms * 1e3 / self.compiled_nnz as f64
+        }
+    }
+}
+
+/// Chunk functions alive in this process and their machine code bytes (diagnostics: shows
+/// that code is freed when no kernel uses it).
+pub fn live_code() -> (usize, usize) {
+    code::live()
+}
+
+/// One chunk function of a kernel, for dumps.
+#[derive(Debug, Clone)]
+pub struct FunctionInfo<'a> {
+    /// Position in the kernel.
+    pub index: usize,
+    /// Rows it covers: rows of `W` (`spmm`, `sddmm`) or of `Wᵀ`, i.e. columns of `W` (`spmm_t`).
+    pub rows: Range<usize>,
+    /// Its nonzeros (positions in the CSR arrays of the pattern it covers).
+    pub nnz: Range<usize>,
+    /// Machine code bytes.
+    pub code_bytes: usize,
+    /// Whether its code was reused from the global cache.
+    pub reused: bool,
+    /// CLIF text, when captured.
+    pub clif: Option<&'a str>,
+    /// Machine code listing, when captured.
+    pub disasm: Option<&'a str>,
+}
+
+struct ChunkRun {
+    code: Arc<ChunkCode>,
+    rows: Range<usize>,
+    nnz: Range<usize>,
+    /// Offset (elements) of the first pointer argument.
+    a_off: usize,
+    /// Offset (elements) of the output pointer.
+    out_off: usize,
+    /// Offset (elements) of the bias pointer.
+    bias_off: usize,
+    reused: bool,
+}
+
+/// A compiled JIT kernel: one function per row chunk, with the pattern baked in.
+pub struct JitKernel {
+    spec: KernelSpec,
+    chunks: Vec<ChunkRun>,
+    stats: CompileStats,
+}
+
+impl std::fmt::Debug for JitKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JitKernel")
+            .field("layer", &self.spec.layer())
+            .field("op", &self.spec.op())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// The signature of every chunk function (see the `emit` module for the arguments).
+type ChunkFn = unsafe extern "C" fn(*const f32, *const f32, *mut f32, *const f32);
+
+impl JitKernel {
+    /// Compiles `spec` with the default options.
+    pub fn compile(spec: &KernelSpec) -> Result<JitKernel, BackendError> {
+        Self::compile_with(spec, &JitOptions::default())
+    }
+
+    /// Compiles `spec` with `options`.
+    ///
+    /// Errors: `Unsupported` for `dense_grad` and for a batch or `ld` that is not fixed;
+    /// `Compile` for invalid options or a code generator failure.
+    pub fn compile_with(
+        spec: &KernelSpec,
+        options: &JitOptions,
+    ) -> Result<JitKernel, BackendError> {
+        let start = Instant::now();
+        let layer = spec.layer().to_string();
+        let op_name = spec.op().name();
+        let unsupported = |reason: String| BackendError::Unsupported {
+            layer: layer.clone(),
+            op: op_name,
+            strategy: Strategy::Jit,
+            reason,
+        };
+        let compile_err = |message: String| BackendError::Compile {
+            layer: layer.clone(),
+            op: op_name,
+            message,
+        };
+        let op = match spec.op() {
+            Op::Spmm { bias, relu } => ChunkOp::Spmm { bias, relu },
+            Op::SpmmT => ChunkOp::SpmmT,
+            Op::Sddmm => ChunkOp::Sddmm,
+            Op::DenseGrad => {
+                return Err(unsupported(
+                    "dense_grad covers every entry, so there is no pattern to bake in \
+                     (use the generic or dense strategy)"
+                        .into(),
+                ))
+            }
+        };
+        let (batch, ld) = match (spec.batch(), spec.ld()) {
+            (Dim::Fixed(b), Dim::Fixed(l)) => (b, l),
+            (b, l) => {
+                return Err(unsupported(format!(
+                    "the code bakes in the batch and row stride, so both must be fixed \
+                     (got batch {b}, ld {l})"
+                )))
+            }
+        };
+        check_options(options).map_err(compile_err)?;
+        let config = CodegenConfig {
+            opt_level: options.opt_level,
+            regalloc: options.regalloc,
+            verifier: options.verifier,
+        };
+        let isa = code::isa_for(config).map_err(compile_err)?;
+        let shape = Shape {
+            batch,
+            ld,
+            accumulators: options.accumulators,
+            block_vectors: options.block_vectors,
+            fma: code::has_fma(&*isa),
+        };
+
+        let transposed;
+        let (pattern, value_index): (&Pattern, Option<&[u32]>) = if op == ChunkOp::SpmmT {
+            transposed = spec.pattern().transpose();
+            (&transposed.pattern, Some(&transposed.value_index))
+        } else {
+            (spec.pattern(), None)
+        };
+        let out_rows = match op {
+            ChunkOp::Sddmm => 0,
+            _ => pattern.rows(),
+        };
+
+        // Describe every chunk.
+        let chunks = pattern.chunks(options.chunk_nnz);
+        let mut jobs = Vec::with_capacity(chunks.len());
+        let mut runs = Vec::with_capacity(chunks.len());
+        for ch in &chunks {
+            let src = ChunkSource {
+                row_ptr: &pattern.row_ptr()[ch.rows.start..=ch.rows.end],
+                col_idx: &pattern.col_idx()[ch.nnz.clone()],
+                value_pos: value_index.map(|vi| &vi[ch.nnz.clone()]),
+                cols: pattern.cols(),
+            };
+            if !emit::offsets_fit(&src, &shape, out_rows.max(pattern.rows())) {
+                return Err(unsupported(format!(
+                    "offsets of a {}x{} pattern with ld {ld} do not fit 32-bit immediates",
+                    pattern.rows(),
+                    pattern.cols()
+                )));
+            }
+            let base = src.row_ptr[0];
+            let mut content: Vec<u32> = src.row_ptr.iter().map(|&p| p - base).collect();
+            content.extend_from_slice(src.col_idx);
+            let mut hash = ch.hash;
+            if let Some(pos) = src.value_pos {
+                content.extend_from_slice(pos);
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                ch.hash.hash(&mut h);
+                pos.hash(&mut h);
+                hash = h.finish();
+            }
+            let key = ChunkKey {
+                op,
+                shape,
+                opt_level: options.opt_level,
+                regalloc: options.regalloc,
+                hash,
+                rows: ch.rows.len(),
+                cols: pattern.cols(),
+                nnz: ch.nnz.len(),
+            };
+            let (a_off, out_off, bias_off) = match op {
+                ChunkOp::Spmm { .. } => (ch.nnz.start, ch.rows.start * ld, ch.rows.start),
+                ChunkOp::SpmmT => (0, ch.rows.start * ld, 0),
+                ChunkOp::Sddmm => (ch.rows.start * ld, ch.nnz.start, 0),
+            };
+            runs.push((ch.rows.clone(), ch.nnz.clone(), a_off, out_off, bias_off));
+            jobs.push(Job { key, content, src });
+        }
+
+        // Resolve from the global cache, and share identical chunks within the kernel.
+        let mut resolved: Vec<Option<Arc<ChunkCode>>> = Vec::with_capacity(jobs.len());
+        let mut reused = vec![false; jobs.len()];
+        let mut first_of: HashMap<&ChunkKey, usize> = HashMap::new();
+        let mut same_as: Vec<Option<usize>> = vec![None; jobs.len()];
+        let mut to_compile = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let hit = if options.use_cache {
+                code::lookup(&job.key, &job.content)
+            } else {
+                None
+            };
+            if hit.is_some() {
+                reused[i] = true;
+            } else if let Some(&j) = first_of.get(&job.key) {
+                if jobs[j].content == job.content {
+                    same_as[i] = Some(j);
+                } else {
+                    to_compile.push(i);
+                }
+            } else {
+                first_of.insert(&job.key, i);
+                to_compile.push(i);
+            }
+            resolved.push(hit);
+        }
+
+        let threads = options.threads.min(to_compile.len()).max(1);
+        let capture = code::Capture {
+            clif: options.capture_clif,
+            disasm: options.capture_disasm,
+        };
+        let results = parallel_map(&to_compile, threads, |fctx, ctx, i| {
+            code::compile_job(&*isa, fctx, ctx, i as u32, &jobs[i], capture)
+        });
+        for (&i, result) in to_compile.iter().zip(results) {
+            let chunk = result.map_err(|m| compile_err(format!("chunk {i}: {m}")))?;
+            resolved[i] = Some(if options.use_cache {
+                code::publish(chunk)
+            } else {
+                chunk
+            });
+        }
+        for i in 0..jobs.len() {
+            if let Some(j) = same_as[i] {
+                resolved[i] = resolved[j].clone();
+            }
+        }
+        let resolved: Vec<Arc<ChunkCode>> = resolved
+            .into_iter()
+            .map(|c| c.expect("every chunk resolved"))
+            .collect();
+
+        // Text for reused chunks compiled earlier without it.
+        if capture.clif || capture.disasm {
+            let missing: Vec<usize> = (0..jobs.len())
+                .filter(|&i| {
+                    (capture.clif && resolved[i].clif().is_none())
+                        || (capture.disasm && resolved[i].disasm().is_none())
+                })
+                .collect();
+            let results = parallel_map(&missing, threads, |fctx, ctx, i| {
+                code::fill_text(&*isa, fctx, ctx, i as u32, &jobs[i], &resolved[i], capture)
+            });
+            for (&i, r) in missing.iter().zip(results) {
+                r.map_err(|m| compile_err(format!("chunk {i}: {m}")))?;
+            }
+        }
+
+        let compiled_nnz = to_compile.iter().map(|&i| jobs[i].key.nnz).sum();
+        let chunks: Vec<ChunkRun> = runs
+            .into_iter()
+            .zip(resolved)
+            .zip(reused)
+            .map(
+                |(((rows, nnz, a_off, out_off, bias_off), code), reused)| ChunkRun {
+                    code,
+                    rows,
+                    nnz,
+                    a_off,
+                    out_off,
+                    bias_off,
+                    reused,
+                },
+            )
+            .collect();
+        let stats = CompileStats {
+            functions: chunks.len(),
+            compiled: to_compile.len(),
+            reused: chunks.iter().filter(|c| c.reused).count(),
+            shared: same_as.iter().flatten().count(),
+            nnz: pattern.nnz(),
+            compiled_nnz,
+            code_bytes: chunks.iter().map(|c| c.code.code_len()).sum(),
+            compile_ms: start.elapsed().as_secs_f64() * 1e3,
+            threads,
+        };
+        Ok(JitKernel {
+            spec: spec.clone(),
+            chunks,
+            stats,
+        })
+    }
+
+    /// The spec this kernel computes.
+    pub fn spec(&self) -> &KernelSpec {
+        &self.spec
+    }
+
+    /// What the compilation did.
+    pub fn stats(&self) -> &CompileStats {
+        &self.stats
+    }
+
+    /// The chunk functions, in row order.
+    pub fn functions(&self) -> impl ExactSizeIterator<Item = FunctionInfo<'_>> {
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(|(index, c)| FunctionInfo {
+                index,
+                rows: c.rows.clone(),
+                nnz: c.nnz.clone(),
+                code_bytes: c.code.code_len(),
+                reused: c.reused,
+                clif: c.code.clif(),
+                disasm: c.code.disasm(),
+            })
+    }
+
+    /// Runs the kernel on host slices, after checking them with [`Args::check`].
+    pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
+        args.check(&self.spec, launch)?;
+        // After the check: the op matches, batch and ld equal the compiled ones, and every
+        // buffer has the length of the table in `sparse_ir::backend`.
+        let (a, b, out, bias) = match args {
+            Args::Spmm { values, x, bias, y } => (values, x, y, bias),
+            Args::SpmmT { values, dy, dx } => (values, dy, dx, None),
+            Args::Sddmm { dy, x, dw } => (dy, x, dw, None),
+            Args::DenseGrad { .. } => unreachable!("no JIT kernel is compiled for dense_grad"),
+        };
+        for c in &self.chunks {
+            let a_ptr = a[c.a_off..].as_ptr();
+            let out_ptr = out[c.out_off..].as_mut_ptr();
+            let bias_ptr = bias.map_or(std::ptr::null(), |bias| bias[c.bias_off..].as_ptr());
+            // SAFETY: the chunk's code was generated for this spec's op, batch and ld (its
+            // cache key holds them and its structure was compared on reuse), and reads and
+            // writes only: `a` at the chunk's value positions (< nnz) or its dY rows
+            // (< rows·ld), `b` at `c·ld + j` for a column `c < cols` and `j < ld`, `out` within
+            // the chunk's output rows (`< rows·ld` from its start) or its `dw` range, `bias`
+            // within the chunk's rows. `Args::check` proved every one of those ranges lies
+            // inside its slice, and the offsets above are inside them too (slicing checks).
+            // The output does not alias the inputs (`&mut`). The code is alive (`Arc`).
+            unsafe {
+                let f: ChunkFn = std::mem::transmute::<*const u8, ChunkFn>(c.code.entry());
+                f(a_ptr, b.as_ptr(), out_ptr, bias_ptr);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Kernel for JitKernel {
+    type Buffer = [f32];
+
+    fn spec(&self) -> &KernelSpec {
+        &self.spec
+    }
+
+    fn strategy(&self) -> Strategy {
+        Strategy::Jit
+    }
+
+    fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
+        JitKernel::run(self, launch, args)
+    }
+}
+
+fn check_options(o: &JitOptions) -> Result<(), String> {
+    if o.threads == 0 {
+        return Err("invalid JitOptions: threads must be at least 1".into());
+    }
+    if o.chunk_nnz == 0 {
+        return Err("invalid JitOptions: chunk_nnz must be at least 1".into());
+    }
+    if !(1..=4).contains(&o.accumulators) {
+        return Err(format!(
+            "invalid JitOptions: accumulators must be 1 to 4, got {}",
+            o.accumulators
+        ));
+    }
+    if !(1..=4).contains(&o.block_vectors) {
+        return Err(format!(
+            "invalid JitOptions: block_vectors must be 1 to 4, got {}",
+            o.block_vectors
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `f` on every item with `threads` workers (the calling thread is one of them), each
+/// with its own builder and compilation contexts; results in item order.
+fn parallel_map<T: Send>(
+    items: &[usize],
+    threads: usize,
+    f: impl Fn(&mut FunctionBuilderContext, &mut Context, usize) -> T + Sync,
+) -> Vec<T> {
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<T>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    let work = || {
+        let mut fctx = FunctionBuilderContext::new();
+        let mut ctx = Context::new();
+        loop {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&item) = items.get(n) else { break };
+            let value = f(&mut fctx, &mut ctx, item);
+            *slots[n].lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+        }
+    };
+    if threads <= 1 || items.len() <= 1 {
+        work();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 1..threads {
+                s.spawn(work);
+            }
+            work();
+        });
+    }
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item processed")
+        })
+        .collect()
+}
