@@ -1,1 +1,32 @@
-//! Training runtime of sparsejit (not written yet: see issue 4).
+//! # runtime
+//!
+//! The training runtime of sparsejit: networks that stay sparse from the first step, trained
+//! with sparse momentum on kernels specialised to each layer's current mask.
+//!
+//! - [`Matrix`]: feature-major activations `[features × batch]`, row stride padded to 16.
+//! - [`layers`]: sparse [`Linear`](layers::Linear) and [`Conv2d`](layers::Conv2d), ReLU,
+//!   max-pool, each with a hand-written backward pass; [`loss`]: log-softmax + NLL.
+//! - [`Model`] and [`ModelBuilder`]: build an MLP or CNN and run it; [`models`]: LeNet-300-100
+//!   and LeNet-5. [`Sgd`]: Nesterov SGD with weight decay.
+//! - [`exec`]: the one place where kernels are compiled and run.
+//!
+//! See `docs/SPARSE_MOMENTUM.md` and `docs/CONTRACTS.md` for the algorithm and the formats.
+
+pub mod data;
+pub mod error;
+pub mod exec;
+pub mod layers;
+pub mod loss;
+pub mod masking;
+pub mod model;
+pub mod models;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{Result, RuntimeError};
+pub use exec::{BackendKind, ExecOptions, Executor, Kernel};
+pub use layers::{Layer, Shape};
+pub use model::{CompileReport, Model, ModelBuilder, Sgd};
+pub use models::ModelKind;
+pub use tensor::{padded_ld, Matrix};
+pub use weights::{LayerPlan, SgdConfig, SparseWeights, WeightGradMode};

@@ -1,0 +1,561 @@
+//! Data sets in the IDX format (MNIST and its drop-ins), the reference's split and
+//! normalisation, and cheap batch gathering into the feature-major input buffer.
+//!
+//! A data directory holds `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
+//! `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte`, each raw or gzip-compressed (`.gz`;
+//! compression is detected from the content). Pixels become `x/255`, then `(x − mean)/std`:
+//! MNIST's own constants (0.1307, 0.3081) for MNIST (recognised by its exact pixel sums), the
+//! training set's own mean and standard deviation for anything else (Fashion-MNIST, …).
+//!
+//! The split is the reference's: the first `⌊0.9·n⌋` training images train (54,000 of
+//! MNIST's 60,000), the rest validate; the test images are evaluated at the end.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, RuntimeError};
+use crate::layers::Shape;
+use crate::tensor::Matrix;
+
+/// MNIST's normalisation constants (mean and standard deviation of its training pixels).
+pub const MNIST_MEAN: f32 = 0.1307;
+/// See [`MNIST_MEAN`].
+pub const MNIST_STD: f32 = 0.3081;
+/// The fraction of the training file held out for validation (the reference's 0.1).
+pub const VALID_SPLIT: f64 = 0.1;
+
+// Exact statistics of MNIST's 60,000 training images, to recognise them.
+const MNIST_PIXELS: u64 = 47_040_000;
+const MNIST_PIXEL_SUM: u64 = 1_567_298_545;
+const MNIST_PIXEL_SQ_SUM: u64 = 342_590_800_147;
+
+/// An IDX array of unsigned bytes: its dimensions and data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdxArray {
+    /// Dimensions, outermost first.
+    pub dims: Vec<usize>,
+    /// `Π dims` bytes, row-major.
+    pub data: Vec<u8>,
+}
+
+fn data_err(path: &Path, message: impl Into<String>) -> RuntimeError {
+    RuntimeError::Data {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Reads an IDX file of unsigned bytes (type code 0x08), raw or gzip-compressed. A bad magic
+/// number, an unsupported type, a truncated or over-long file, or a corrupt gzip stream is an
+/// error naming the file.
+pub fn read_idx(path: &Path) -> Result<IdxArray> {
+    let raw = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::with_capacity(raw.len() * 5);
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| data_err(path, format!("corrupt or truncated gzip stream: {e}")))?;
+        out
+    } else {
+        raw
+    };
+    parse_idx(&bytes).map_err(|m| data_err(path, m))
+}
+
+/// Parses the bytes of an IDX file of unsigned bytes.
+pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
+    if bytes.len() < 4 {
+        return Err(format!(
+            "not an IDX file: {} bytes, too short for the magic number",
+            bytes.len()
+        ));
+    }
+    if bytes[0] != 0 || bytes[1] != 0 {
+        return Err(format!(
+            "not an IDX file: magic number starts with {:02x} {:02x}, expected 00 00",
+            bytes[0], bytes[1]
+        ));
+    }
+    if bytes[2] != 0x08 {
+        return Err(format!(
+            "IDX element type 0x{:02x} is not supported (expected 0x08, unsigned bytes)",
+            bytes[2]
+        ));
+    }
+    let ndims = bytes[3] as usize;
+    if ndims == 0 {
+        return Err("IDX file declares 0 dimensions".into());
+    }
+    let header = 4 + 4 * ndims;
+    if bytes.len() < header {
+        return Err(format!(
+            "truncated IDX header: {ndims} dimensions need {header} bytes, the file has {}",
+            bytes.len()
+        ));
+    }
+    let dims: Vec<usize> = (0..ndims)
+        .map(|i| {
+            let o = 4 + 4 * i;
+            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
+        })
+        .collect();
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("IDX dimensions {dims:?} overflow"))?;
+    let got = bytes.len() - header;
+    if got < expected {
+        return Err(format!(
+            "truncated: dimensions {dims:?} need {expected} data bytes, the file has {got}"
+        ));
+    }
+    if got > expected {
+        return Err(format!(
+            "{} unexpected trailing bytes after the {expected} data bytes of dimensions {dims:?}",
+            got - expected
+        ));
+    }
+    Ok(IdxArray {
+        dims,
+        data: bytes[header..].to_vec(),
+    })
+}
+
+/// Which part of the data a batch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// The training part of the training file.
+    Train,
+    /// The held-out part of the training file.
+    Validation,
+    /// The test file.
+    Test,
+}
+
+/// An image-classification data set held in memory as bytes.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    dir: PathBuf,
+    shape: Shape,
+    classes: usize,
+    train_images: Vec<u8>,
+    train_labels: Vec<u8>,
+    test_images: Vec<u8>,
+    test_labels: Vec<u8>,
+    split_at: usize,
+    mean: f32,
+    std: f32,
+    is_mnist: bool,
+    lut: [f32; 256],
+}
+
+fn find_file(dir: &Path, stems: &[&str]) -> Result<PathBuf> {
+    for stem in stems {
+        for ext in ["", ".gz"] {
+            let p = dir.join(format!("{stem}{ext}"));
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(data_err(
+        &dir.join(stems[0]),
+        format!(
+            "not found (looked for {} with or without .gz in {})",
+            stems.join(", "),
+            dir.display()
+        ),
+    ))
+}
+
+fn load_pair(dir: &Path, prefix: &str) -> Result<(PathBuf, IdxArray, PathBuf, IdxArray)> {
+    let ip = find_file(
+        dir,
+        &[
+            &format!("{prefix}-images-idx3-ubyte"),
+            &format!("{prefix}-images.idx3-ubyte"),
+        ],
+    )?;
+    let lp = find_file(
+        dir,
+        &[
+            &format!("{prefix}-labels-idx1-ubyte"),
+            &format!("{prefix}-labels.idx1-ubyte"),
+        ],
+    )?;
+    let images = read_idx(&ip)?;
+    let labels = read_idx(&lp)?;
+    if images.dims.len() != 3 || images.dims[0] == 0 || images.dims[1] == 0 || images.dims[2] == 0 {
+        return Err(data_err(
+            &ip,
+            format!(
+                "expected images of 3 dimensions [count, rows, cols], found {:?}",
+                images.dims
+            ),
+        ));
+    }
+    if labels.dims.len() != 1 {
+        return Err(data_err(
+            &lp,
+            format!("expected labels of 1 dimension, found {:?}", labels.dims),
+        ));
+    }
+    if labels.dims[0] != images.dims[0] {
+        return Err(data_err(
+            &lp,
+            format!(
+                "{} labels for {} images in {}",
+                labels.dims[0],
+                images.dims[0],
+                ip.display()
+            ),
+        ));
+    }
+    Ok((ip, images, lp, labels))
+}
+
+impl Dataset {
+    /// Loads the four IDX files of a directory (see the module doc).
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(data_err(dir, "data directory not found"));
+        }
+        let (tip, train_i, tlp, train_l) = load_pair(dir, "train")?;
+        let (eip, test_i, elp, test_l) = load_pair(dir, "t10k")?;
+        if test_i.dims[1..] != train_i.dims[1..] {
+            return Err(data_err(
+                &eip,
+                format!(
+                    "test images are {}x{}, training images {}x{}",
+                    test_i.dims[1], test_i.dims[2], train_i.dims[1], train_i.dims[2]
+                ),
+            ));
+        }
+        let classes = train_l.data.iter().copied().max().unwrap_or(0) as usize + 1;
+        if classes < 2 {
+            return Err(data_err(&tlp, "fewer than 2 classes in the labels"));
+        }
+        if let Some((i, &l)) = test_l
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes)
+        {
+            return Err(data_err(
+                &elp,
+                format!("label {l} of test image {i} is not among the {classes} training classes"),
+            ));
+        }
+        let shape = Shape::image(1, train_i.dims[1], train_i.dims[2]);
+        let n = train_i.dims[0];
+        let split_at = ((1.0 - VALID_SPLIT) * n as f64).floor() as usize;
+        let (mut sum, mut sq) = (0u64, 0u64);
+        for &p in &train_i.data {
+            sum += p as u64;
+            sq += (p as u64) * (p as u64);
+        }
+        let count = train_i.data.len() as u64;
+        let is_mnist = count == MNIST_PIXELS && sum == MNIST_PIXEL_SUM && sq == MNIST_PIXEL_SQ_SUM;
+        let (mean, std) = if is_mnist {
+            (MNIST_MEAN, MNIST_STD)
+        } else {
+            let m = sum as f64 / count as f64 / 255.0;
+            let var = sq as f64 / count as f64 / (255.0 * 255.0) - m * m;
+            let s = var.max(0.0).sqrt();
+            if s == 0.0 {
+                return Err(data_err(&tip, "every training pixel has the same value"));
+            }
+            (m as f32, s as f32)
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            train = split_at,
+            validation = n - split_at,
+            test = test_i.dims[0],
+            classes,
+            mean,
+            std,
+            mnist = is_mnist,
+            "data loaded"
+        );
+        let mut ds = Dataset {
+            dir: dir.to_path_buf(),
+            shape,
+            classes,
+            train_images: train_i.data,
+            train_labels: train_l.data,
+            test_images: test_i.data,
+            test_labels: test_l.data,
+            split_at,
+            mean,
+            std,
+            is_mnist,
+            lut: [0.0; 256],
+        };
+        ds.set_normalization(mean, std);
+        Ok(ds)
+    }
+
+    /// A data set from memory (sample-major bytes), for tests and users; the first
+    /// `train_count` training samples train, the rest validate.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        shape: Shape,
+        classes: usize,
+        train_images: Vec<u8>,
+        train_labels: Vec<u8>,
+        train_count: usize,
+        test_images: Vec<u8>,
+        test_labels: Vec<u8>,
+        mean: f32,
+        std: f32,
+    ) -> Result<Self> {
+        let f = shape.features();
+        let bad = |m: String| RuntimeError::Config(format!("data set: {m}"));
+        if train_images.len() != train_labels.len() * f
+            || test_images.len() != test_labels.len() * f
+        {
+            return Err(bad("image and label counts do not match".into()));
+        }
+        if train_count > train_labels.len() {
+            return Err(bad(
+                "more training samples than the training set holds".into()
+            ));
+        }
+        if train_labels
+            .iter()
+            .chain(&test_labels)
+            .any(|&l| l as usize >= classes)
+        {
+            return Err(bad(format!("a label is not below {classes}")));
+        }
+        let mut ds = Dataset {
+            dir: PathBuf::new(),
+            shape,
+            classes,
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            split_at: train_count,
+            mean,
+            std,
+            is_mnist: false,
+            lut: [0.0; 256],
+        };
+        ds.set_normalization(mean, std);
+        Ok(ds)
+    }
+
+    fn set_normalization(&mut self, mean: f32, std: f32) {
+        self.mean = mean;
+        self.std = std;
+        for (i, v) in self.lut.iter_mut().enumerate() {
+            *v = (i as f32 / 255.0 - mean) / std;
+        }
+    }
+
+    /// Keeps only the first `train` training and `eval` validation and test samples (for
+    /// quick runs and tests; `None` keeps everything).
+    pub fn limit(&mut self, train: Option<usize>, eval: Option<usize>) {
+        let f = self.shape.features();
+        if let Some(t) = train {
+            if t < self.split_at {
+                // Drop training samples between t and the split; keep the validation part.
+                self.train_images.drain(t * f..self.split_at * f);
+                self.train_labels.drain(t..self.split_at);
+                self.split_at = t;
+            }
+        }
+        if let Some(e) = eval {
+            let val_end = (self.split_at + e).min(self.train_labels.len());
+            self.train_images.truncate(val_end * f);
+            self.train_labels.truncate(val_end);
+            let t = e.min(self.test_labels.len());
+            self.test_images.truncate(t * f);
+            self.test_labels.truncate(t);
+        }
+    }
+
+    /// The directory it was loaded from (empty for in-memory sets).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The shape of one sample (`1 × rows × cols`).
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// Number of classes (largest training label + 1).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The normalisation `(mean, std)` applied after scaling pixels to `[0, 1]`.
+    pub fn normalization(&self) -> (f32, f32) {
+        (self.mean, self.std)
+    }
+
+    /// Whether this is MNIST (recognised by its pixel statistics).
+    pub fn is_mnist(&self) -> bool {
+        self.is_mnist
+    }
+
+    /// Number of samples in a split.
+    pub fn len(&self, split: Split) -> usize {
+        match split {
+            Split::Train => self.split_at,
+            Split::Validation => self.train_labels.len() - self.split_at,
+            Split::Test => self.test_labels.len(),
+        }
+    }
+
+    /// Whether a split is empty.
+    pub fn is_empty(&self, split: Split) -> bool {
+        self.len(split) == 0
+    }
+
+    fn parts(&self, split: Split) -> (&[u8], &[u8]) {
+        let f = self.shape.features();
+        match split {
+            Split::Train => (
+                &self.train_images[..self.split_at * f],
+                &self.train_labels[..self.split_at],
+            ),
+            Split::Validation => (
+                &self.train_images[self.split_at * f..],
+                &self.train_labels[self.split_at..],
+            ),
+            Split::Test => (&self.test_images, &self.test_labels),
+        }
+    }
+
+    /// The label of sample `i` of a split.
+    pub fn label(&self, split: Split, i: usize) -> u32 {
+        self.parts(split).1[i] as u32
+    }
+
+    /// Gathers the samples `indices` (positions in `split`) into columns `0..n` of the
+    /// feature-major `input` (normalised) and their labels into `labels`; columns `n..ld` are
+    /// set to zero. Allocates nothing.
+    pub fn gather(
+        &self,
+        split: Split,
+        indices: &[u32],
+        input: &mut Matrix,
+        labels: &mut [u32],
+    ) -> Result<usize> {
+        let f = self.shape.features();
+        let n = indices.len();
+        let (images, labs) = self.parts(split);
+        if input.rows() != f || n > input.batch() || labels.len() < n {
+            return Err(RuntimeError::Shape(format!(
+                "gather: {n} samples of {f} features into a {}x{} input with {} labels",
+                input.rows(),
+                input.batch(),
+                labels.len()
+            )));
+        }
+        if let Some(&i) = indices.iter().find(|&&i| i as usize >= labs.len()) {
+            return Err(RuntimeError::Shape(format!(
+                "gather: sample {i} is outside the {} samples of the split",
+                labs.len()
+            )));
+        }
+        for (l, &i) in labels.iter_mut().zip(indices) {
+            *l = labs[i as usize] as u32;
+        }
+        let ld = input.ld();
+        let out = input.as_mut_slice();
+        const BLOCK: usize = 16;
+        for (blk, idx) in indices.chunks(BLOCK).enumerate() {
+            let b0 = blk * BLOCK;
+            let mut rows: [&[u8]; BLOCK] = [&[]; BLOCK];
+            for (r, &i) in rows.iter_mut().zip(idx) {
+                *r = &images[i as usize * f..(i as usize + 1) * f];
+            }
+            let rows = &rows[..idx.len()];
+            for (feat, dst) in out.chunks_exact_mut(ld).enumerate() {
+                for (d, r) in dst[b0..b0 + rows.len()].iter_mut().zip(rows) {
+                    *d = self.lut[r[feat] as usize];
+                }
+            }
+        }
+        if n < ld {
+            input.zero_columns_from(n);
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend(d.to_be_bytes());
+        }
+        v.extend(data);
+        v
+    }
+
+    #[test]
+    fn parses_and_rejects() {
+        let a = parse_idx(&idx_bytes(&[2, 3], &[1, 2, 3, 4, 5, 6])).unwrap();
+        assert_eq!(a.dims, vec![2, 3]);
+        assert_eq!(a.data, vec![1, 2, 3, 4, 5, 6]);
+        let e = parse_idx(&idx_bytes(&[2, 3], &[1, 2, 3])).unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
+        let e = parse_idx(&idx_bytes(&[1], &[1, 2])).unwrap_err();
+        assert!(e.contains("trailing"), "{e}");
+        let e = parse_idx(&[1, 2, 8, 1]).unwrap_err();
+        assert!(e.contains("magic"), "{e}");
+        let e = parse_idx(&[0, 0, 0x0d, 1, 0, 0, 0, 1, 0, 0, 0, 0]).unwrap_err();
+        assert!(e.contains("0x0d"), "{e}");
+        let e = parse_idx(&[0, 0, 8, 2, 0, 0]).unwrap_err();
+        assert!(e.contains("header"), "{e}");
+    }
+
+    #[test]
+    fn gather_transposes_and_normalises() {
+        let shape = Shape::image(1, 1, 3);
+        let train: Vec<u8> = (0..15).map(|v| v as u8 * 10).collect();
+        let ds = Dataset::from_parts(
+            shape,
+            3,
+            train,
+            vec![0, 1, 2, 0, 1],
+            4,
+            vec![255, 0, 0],
+            vec![2],
+            0.0,
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(ds.len(Split::Train), 4);
+        assert_eq!(ds.len(Split::Validation), 1);
+        let mut m = Matrix::zeros(3, 4);
+        m.fill_zero();
+        m.set(0, 3, 7.0);
+        let mut labels = [9u32; 4];
+        let n = ds
+            .gather(Split::Train, &[2, 0, 3], &mut m, &mut labels)
+            .unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(labels[..3], [2, 0, 0]);
+        assert_eq!(m.get(1, 0), 70.0 / 255.0);
+        assert_eq!(m.get(2, 2), 110.0 / 255.0);
+        assert_eq!(m.get(0, 3), 0.0, "unused columns are cleared");
+        let n = ds
+            .gather(Split::Validation, &[0], &mut m, &mut labels)
+            .unwrap();
+        assert_eq!((n, labels[0]), (1, 1));
+        assert_eq!(m.get(2, 0), 140.0 / 255.0);
+        assert!(ds
+            .gather(Split::Validation, &[1], &mut m, &mut labels)
+            .is_err());
+    }
+}

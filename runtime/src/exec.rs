@@ -1,0 +1,152 @@
+//! The one place where the runtime meets a kernel backend.
+//!
+//! Every kernel the runtime runs is compiled by [`Executor::compile`] and run by
+//! [`Kernel::run`]; nothing else in the crate names a backend. The CPU path currently runs
+//! the reference interpreter [`sparse_ir::interp::run`] (the oracle), standing in for
+//! `codegen-cpu` until that backend exists; swapping it in changes only this module. The
+//! interpreter reports the strategy it was asked for (`generic` for `auto`).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use sparse_ir::{Args, BackendError, KernelSpec, Launch, Strategy};
+
+use crate::error::{Result, RuntimeError};
+
+/// Where kernels run: `cpu` or `opencl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// The CPU backend.
+    Cpu,
+    /// The OpenCL backend.
+    OpenCl,
+}
+
+impl BackendKind {
+    /// The backend name used on command lines and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::OpenCl => "opencl",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "opencl" => Ok(BackendKind::OpenCl),
+            _ => Err(format!("unknown backend {s:?} (expected cpu or opencl)")),
+        }
+    }
+}
+
+/// How the executor is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// The backend.
+    pub backend: BackendKind,
+    /// Threads each kernel may use.
+    pub threads: usize,
+}
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        ExecOptions {
+            backend: BackendKind::Cpu,
+            threads: 1,
+        }
+    }
+}
+
+/// Compiles kernels for the runtime on the chosen backend.
+#[derive(Debug)]
+pub struct Executor {
+    options: ExecOptions,
+}
+
+impl Executor {
+    /// Sets up the backend. `opencl` is an error until the OpenCL backend is built.
+    pub fn new(options: ExecOptions) -> Result<Self> {
+        if options.threads == 0 {
+            return Err(RuntimeError::Config("threads must be at least 1".into()));
+        }
+        match options.backend {
+            BackendKind::Cpu => Ok(Executor { options }),
+            BackendKind::OpenCl => Err(RuntimeError::Config(
+                "backend opencl: not built yet (the OpenCL backend of codegen-opencl does not exist yet); use --backend cpu".into(),
+            )),
+        }
+    }
+
+    /// The options it was made with.
+    pub fn options(&self) -> ExecOptions {
+        self.options
+    }
+
+    /// The backend and device, in words.
+    pub fn device(&self) -> String {
+        format!("{}/interp", self.options.backend)
+    }
+
+    /// Compiles `spec` with `strategy` (`Auto` lets the backend's planner choose).
+    pub fn compile(&self, spec: &KernelSpec, strategy: Strategy) -> Result<Kernel, BackendError> {
+        let start = Instant::now();
+        let chosen = match strategy {
+            Strategy::Auto => Strategy::Generic,
+            Strategy::Jit | Strategy::Generic | Strategy::Dense => strategy,
+            other => {
+                return Err(BackendError::Unsupported {
+                    layer: spec.layer().to_string(),
+                    op: spec.op().name(),
+                    strategy: other,
+                    reason: "not a CPU strategy (expected auto, jit, generic or dense)".into(),
+                })
+            }
+        };
+        Ok(Kernel {
+            spec: spec.clone(),
+            strategy: chosen,
+            compile_time: start.elapsed(),
+        })
+    }
+}
+
+/// A compiled kernel: what it computes, how, and how long compiling it took.
+#[derive(Debug)]
+pub struct Kernel {
+    spec: KernelSpec,
+    strategy: Strategy,
+    compile_time: Duration,
+}
+
+impl Kernel {
+    /// What this kernel computes.
+    pub fn spec(&self) -> &KernelSpec {
+        &self.spec
+    }
+
+    /// The strategy that runs it (never `Auto`).
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// How long compiling it took.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// Runs the kernel on host slices; every length is checked first.
+    pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
+        sparse_ir::interp::run(&self.spec, launch, args)
+    }
+}

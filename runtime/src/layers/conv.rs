@@ -1,0 +1,239 @@
+//! [`Conv2d`]: sparse convolution as im2col + `spmm`.
+
+use rand::Rng;
+use sparse_ir::Launch;
+
+use super::{batch_of, check_matrix, Layer, Shape};
+use crate::error::{Result, RuntimeError};
+use crate::tensor::Matrix;
+use crate::weights::{SparseWeights, WeightGradMode};
+
+/// A 2-D convolution with a masked `[out, in, k, k]` weight, flattened to the
+/// `[out × in·k·k]` matrix the kernels see.
+///
+/// The input `[C·H·W × ld]` is unfolded (im2col) into `Xc = [C·k·k × P·ld]`, `P = OH·OW`,
+/// whose column `p·ld + b` holds the receptive field of output position `p` of sample `b`.
+/// Then `Y = W·Xc (+ bias)(ReLU)` is `[out × P·ld]`, which is exactly the feature-major
+/// output `[out·P × ld]`: one `spmm` with batch `P·ld` computes the whole layer, the bias
+/// being per output channel. The backward pass is `sddmm`/`dense_grad` on `(dY, Xc)` and
+/// `dXc = Wᵀ·dY` folded back (col2im). Padding columns of `Xc` and `dY` are kept at zero so
+/// they never reach a gradient.
+#[derive(Debug)]
+pub struct Conv2d {
+    w: SparseWeights,
+    input: Shape,
+    output: Shape,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    needs_dx: bool,
+    dims: Option<(usize, usize)>,
+    xcol: Option<Matrix>,
+    dxcol: Option<Matrix>,
+}
+
+impl Conv2d {
+    /// A fully dense, zero-initialised convolution of `input` to `out` channels with a
+    /// `k × k` kernel, stride and zero padding as given.
+    pub fn new(
+        name: &str,
+        input: Shape,
+        out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (h, w) = (input.height + 2 * padding, input.width + 2 * padding);
+        if k == 0 || stride == 0 || h < k || w < k {
+            return Err(RuntimeError::Shape(format!(
+                "layer {name}: a {k}x{k} kernel with stride {stride} and padding {padding} does not fit a {input} input"
+            )));
+        }
+        let output = Shape::image(out, (h - k) / stride + 1, (w - k) / stride + 1);
+        let cols = input.channels * k * k;
+        Ok(Conv2d {
+            w: SparseWeights::new(name, vec![out, input.channels, k, k], out, cols)?,
+            input,
+            output,
+            k,
+            stride,
+            padding,
+            needs_dx: true,
+            dims: None,
+            xcol: None,
+            dxcol: None,
+        })
+    }
+
+    /// Kaiming-uniform initialisation (PyTorch's default for `Conv2d`, fan-in `in·k·k`).
+    pub fn init<R: Rng>(&mut self, rng: &mut R) -> Result<()> {
+        self.w.init_kaiming_uniform(rng)
+    }
+
+    fn positions(&self) -> usize {
+        self.output.height * self.output.width
+    }
+
+    /// Calls `f(xcol_row, position, input_row)` for every in-bounds pair of the unfolding.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (h, w) = (self.input.height, self.input.width);
+        let (oh_n, ow_n) = (self.output.height, self.output.width);
+        let (k, s, pad) = (self.k, self.stride, self.padding);
+        for c in 0..self.input.channels {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let q = (c * k + ki) * k + kj;
+                    for oh in 0..oh_n {
+                        let ih = (oh * s + ki) as isize - pad as isize;
+                        if ih < 0 || ih >= h as isize {
+                            continue;
+                        }
+                        for ow in 0..ow_n {
+                            let iw = (ow * s + kj) as isize - pad as isize;
+                            if iw < 0 || iw >= w as isize {
+                                continue;
+                            }
+                            let row = (c * h + ih as usize) * w + iw as usize;
+                            f(q, oh * ow_n + ow, row);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Layer for Conv2d {
+    fn name(&self) -> &str {
+        self.w.name()
+    }
+
+    fn input_shape(&self) -> Shape {
+        self.input
+    }
+
+    fn output_shape(&self) -> Shape {
+        self.output
+    }
+
+    fn set_batch(&mut self, batch: usize, ld: usize) -> Result<()> {
+        let width = self.positions() * ld;
+        self.dims = Some((batch, ld));
+        self.xcol = Some(Matrix::with_ld(self.w.cols(), width, width));
+        self.dxcol = self
+            .needs_dx
+            .then(|| Matrix::with_ld(self.w.cols(), width, width));
+        self.w.set_launch(Launch::new(width, width));
+        Ok(())
+    }
+
+    fn set_needs_input_grad(&mut self, needs: bool) {
+        self.needs_dx = needs;
+        self.w.set_needs_dx(needs);
+        if !needs {
+            self.dxcol = None;
+        } else if self.dxcol.is_none() {
+            if let Some(x) = &self.xcol {
+                self.dxcol = Some(Matrix::with_ld(x.rows(), x.batch(), x.ld()));
+            }
+        }
+    }
+
+    fn forward(&mut self, x: &Matrix, y: &mut Matrix) -> Result<()> {
+        let (batch, ld) = batch_of(self.name(), self.dims)?;
+        check_matrix(self.name(), "input", x, self.input.features(), batch, ld)?;
+        check_matrix(self.name(), "output", y, self.output.features(), batch, ld)?;
+        let mut xcol = self.xcol.take().expect("set_batch allocates xcol");
+        let width = xcol.ld();
+        {
+            // Out-of-bounds taps (zero padding) and padding columns stay zero: they are
+            // never written after the buffer is allocated.
+            let xc = xcol.as_mut_slice();
+            let xs = x.as_slice();
+            self.for_each_tap(|q, p, row| {
+                let dst = q * width + p * ld;
+                xc[dst..dst + batch].copy_from_slice(&xs[row * ld..row * ld + batch]);
+            });
+        }
+        let result = self.w.forward(xcol.as_slice(), y.as_mut_slice());
+        self.xcol = Some(xcol);
+        result
+    }
+
+    fn backward(
+        &mut self,
+        _x: &Matrix,
+        y: &Matrix,
+        dy: &mut Matrix,
+        dx: Option<&mut Matrix>,
+        mode: WeightGradMode,
+    ) -> Result<()> {
+        let (batch, ld) = batch_of(self.name(), self.dims)?;
+        let n_out = self.output.features();
+        check_matrix(self.name(), "output", y, n_out, batch, ld)?;
+        check_matrix(self.name(), "output gradient", dy, n_out, batch, ld)?;
+        if let Some(dx) = &dx {
+            check_matrix(
+                self.name(),
+                "input gradient",
+                dx,
+                self.input.features(),
+                batch,
+                ld,
+            )?;
+        }
+        dy.zero_columns_from(batch);
+        let xcol = self.xcol.take().expect("set_batch allocates xcol");
+        let mut dxcol = self.dxcol.take();
+        let want_dx = dx.is_some();
+        if want_dx && dxcol.is_none() {
+            self.xcol = Some(xcol);
+            return Err(RuntimeError::Config(format!(
+                "layer {}: asked for the input gradient of a layer built without it",
+                self.name()
+            )));
+        }
+        let result = self.w.backward(
+            xcol.as_slice(),
+            y.as_slice(),
+            dy.as_mut_slice(),
+            if want_dx {
+                dxcol.as_mut().map(|m| m.as_mut_slice())
+            } else {
+                None
+            },
+            mode,
+        );
+        self.xcol = Some(xcol);
+        if let (Some(dx), Some(dc), Ok(())) = (dx, &dxcol, &result) {
+            dx.fill_zero();
+            let width = dc.ld();
+            let dcs = dc.as_slice();
+            let dxs = dx.as_mut_slice();
+            self.for_each_tap(|q, p, row| {
+                let src = &dcs[q * width + p * ld..q * width + p * ld + batch];
+                for (d, &s) in dxs[row * ld..row * ld + batch].iter_mut().zip(src) {
+                    *d += s;
+                }
+            });
+        }
+        self.dxcol = dxcol;
+        result
+    }
+
+    fn weights(&self) -> Option<&SparseWeights> {
+        Some(&self.w)
+    }
+
+    fn weights_mut(&mut self) -> Option<&mut SparseWeights> {
+        Some(&mut self.w)
+    }
+
+    fn fuse_relu(&mut self) -> bool {
+        if self.w.relu() {
+            return false;
+        }
+        self.w.set_relu(true);
+        true
+    }
+}

@@ -1,0 +1,144 @@
+//! Layers on feature-major activations, each with a hand-written backward pass.
+//!
+//! - [`Linear`]: sparse `y = W·x + b` (optionally fused with ReLU), `W` masked;
+//! - [`Conv2d`]: sparse convolution as im2col + `spmm`, the mask over `[out, in·kh·kw]`;
+//! - [`Relu`], [`MaxPool2d`]: elementwise and pooling layers;
+//! - the loss, log-softmax + negative log-likelihood, is in [`crate::loss`].
+//!
+//! Every layer runs on a fixed batch `B` with row stride `ld` (set by
+//! [`Layer::set_batch`]); columns `B..ld` of what a layer writes are zero (or, for sparse
+//! kernels' outputs, unspecified), and no layer lets them influence columns `0..B` or a
+//! gradient.
+
+mod conv;
+mod linear;
+mod pool;
+mod relu;
+
+pub use conv::Conv2d;
+pub use linear::Linear;
+pub use pool::MaxPool2d;
+pub use relu::Relu;
+
+use crate::error::{Result, RuntimeError};
+use crate::tensor::Matrix;
+use crate::weights::{SparseWeights, WeightGradMode};
+
+/// The shape of one sample: `channels × height × width` (a flat vector is `n × 1 × 1`).
+/// In the feature-major layout, feature `(c, h, w)` is row `(c·height + h)·width + w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Channels (or features of a flat vector).
+    pub channels: usize,
+    /// Height.
+    pub height: usize,
+    /// Width.
+    pub width: usize,
+}
+
+impl Shape {
+    /// A flat vector of `n` features.
+    pub fn flat(n: usize) -> Self {
+        Shape {
+            channels: n,
+            height: 1,
+            width: 1,
+        }
+    }
+
+    /// An image of `channels × height × width`.
+    pub fn image(channels: usize, height: usize, width: usize) -> Self {
+        Shape {
+            channels,
+            height,
+            width,
+        }
+    }
+
+    /// Number of features per sample.
+    pub fn features(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.height == 1 && self.width == 1 {
+            write!(f, "{}", self.channels)
+        } else {
+            write!(f, "{}x{}x{}", self.channels, self.height, self.width)
+        }
+    }
+}
+
+/// One layer of a [`crate::model::Model`].
+pub trait Layer {
+    /// The layer's name (`fc1`, `conv2`, `relu3`, …).
+    fn name(&self) -> &str;
+
+    /// The shape of one input sample.
+    fn input_shape(&self) -> Shape;
+
+    /// The shape of one output sample.
+    fn output_shape(&self) -> Shape;
+
+    /// Fixes the batch `B` and row stride `ld`, allocating internal buffers.
+    fn set_batch(&mut self, batch: usize, ld: usize) -> Result<()>;
+
+    /// Whether the backward pass must compute the input gradient (false for a first layer).
+    fn set_needs_input_grad(&mut self, _needs: bool) {}
+
+    /// `y = f(x)`, on `[in × ld]` and `[out × ld]` matrices.
+    fn forward(&mut self, x: &Matrix, y: &mut Matrix) -> Result<()>;
+
+    /// Given `x`, `y = f(x)` and `dy = ∂L/∂y` (which it may overwrite), computes the gradients
+    /// of the layer's parameters (by `mode`) and, if `dx` is given, `dx = ∂L/∂x`.
+    fn backward(
+        &mut self,
+        x: &Matrix,
+        y: &Matrix,
+        dy: &mut Matrix,
+        dx: Option<&mut Matrix>,
+        mode: WeightGradMode,
+    ) -> Result<()>;
+
+    /// The masked weights, for layers that have them.
+    fn weights(&self) -> Option<&SparseWeights> {
+        None
+    }
+
+    /// The masked weights, mutable.
+    fn weights_mut(&mut self) -> Option<&mut SparseWeights> {
+        None
+    }
+
+    /// Absorbs a following ReLU into the forward kernel's epilogue; returns whether it did.
+    fn fuse_relu(&mut self) -> bool {
+        false
+    }
+}
+
+/// Checks that a matrix has `rows` rows, batch `batch` and stride `ld`.
+pub(crate) fn check_matrix(
+    layer: &str,
+    what: &str,
+    m: &Matrix,
+    rows: usize,
+    batch: usize,
+    ld: usize,
+) -> Result<()> {
+    if m.rows() != rows || m.batch() != batch || m.ld() != ld {
+        return Err(RuntimeError::Shape(format!(
+            "layer {layer}: {what} is {}x{} (ld {}), expected {rows}x{batch} (ld {ld})",
+            m.rows(),
+            m.batch(),
+            m.ld()
+        )));
+    }
+    Ok(())
+}
+
+/// The batch and `ld` a layer was set up with, or an error naming the layer.
+pub(crate) fn batch_of(layer: &str, dims: Option<(usize, usize)>) -> Result<(usize, usize)> {
+    dims.ok_or_else(|| RuntimeError::Config(format!("layer {layer}: batch not set")))
+}

@@ -1,0 +1,174 @@
+//! [`Matrix`]: a feature-major activation matrix, `[features × batch]`.
+//!
+//! Element `(f, b)` sits at `f · ld + b`. The row stride `ld` is the batch rounded up to a
+//! multiple of [`LD_ALIGN`] (16 floats, 64 bytes), and the first element is 64-byte aligned,
+//! so every row starts on a cache line. The padding columns `batch..ld` are kept at zero by
+//! every layer of this crate that writes them (kernels may leave them unspecified).
+
+use std::fmt;
+
+/// Row strides are padded to a multiple of this many `f32` (64 bytes).
+pub const LD_ALIGN: usize = 16;
+
+/// The row stride the runtime uses for a batch: `batch` rounded up to [`LD_ALIGN`].
+pub fn padded_ld(batch: usize) -> usize {
+    batch.div_ceil(LD_ALIGN).max(1) * LD_ALIGN
+}
+
+/// A feature-major `[rows × batch]` matrix of `f32` with row stride `ld`, 64-byte aligned.
+#[derive(Clone)]
+pub struct Matrix {
+    rows: usize,
+    batch: usize,
+    ld: usize,
+    buf: Vec<f32>,
+    offset: usize,
+}
+
+impl fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Matrix")
+            .field("rows", &self.rows)
+            .field("batch", &self.batch)
+            .field("ld", &self.ld)
+            .finish()
+    }
+}
+
+impl Matrix {
+    /// A zero matrix of `rows × batch` with the padded row stride [`padded_ld`]`(batch)`.
+    pub fn zeros(rows: usize, batch: usize) -> Self {
+        Self::with_ld(rows, batch, padded_ld(batch))
+    }
+
+    /// A zero matrix with an explicit row stride; panics if `ld < batch`.
+    pub fn with_ld(rows: usize, batch: usize, ld: usize) -> Self {
+        assert!(ld >= batch, "ld {ld} < batch {batch}");
+        let len = rows * ld;
+        // Over-allocate so that the slice can start on a 64-byte boundary.
+        let buf = vec![0.0f32; len + LD_ALIGN];
+        let misalign = (buf.as_ptr() as usize) % 64;
+        let offset = if misalign == 0 {
+            0
+        } else {
+            (64 - misalign) / std::mem::size_of::<f32>()
+        };
+        Matrix {
+            rows,
+            batch,
+            ld,
+            buf,
+            offset,
+        }
+    }
+
+    /// Builds a matrix from sample-major data (`batch` samples of `rows` features each, one
+    /// after the other), transposing it into the feature-major layout.
+    pub fn from_samples(rows: usize, batch: usize, samples: &[f32]) -> Self {
+        assert_eq!(samples.len(), rows * batch, "samples length");
+        let mut m = Self::zeros(rows, batch);
+        for b in 0..batch {
+            for f in 0..rows {
+                m.set(f, b, samples[b * rows + f]);
+            }
+        }
+        m
+    }
+
+    /// Number of feature rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of batch columns.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Row stride in elements.
+    pub fn ld(&self) -> usize {
+        self.ld
+    }
+
+    /// The whole buffer, `rows · ld` elements.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.buf[self.offset..self.offset + self.rows * self.ld]
+    }
+
+    /// The whole buffer, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        let len = self.rows * self.ld;
+        &mut self.buf[self.offset..self.offset + len]
+    }
+
+    /// Row `f` including its padding (`ld` elements).
+    pub fn row(&self, f: usize) -> &[f32] {
+        &self.as_slice()[f * self.ld..(f + 1) * self.ld]
+    }
+
+    /// Row `f` including its padding, mutable.
+    pub fn row_mut(&mut self, f: usize) -> &mut [f32] {
+        let ld = self.ld;
+        &mut self.as_mut_slice()[f * ld..(f + 1) * ld]
+    }
+
+    /// Element `(f, b)`.
+    pub fn get(&self, f: usize, b: usize) -> f32 {
+        self.as_slice()[f * self.ld + b]
+    }
+
+    /// Sets element `(f, b)`.
+    pub fn set(&mut self, f: usize, b: usize, value: f32) {
+        let ld = self.ld;
+        self.as_mut_slice()[f * ld + b] = value;
+    }
+
+    /// Sets every element, padding included, to zero.
+    pub fn fill_zero(&mut self) {
+        self.as_mut_slice().fill(0.0);
+    }
+
+    /// Sets columns `from..ld` of every row to zero.
+    pub fn zero_columns_from(&mut self, from: usize) {
+        let ld = self.ld;
+        if from >= ld {
+            return;
+        }
+        for row in self.as_mut_slice().chunks_exact_mut(ld) {
+            row[from..].fill(0.0);
+        }
+    }
+
+    /// Copies the matrix into sample-major order (`batch` samples of `rows` features).
+    pub fn to_samples(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.batch];
+        for f in 0..self.rows {
+            for b in 0..self.batch {
+                out[b * self.rows + f] = self.get(f, b);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_and_alignment() {
+        assert_eq!(padded_ld(100), 112);
+        assert_eq!(padded_ld(16), 16);
+        assert_eq!(padded_ld(1), 16);
+        for rows in [1, 3, 7] {
+            let m = Matrix::zeros(rows, 100);
+            assert_eq!(m.as_slice().as_ptr() as usize % 64, 0);
+            assert_eq!(m.as_slice().len(), rows * 112);
+        }
+        let samples: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let m = Matrix::from_samples(3, 2, &samples);
+        assert_eq!(m.get(2, 1), 5.0);
+        assert_eq!(m.get(0, 1), 3.0);
+        assert_eq!(m.to_samples(), samples);
+    }
+}
