@@ -258,6 +258,31 @@ impl Pattern {
         Self::from_csr(rows, cols, row_ptr, col_idx)
     }
 
+    /// A random pattern: each entry present independently with probability `density`, drawn
+    /// from ChaCha8 seeded with `seed` (row by row, column by column), so the same arguments
+    /// give the same pattern everywhere. `density` is clamped to `[0, 1]`.
+    pub fn random(rows: usize, cols: usize, density: f64, seed: u64) -> Result<Self, PatternError> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let density = density.clamp(0.0, 1.0);
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let mut col_idx = Vec::new();
+        row_ptr.push(0u32);
+        for _ in 0..rows {
+            for c in 0..cols {
+                if rng.random::<f64>() < density {
+                    col_idx.push(c as u32);
+                }
+            }
+            let nnz = u32::try_from(col_idx.len()).map_err(|_| VerifyError::Size {
+                what: "nnz",
+                value: col_idx.len(),
+            })?;
+            row_ptr.push(nnz);
+        }
+        Self::from_csr(rows, cols, row_ptr, col_idx)
+    }
+
     /// Number of rows (output features).
     pub fn rows(&self) -> usize {
         self.rows
@@ -525,6 +550,19 @@ mod tests {
         assert_eq!(chunks[1].hash, alone.hash());
         assert_eq!(Pattern::empty(0, 3).unwrap().chunks(10), vec![]);
         assert_eq!(Pattern::empty(5, 3).unwrap().chunks(10).len(), 1);
+    }
+
+    #[test]
+    fn random_is_seeded_and_near_its_density() {
+        let a = Pattern::random(300, 784, 0.05, 7).unwrap();
+        assert_eq!(a, Pattern::random(300, 784, 0.05, 7).unwrap());
+        assert_ne!(a, Pattern::random(300, 784, 0.05, 8).unwrap());
+        assert!((a.density() - 0.05).abs() < 0.005, "{}", a.density());
+        assert_eq!(
+            Pattern::random(3, 4, 1.0, 1).unwrap(),
+            Pattern::dense(3, 4).unwrap()
+        );
+        assert_eq!(Pattern::random(3, 4, 0.0, 1).unwrap().nnz(), 0);
     }
 
     #[test]
