@@ -477,10 +477,12 @@ mod tests {
                 .contains("unexpected key \"x\"")
         );
         assert!(e(b"{'descr': '<f4', 'descr': '<f4'}").contains("appears twice"));
-        assert!(
-            e(b"{'descr': '<f4'").contains("expected ',' or '}'")
-                || e(b"{'descr': '<f4'").contains("expected")
+        assert_eq!(
+            e(b"{'descr': '<f4'"),
+            "bad header: at byte 15 of the header dict: expected ',' or '}'"
         );
+        assert!(e(b"{'descr': 'abc").contains("unterminated string"));
+        assert!(e(b"{'descr': 'a\\b'}").contains("escape sequences"));
         assert!(e(b"{'shape': (99999999999999999999999,)}").contains("dimension too large"));
         assert!(e(b"{} x").contains("unexpected text after the dict"));
     }
