@@ -45,6 +45,9 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The mask update failed.
+    #[error(transparent)]
+    Masking(#[from] crate::masking::MaskingError),
     /// A configuration value is invalid or not supported.
     #[error("{0}")]
     Config(String),

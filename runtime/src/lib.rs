@@ -9,24 +9,35 @@
 //! - [`Model`] and [`ModelBuilder`]: build an MLP or CNN and run it; [`models`]: LeNet-300-100
 //!   and LeNet-5. [`Sgd`]: Nesterov SGD with weight decay.
 //! - [`exec`]: the one place where kernels are compiled and run.
+//! - [`masking`]: sparse momentum and its peers; [`Trainer`]: the training loop with
+//!   windowed dense momentum and recompilation after mask updates; [`data`]: IDX data sets;
+//!   [`checkpoint`]: atomic checkpoints and resume; [`metrics`], [`plot`]: what runs report.
 //!
 //! See `docs/SPARSE_MOMENTUM.md` and `docs/CONTRACTS.md` for the algorithm and the formats.
 
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod exec;
 pub mod layers;
 pub mod loss;
+pub mod metrics;
 pub mod masking;
 pub mod model;
 pub mod models;
+pub mod plot;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
+pub use checkpoint::{CheckpointWriter, ResumeOverrides, TrainState};
+pub use data::{Dataset, Split};
 pub use error::{Result, RuntimeError};
 pub use exec::{BackendKind, ExecOptions, Executor, Kernel};
 pub use layers::{Layer, Shape};
 pub use model::{CompileReport, Model, ModelBuilder, Sgd};
 pub use models::ModelKind;
+pub use metrics::{EpochMetrics, LayerMetrics};
 pub use tensor::{padded_ld, Matrix};
+pub use train::{DenseMomentum, EpochEnd, Evaluation, StepInfo, TrainConfig, Trainer};
 pub use weights::{LayerPlan, SgdConfig, SparseWeights, WeightGradMode};

@@ -468,7 +468,7 @@ impl SparseWeights {
     /// be recompiled ([`compile`](Self::compile)) before the next step.
     pub fn rebuild_from_dense(&mut self) -> Result<bool> {
         let pattern = Pattern::from_dense_mask(self.rows, self.cols, &self.mask)?;
-        let changed = pattern.hash() != self.pattern.hash() || self.values.is_empty();
+        let changed = pattern != *self.pattern;
         let nnz = pattern.nnz();
         self.dense_index.clear();
         self.values.clear();
@@ -501,13 +501,16 @@ impl SparseWeights {
         }
     }
 
-    /// Sets the plan to ask for at the next compilation (recompiles if it differs).
+    /// Sets the plan to ask for at the next compilation (kernels already compiled stay until
+    /// the pattern changes or [`invalidate_kernels`](Self::invalidate_kernels) is called).
     pub fn set_plan(&mut self, plan: LayerPlan) {
-        if plan != self.plan {
-            self.plan = plan;
-            self.kernels = None;
-            self.dense_grad_kernel = None;
-        }
+        self.plan = plan;
+    }
+
+    /// Drops the compiled kernels, so the next [`compile`](Self::compile) compiles afresh.
+    pub fn invalidate_kernels(&mut self) {
+        self.kernels = None;
+        self.dense_grad_kernel = None;
     }
 
     /// Whether the kernels are missing or compiled for another pattern.

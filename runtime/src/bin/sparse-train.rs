@@ -1,0 +1,498 @@
+//! `sparse-train`: sparse-momentum training of LeNet-300-100 or LeNet-5 on MNIST (or any IDX
+//! data set), with kernels compiled for every layer's current mask.
+
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use runtime::masking::{
+    DecaySchedule, GrowthMode, InitMode, PruneMode, RedistributionMode, UpdateFrequency,
+};
+use runtime::{
+    BackendKind, CheckpointWriter, Dataset, DenseMomentum, EpochMetrics, ModelKind,
+    ResumeOverrides, Split, StepInfo, TrainConfig, Trainer,
+};
+use sparse_ir::Strategy;
+
+/// Train a network that stays sparse from the first step (sparse momentum, Dettmers &
+/// Zettlemoyer 2019) on kernels compiled for each layer's mask. Defaults: LeNet-300-100 at
+/// 5 % density on the vendored MNIST, the reference's settings.
+#[derive(Debug, Parser)]
+#[command(name = "sparse-train", version)]
+struct Cli {
+    /// The model: lenet300-100 or lenet5 [default: lenet300-100].
+    #[arg(long)]
+    model: Option<ModelKind>,
+    /// Directory of IDX files (train-/t10k-images/labels, raw or .gz).
+    #[arg(long, default_value = "data/mnist")]
+    data_dir: PathBuf,
+    /// Global density of the masked weights, in (0, 1]; 1 trains dense [default: 0.05].
+    #[arg(long)]
+    density: Option<f64>,
+    /// Epochs (100 is the paper's run) [default: 10].
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Batch size [default: 100].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Initial learning rate (×0.1 every 25,000 steps) [default: 0.1].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed of every random stream [default: 17].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Threads the kernels use [default: 2].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where kernels run: cpu or opencl [default: cpu].
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// How every op runs: auto (the planner chooses), generic, dense or jit [default: auto].
+    #[arg(long)]
+    strategy: Option<Strategy>,
+    /// Momentum of inactive weights: exact (dense gradient every step) or window:K (only the
+    /// last K steps before each mask update) [default: window:64].
+    #[arg(long)]
+    dense_momentum: Option<DenseMomentum>,
+    /// Pruning: magnitude or global-magnitude [default: magnitude].
+    #[arg(long)]
+    prune: Option<PruneMode>,
+    /// Growth: momentum, random, gradient, momentum-neuron or none (static sparse)
+    /// [default: momentum].
+    #[arg(long)]
+    growth: Option<GrowthMode>,
+    /// Redistribution: momentum, magnitude, nonzero or none [default: momentum].
+    #[arg(long)]
+    redistribution: Option<RedistributionMode>,
+    /// Initial prune rate [default: 0.5].
+    #[arg(long)]
+    prune_rate: Option<f64>,
+    /// Prune-rate schedule: cosine or linear [default: cosine].
+    #[arg(long)]
+    decay_schedule: Option<DecaySchedule>,
+    /// Mask updates: every epoch, or every K steps [default: epoch].
+    #[arg(long)]
+    update_frequency: Option<UpdateFrequency>,
+    /// Initial masks: uniform or erk [default: uniform].
+    #[arg(long)]
+    init: Option<InitMode>,
+    /// Start from a user's weights (and masks) in a safetensors file: NAME.weight,
+    /// optionally NAME.mask and NAME.bias per layer.
+    #[arg(long, value_name = "FILE.safetensors")]
+    init_from: Option<PathBuf>,
+    /// Append one JSON line per epoch to this file (version 1).
+    #[arg(long, value_name = "FILE.jsonl")]
+    metrics_out: Option<PathBuf>,
+    /// Write DIR/epoch-NNN/ after every epoch (and on Ctrl-C) and DIR/latest.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Keep the newest N checkpoints.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Resume from a checkpoint folder (or DIR, meaning its latest).
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
+    /// Only evaluate (a checkpoint with --resume, or --init-from weights) and exit.
+    #[arg(long)]
+    eval_only: bool,
+    /// Choose the plan once per epoch and keep it, so a resumed run repeats the
+    /// uninterrupted one bit for bit.
+    #[arg(long)]
+    deterministic: bool,
+    /// Draw accuracy and per-layer density over epochs into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Use only the first N training images (tests and quick runs).
+    #[arg(long, hide = true)]
+    train_limit: Option<usize>,
+    /// Use only the first N validation and test images.
+    #[arg(long, hide = true)]
+    eval_limit: Option<usize>,
+    /// Stop (as if interrupted) after this epoch, once its checkpoint is written.
+    #[arg(long, hide = true)]
+    stop_after_epoch: Option<u32>,
+    /// Abort half-way through writing the checkpoint of this epoch (tests atomicity).
+    #[arg(long, hide = true)]
+    crash_in_checkpoint: Option<u32>,
+}
+
+impl Cli {
+    fn config(&self) -> TrainConfig {
+        let d = TrainConfig::default();
+        TrainConfig {
+            model: self.model.unwrap_or(d.model),
+            density: self.density.unwrap_or(d.density),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            lr: self.lr.unwrap_or(d.lr),
+            seed: self.seed.unwrap_or(d.seed),
+            threads: self.threads.unwrap_or(d.threads),
+            backend: self.backend.unwrap_or(d.backend),
+            strategy: self.strategy.unwrap_or(d.strategy),
+            dense_momentum: self.dense_momentum.unwrap_or(d.dense_momentum),
+            prune: self.prune.unwrap_or(d.prune),
+            growth: self.growth.unwrap_or(d.growth),
+            redistribution: self.redistribution.unwrap_or(d.redistribution),
+            prune_rate: self.prune_rate.unwrap_or(d.prune_rate),
+            decay_schedule: self.decay_schedule.unwrap_or(d.decay_schedule),
+            update_frequency: self.update_frequency.unwrap_or(d.update_frequency),
+            init: self.init.unwrap_or(d.init),
+            deterministic: self.deterministic,
+            train_limit: self.train_limit,
+            eval_limit: self.eval_limit,
+            ..d
+        }
+    }
+
+    /// Options a resumed run takes from its checkpoint: an explicit different value is an
+    /// error.
+    fn check_against(&self, saved: &TrainConfig) -> Result<()> {
+        fn same<T: PartialEq + std::fmt::Display>(
+            name: &str,
+            given: Option<T>,
+            saved: T,
+        ) -> Result<()> {
+            match given {
+                Some(g) if g != saved => bail!(
+                    "--{name} {g} differs from the checkpoint's {saved}; a resumed run keeps the configuration it was started with"
+                ),
+                _ => Ok(()),
+            }
+        }
+        same("model", self.model, saved.model)?;
+        same("density", self.density, saved.density)?;
+        same("batch-size", self.batch_size, saved.batch_size)?;
+        same("lr", self.lr, saved.lr)?;
+        same("seed", self.seed, saved.seed)?;
+        same("dense-momentum", self.dense_momentum, saved.dense_momentum)?;
+        same("prune", self.prune, saved.prune)?;
+        same("growth", self.growth, saved.growth)?;
+        same("redistribution", self.redistribution, saved.redistribution)?;
+        same("prune-rate", self.prune_rate, saved.prune_rate)?;
+        same("decay-schedule", self.decay_schedule, saved.decay_schedule)?;
+        same(
+            "update-frequency",
+            self.update_frequency,
+            saved.update_frequency,
+        )?;
+        same("init", self.init, saved.init)?;
+        if self.deterministic && !saved.deterministic {
+            bail!("--deterministic was not set when the checkpoint's run started");
+        }
+        Ok(())
+    }
+}
+
+/// `data/mnist` relative to the working directory, or else to the repository.
+fn data_dir(cli: &Cli) -> PathBuf {
+    if cli.data_dir.is_dir() || cli.data_dir != Path::new("data/mnist") {
+        return cli.data_dir.clone();
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("data/mnist");
+    if repo.is_dir() {
+        repo
+    } else {
+        cli.data_dir.clone()
+    }
+}
+
+fn percent(x: f64) -> String {
+    format!("{:.2}%", x * 100.0)
+}
+
+fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
+    let layers: Vec<String> = m
+        .layers
+        .iter()
+        .map(|l| format!("{} {:.1}%", l.name, l.density * 100.0))
+        .collect();
+    let mut line = format!(
+        "epoch {:>3}/{epochs}  loss {:.4}  val {}  lr {}  prune {:.4}  nnz {}  [{}]  {:.2} s  step {:.3} ms  compile {:.1} ms",
+        m.epoch,
+        m.train_loss,
+        m.val_acc.map_or("-".into(), percent),
+        m.lr,
+        m.prune_rate,
+        m.nnz_total,
+        layers.join(", "),
+        m.epoch_seconds,
+        m.step_ms_median,
+        m.compile_ms
+    );
+    if let Some(t) = m.test_acc {
+        line.push_str(&format!("  test {}", percent(t)));
+    }
+    line
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let interactive = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let dir = data_dir(&cli);
+    let data = Dataset::load_dir(&dir).with_context(|| "loading the data set")?;
+    let started = Instant::now();
+    let mut trainer = match &cli.resume {
+        Some(path) => {
+            let folder = runtime::checkpoint::resolve(path)?;
+            let saved = runtime::checkpoint::read_state(&folder)?;
+            cli.check_against(&saved.config)?;
+            if cli.init_from.is_some() {
+                bail!("--init-from and --resume exclude each other");
+            }
+            let overrides = ResumeOverrides {
+                epochs: cli.epochs,
+                threads: cli.threads,
+                backend: cli.backend,
+                strategy: cli.strategy,
+            };
+            let t = Trainer::resume(&folder, data, &overrides)?;
+            println!(
+                "resumed {} from {} (epoch {}, step {})",
+                t.config().model,
+                folder.display(),
+                t.epoch(),
+                t.steps_done()
+            );
+            t
+        }
+        None => {
+            let mut t = Trainer::new(cli.config(), data)?;
+            if let Some(file) = &cli.init_from {
+                t.load_weights(file)?;
+                println!("weights and masks from {}", file.display());
+            }
+            t
+        }
+    };
+    let cfg = trainer.config().clone();
+    let d = trainer.data();
+    println!(
+        "{} on {} ({} train / {} validation / {} test, {} classes), density {}, {} epochs, batch {}, lr {}, {} threads, backend {}, strategy {}, dense momentum {}",
+        cfg.model,
+        dir.display(),
+        d.len(Split::Train),
+        d.len(Split::Validation),
+        d.len(Split::Test),
+        d.classes(),
+        cfg.density,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.threads,
+        cfg.backend,
+        cfg.strategy,
+        cfg.dense_momentum
+    );
+
+    if cli.eval_only {
+        let val = trainer.evaluate(Split::Validation)?;
+        let test = trainer.evaluate(Split::Test)?;
+        let layers: Vec<String> = trainer
+            .model()
+            .sparse_layers()
+            .map(|w| format!("{} {} ({:.2}%)", w.name(), w.nnz(), w.density() * 100.0))
+            .collect();
+        println!(
+            "validation {} (loss {:.4}), test {} (loss {:.4}); {}",
+            percent(val.accuracy),
+            val.loss,
+            percent(test.accuracy),
+            test.loss,
+            layers.join(", ")
+        );
+        let line = serde_json::json!({
+            "version": 1,
+            "eval_only": true,
+            "epoch": trainer.epoch(),
+            "val_acc": val.accuracy,
+            "test_acc": test.accuracy,
+            "nnz_total": trainer.model().nnz(),
+        });
+        if let Some(path) = &cli.metrics_out {
+            append_line(path, &line.to_string())?;
+        }
+        return Ok(());
+    }
+
+    let writer = match &cli.checkpoint_dir {
+        Some(d) => {
+            Some(CheckpointWriter::new(d, cli.keep)?.crash_in_epoch(cli.crash_in_checkpoint))
+        }
+        None => None,
+    };
+    if let Some(path) = &cli.metrics_out {
+        if cli.resume.is_none() {
+            std::fs::write(path, b"").with_context(|| format!("creating {}", path.display()))?;
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, interrupted) = (stop.clone(), interrupted.clone());
+        ctrlc::set_handler(move || {
+            if interrupted.swap(true, Ordering::SeqCst) {
+                eprintln!("second Ctrl-C: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            stop.store(true, Ordering::SeqCst);
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+
+    let mut bar: Option<ProgressBar> = None;
+    let style = ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} steps  loss {msg}  {elapsed}<{eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    let mut on_step = |s: &StepInfo| {
+        if !interactive {
+            return;
+        }
+        let pb = bar.get_or_insert_with(|| {
+            let pb = ProgressBar::new(s.steps_in_epoch);
+            pb.set_style(style.clone());
+            pb.set_prefix(format!("{}/{}", s.epoch, cfg.epochs));
+            pb
+        });
+        pb.set_position(s.step_in_epoch);
+        if s.step_in_epoch.is_multiple_of(10) {
+            pb.set_message(format!("{:.4}", s.loss));
+        }
+        if s.step_in_epoch == s.steps_in_epoch {
+            pb.finish_and_clear();
+            bar = None;
+        }
+    };
+    let stop_for_epochs = stop.clone();
+    let mut on_epoch = |t: &mut Trainer, m: &EpochMetrics| -> runtime::Result<()> {
+        println!("{}", epoch_line(m, t.config().epochs));
+        if let Some(path) = &cli.metrics_out {
+            let line = serde_json::to_string(m).expect("metrics serialise");
+            append_line(path, &line)
+                .map_err(|e| runtime::RuntimeError::Config(format!("{e:#}")))?;
+        }
+        if let Some(path) = &cli.plot {
+            write_plot(path, t).map_err(|e| runtime::RuntimeError::Config(format!("{e:#}")))?;
+        }
+        if let Some(w) = &writer {
+            let folder = w.write(t)?;
+            tracing::info!(checkpoint = %folder.display(), "checkpoint written");
+        }
+        if cli.stop_after_epoch == Some(m.epoch) {
+            stop_for_epochs.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    };
+    let finished = trainer.run(&stop, &mut on_step, &mut on_epoch)?;
+    if let Some(pb) = bar.take() {
+        pb.finish_and_clear();
+    }
+
+    if !finished {
+        if interrupted.load(Ordering::SeqCst) {
+            if let Some(w) = &writer {
+                if trainer.partial_epoch().is_some() {
+                    let folder = w.write(&mut trainer)?;
+                    println!("interrupted: checkpoint written to {}", folder.display());
+                } else {
+                    println!("interrupted after epoch {}", trainer.epoch());
+                }
+            } else {
+                println!("interrupted (no --checkpoint-dir: nothing saved)");
+            }
+            std::process::exit(130);
+        }
+        println!("stopped after epoch {} as asked", trainer.epoch());
+        return Ok(());
+    }
+    summary(&trainer, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn write_plot(path: &Path, t: &Trainer) -> Result<()> {
+    let c = t.config();
+    let title = format!(
+        "{} at density {} ({}, seed {})",
+        c.model, c.density, c.dense_momentum, c.seed
+    );
+    let tmp = path.with_extension("svg.tmp");
+    std::fs::write(&tmp, runtime::plot::svg(&title, t.history()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn summary(t: &Trainer, wall: f64) {
+    let h = t.history();
+    let Some(last) = h.last() else { return };
+    let mut steps: Vec<f64> = h.iter().map(|m| m.step_ms_median).collect();
+    let step_median = runtime::metrics::median_ms(&mut steps);
+    let epoch_secs: f64 = h.iter().map(|m| m.epoch_seconds).sum::<f64>() / h.len() as f64;
+    let compile: f64 = h.iter().map(|m| m.compile_ms).sum();
+    println!("---");
+    println!(
+        "{} at density {}: test accuracy {}, validation {} after {} epochs",
+        t.config().model,
+        t.config().density,
+        last.test_acc.map_or("-".into(), percent),
+        last.val_acc.map_or("-".into(), percent),
+        last.epoch
+    );
+    for l in &last.layers {
+        let strategies: Vec<String> = l
+            .strategies
+            .iter()
+            .map(|(op, s)| format!("{op}={s}"))
+            .collect();
+        println!(
+            "  {:<6} nnz {:>7}  density {:>7.3}%  {}",
+            l.name,
+            l.nnz,
+            l.density * 100.0,
+            strategies.join(" ")
+        );
+    }
+    println!(
+        "  step median {:.3} ms, epoch mean {:.3} s, compilation {:.1} ms in total ({:.2}% of {:.1} s)",
+        step_median,
+        epoch_secs,
+        compile,
+        compile / 1e3 / wall.max(1e-9) * 100.0,
+        wall
+    );
+}

@@ -1,0 +1,713 @@
+//! Checkpoints (CONTRACTS.md): a folder holding `model.safetensors` and `state.json`, written
+//! atomically, and resuming from one.
+//!
+//! `model.safetensors` holds, per masked layer, `NAME.weight` (dense f32, zeros where masked,
+//! in the PyTorch shape `[out, in]` or `[out, in, kh, kw]`), `NAME.mask` (u8, same shape),
+//! `NAME.bias`, `NAME.momentum` (dense f32, masked entries included) and `NAME.bias_momentum`.
+//! `state.json` ([`TrainState`]) holds the format version, the model, the epoch and step, the
+//! schedules, the masking state (correction term and the whole shortfall history, its random
+//! stream), the shuffle stream, the plan (every layer's strategy per op) and the metrics
+//! history.
+//!
+//! ## Atomicity
+//!
+//! A checkpoint is written into a temporary folder beside its final place; every file is
+//! fsynced, then the folder, then it is renamed into place and the parent fsynced; only then is
+//! the `latest` pointer replaced the same way (temporary file, fsync, rename, fsync). A process
+//! killed at any point leaves the previous checkpoint and the pointer to it intact; leftovers
+//! of an interrupted write are removed by the next one.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Dataset, Split};
+use crate::error::{Result, RuntimeError};
+use crate::masking::{Masking, MaskingState, PruneRateSchedule, StepLr};
+use crate::metrics::EpochMetrics;
+use crate::model::Model;
+use crate::train::{PartialEpoch, RngSnapshot, TrainConfig, Trainer};
+use crate::weights::LayerPlan;
+
+/// The format name in `state.json`.
+pub const CHECKPOINT_FORMAT: &str = "sparsejit-checkpoint";
+/// The format version of `state.json`.
+pub const CHECKPOINT_VERSION: u32 = 1;
+/// File names inside a checkpoint folder.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// See [`MODEL_FILE`].
+pub const STATE_FILE: &str = "state.json";
+/// The pointer file in a checkpoint directory.
+pub const LATEST_FILE: &str = "latest";
+
+/// What the data set looked like (informational, checked on resume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// The directory.
+    pub dir: String,
+    /// Training samples.
+    pub train: usize,
+    /// Validation samples.
+    pub validation: usize,
+    /// Test samples.
+    pub test: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Normalisation mean.
+    pub mean: f32,
+    /// Normalisation standard deviation.
+    pub std: f32,
+}
+
+/// The contents of `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: String,
+    /// [`CHECKPOINT_VERSION`].
+    pub version: u32,
+    /// The model name.
+    pub model: String,
+    /// Completed epochs.
+    pub epoch: u32,
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// Where an interrupted epoch stopped (`null` at an epoch boundary).
+    pub partial_epoch: Option<PartialEpoch>,
+    /// The run's configuration.
+    pub config: TrainConfig,
+    /// The prune-rate schedule.
+    pub prune_rate_schedule: PruneRateSchedule,
+    /// The learning-rate schedule.
+    pub lr_schedule: StepLr,
+    /// The masking state: options, correction term, shortfall history, random stream.
+    pub masking: MaskingState,
+    /// The shuffle stream.
+    pub shuffle_rng: RngSnapshot,
+    /// Every layer's strategy per op.
+    pub plan: BTreeMap<String, BTreeMap<String, String>>,
+    /// Compilation time not yet charged to an epoch's metrics, ms.
+    pub compile_ms_pending: f64,
+    /// The metrics of every completed epoch.
+    pub history: Vec<EpochMetrics>,
+    /// The data set.
+    pub data: DataInfo,
+}
+
+fn ck_err(path: &Path, message: impl Into<String>) -> RuntimeError {
+    RuntimeError::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The model's tensors in the checkpoint layout, as safetensors bytes. The dense arrays must
+/// be synchronised ([`Model::sync_dense`]).
+pub fn model_tensors(model: &Model) -> Result<Vec<u8>> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for w in model.sparse_layers() {
+        let name = w.name();
+        let shape = w.shape().to_vec();
+        owned.push((
+            format!("{name}.weight"),
+            Dtype::F32,
+            shape.clone(),
+            f32_bytes(w.dense_weight()),
+        ));
+        owned.push((
+            format!("{name}.mask"),
+            Dtype::U8,
+            shape.clone(),
+            w.mask().to_vec(),
+        ));
+        owned.push((
+            format!("{name}.bias"),
+            Dtype::F32,
+            vec![w.rows()],
+            f32_bytes(w.bias()),
+        ));
+        owned.push((
+            format!("{name}.momentum"),
+            Dtype::F32,
+            shape,
+            f32_bytes(w.dense_momentum()),
+        ));
+        owned.push((
+            format!("{name}.bias_momentum"),
+            Dtype::F32,
+            vec![w.rows()],
+            f32_bytes(w.bias_momentum()),
+        ));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, dt, shape, data)| {
+            safetensors::tensor::TensorView::new(*dt, shape.clone(), data).map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| RuntimeError::Config(format!("serialising the model: {e}")))?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
+    meta.insert("model".to_string(), model.name().to_string());
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| RuntimeError::Config(format!("serialising the model: {e}")))
+}
+
+/// A tensor read from a safetensors file, as f32 or u8 values.
+struct Loaded {
+    shape: Vec<usize>,
+    f32s: Option<Vec<f32>>,
+    bytes: Option<Vec<u8>>,
+}
+
+fn read_tensor(st: &SafeTensors<'_>, path: &Path, name: &str) -> Result<Option<Loaded>> {
+    let t = match st.tensor(name) {
+        Ok(t) => t,
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+        Err(e) => return Err(ck_err(path, format!("tensor {name}: {e}"))),
+    };
+    let shape = t.shape().to_vec();
+    let data = t.data();
+    Ok(Some(match t.dtype() {
+        Dtype::F32 => Loaded {
+            shape,
+            f32s: Some(
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            bytes: None,
+        },
+        Dtype::U8 | Dtype::BOOL => Loaded {
+            shape,
+            f32s: None,
+            bytes: Some(data.to_vec()),
+        },
+        other => {
+            return Err(ck_err(
+                path,
+                format!("tensor {name} has dtype {other:?}, expected F32 (or U8/BOOL for masks)"),
+            ))
+        }
+    }))
+}
+
+fn expect_shape(
+    path: &Path,
+    name: &str,
+    got: &[usize],
+    want: &[usize],
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    if got == want || got == [rows, cols] {
+        Ok(())
+    } else {
+        Err(ck_err(
+            path,
+            format!("tensor {name} has shape {got:?}, the model's layer needs {want:?}"),
+        ))
+    }
+}
+
+fn f32_tensor(path: &Path, name: &str, t: Loaded) -> Result<Vec<f32>> {
+    t.f32s
+        .ok_or_else(|| ck_err(path, format!("tensor {name} must be F32")))
+}
+
+fn mask_tensor(path: &Path, name: &str, t: Loaded) -> Result<Vec<u8>> {
+    let mask = match (t.bytes, t.f32s) {
+        (Some(b), _) => b,
+        (None, Some(f)) => f
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if v == 0.0 {
+                    Ok(0)
+                } else if v == 1.0 {
+                    Ok(1)
+                } else {
+                    Err(ck_err(
+                        path,
+                        format!("tensor {name}: entry {i} is {v}, expected 0 or 1"),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<u8>>>()?,
+        (None, None) => unreachable!("read_tensor fills one"),
+    };
+    if let Some(i) = mask.iter().position(|&m| m > 1) {
+        return Err(ck_err(
+            path,
+            format!("tensor {name}: entry {i} is {}, expected 0 or 1", mask[i]),
+        ));
+    }
+    Ok(mask)
+}
+
+/// How much of a model a safetensors file must provide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadMode {
+    /// A checkpoint: every tensor of every layer.
+    Checkpoint,
+    /// A user's weights: `NAME.weight` required, `NAME.mask` and `NAME.bias` optional.
+    Weights,
+}
+
+fn load_into_model(model: &mut Model, path: &Path, bytes: &[u8], mode: LoadMode) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| ck_err(path, format!("not a valid safetensors file: {e}")))?;
+    let sgd = Default::default();
+    for w in model.sparse_layers_mut() {
+        let name = w.name().to_string();
+        let (rows, cols) = (w.rows(), w.cols());
+        let shape = w.shape().to_vec();
+        let need = |t: Option<Loaded>, what: &str| {
+            t.ok_or_else(|| ck_err(path, format!("no tensor {name}.{what} for layer {name}")))
+        };
+        let weight_t = need(read_tensor(&st, path, &format!("{name}.weight"))?, "weight")?;
+        expect_shape(
+            path,
+            &format!("{name}.weight"),
+            &weight_t.shape,
+            &shape,
+            rows,
+            cols,
+        )?;
+        let weight = f32_tensor(path, &format!("{name}.weight"), weight_t)?;
+        let mask = match read_tensor(&st, path, &format!("{name}.mask"))? {
+            Some(t) => {
+                expect_shape(path, &format!("{name}.mask"), &t.shape, &shape, rows, cols)?;
+                mask_tensor(path, &format!("{name}.mask"), t)?
+            }
+            None if mode == LoadMode::Checkpoint => {
+                return Err(ck_err(
+                    path,
+                    format!("no tensor {name}.mask for layer {name}"),
+                ))
+            }
+            None => w.mask().to_vec(),
+        };
+        let bias = match read_tensor(&st, path, &format!("{name}.bias"))? {
+            Some(t) => {
+                expect_shape(path, &format!("{name}.bias"), &t.shape, &[rows], rows, 1)?;
+                Some(f32_tensor(path, &format!("{name}.bias"), t)?)
+            }
+            None if mode == LoadMode::Checkpoint => {
+                return Err(ck_err(
+                    path,
+                    format!("no tensor {name}.bias for layer {name}"),
+                ))
+            }
+            None => None,
+        };
+        let momentum = if mode == LoadMode::Checkpoint {
+            let m = need(
+                read_tensor(&st, path, &format!("{name}.momentum"))?,
+                "momentum",
+            )?;
+            expect_shape(
+                path,
+                &format!("{name}.momentum"),
+                &m.shape,
+                &shape,
+                rows,
+                cols,
+            )?;
+            let bm = need(
+                read_tensor(&st, path, &format!("{name}.bias_momentum"))?,
+                "bias_momentum",
+            )?;
+            expect_shape(
+                path,
+                &format!("{name}.bias_momentum"),
+                &bm.shape,
+                &[rows],
+                rows,
+                1,
+            )?;
+            Some((
+                f32_tensor(path, &format!("{name}.momentum"), m)?,
+                f32_tensor(path, &format!("{name}.bias_momentum"), bm)?,
+            ))
+        } else {
+            None
+        };
+        if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
+            return Err(ck_err(
+                path,
+                format!("tensor {name}.weight: entry {i} is not finite"),
+            ));
+        }
+        w.sync_dense(&sgd);
+        w.set_dense(
+            &weight,
+            &mask,
+            bias.as_deref(),
+            momentum.as_ref().map(|(m, b)| (&m[..], &b[..])),
+        )
+        .map_err(|e| ck_err(path, e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| RuntimeError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| RuntimeError::io(path, e))?;
+    f.sync_all().map_err(|e| RuntimeError::io(path, e))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| RuntimeError::io(path, e))
+}
+
+/// Finds the checkpoint folder of `path`: the folder itself if it holds `state.json`, or the
+/// folder its `latest` pointer names.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join(LATEST_FILE);
+    if latest.is_file() {
+        let name = fs::read_to_string(&latest).map_err(|e| RuntimeError::io(&latest, e))?;
+        let name = name.trim();
+        if name.is_empty() || name.contains('/') || name.contains("..") {
+            return Err(ck_err(&latest, format!("bad pointer {name:?}")));
+        }
+        let folder = path.join(name);
+        if !folder.join(STATE_FILE).is_file() {
+            return Err(ck_err(
+                &folder,
+                "the latest pointer names a folder without state.json",
+            ));
+        }
+        return Ok(folder);
+    }
+    Err(ck_err(
+        path,
+        "no checkpoint here (neither a state.json nor a latest pointer)",
+    ))
+}
+
+/// Reads `state.json` of a checkpoint folder, checking the format and version.
+pub fn read_state(folder: &Path) -> Result<TrainState> {
+    let path = folder.join(STATE_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("not valid JSON: {e}")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(CHECKPOINT_FORMAT) {
+        return Err(ck_err(
+            &path,
+            format!("not a {CHECKPOINT_FORMAT} state file"),
+        ));
+    }
+    match value.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(CHECKPOINT_VERSION) => {}
+        other => {
+            return Err(ck_err(
+                &path,
+                format!(
+                    "format version {other:?} is not supported (expected {CHECKPOINT_VERSION})"
+                ),
+            ))
+        }
+    }
+    serde_json::from_value(value).map_err(|e| ck_err(&path, format!("malformed: {e}")))
+}
+
+/// Writes checkpoints into a directory: `DIR/epoch-NNN/` after every epoch (an interrupted
+/// epoch gives `DIR/epoch-NNN-step-SSSSSS/`), the `DIR/latest` pointer, and keeps the newest
+/// `keep`.
+#[derive(Debug, Clone)]
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    keep: usize,
+    crash_in_epoch: Option<u32>,
+}
+
+impl CheckpointWriter {
+    /// A writer into `dir` (created if missing) keeping the newest `keep` (at least 1).
+    pub fn new(dir: &Path, keep: usize) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
+        Ok(CheckpointWriter {
+            dir: dir.to_path_buf(),
+            keep: keep.max(1),
+            crash_in_epoch: None,
+        })
+    }
+
+    /// Testing aid: abort the process half-way through writing the checkpoint of `epoch`.
+    #[doc(hidden)]
+    pub fn crash_in_epoch(mut self, epoch: Option<u32>) -> Self {
+        self.crash_in_epoch = epoch;
+        self
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a checkpoint of the trainer's current state; returns its folder.
+    pub fn write(&self, trainer: &mut Trainer) -> Result<PathBuf> {
+        trainer.model.sync_dense(&trainer.sgd.config);
+        let name = match &trainer.partial {
+            None => format!("epoch-{:03}", trainer.epoch),
+            Some(p) => format!("epoch-{:03}-step-{:06}", trainer.epoch + 1, p.step_in_epoch),
+        };
+        let model = model_tensors(&trainer.model)?;
+        let state = serde_json::to_vec_pretty(&trainer.state())
+            .map_err(|e| RuntimeError::Config(format!("serialising the state: {e}")))?;
+        let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
+        }
+        fs::create_dir(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
+        if self.crash_in_epoch.is_some() && self.crash_in_epoch == Some(trainer.epoch) {
+            let half = &model[..model.len() / 2];
+            let p = tmp.join(MODEL_FILE);
+            let mut f = File::create(&p).map_err(|e| RuntimeError::io(&p, e))?;
+            f.write_all(half).map_err(|e| RuntimeError::io(&p, e))?;
+            let _ = f.sync_all();
+            eprintln!(
+                "crash-in-checkpoint: aborting half-way through {}",
+                p.display()
+            );
+            std::process::abort();
+        }
+        write_synced(&tmp.join(MODEL_FILE), &model)?;
+        write_synced(&tmp.join(STATE_FILE), &state)?;
+        sync_dir(&tmp)?;
+        let final_dir = self.dir.join(&name);
+        let mut old = None;
+        if final_dir.exists() {
+            let o = self.dir.join(format!(".old-{name}-{}", std::process::id()));
+            fs::rename(&final_dir, &o).map_err(|e| RuntimeError::io(&final_dir, e))?;
+            old = Some(o);
+        }
+        fs::rename(&tmp, &final_dir).map_err(|e| RuntimeError::io(&final_dir, e))?;
+        sync_dir(&self.dir)?;
+        let latest_tmp = self.dir.join(format!(".latest-{}", std::process::id()));
+        write_synced(&latest_tmp, format!("{name}\n").as_bytes())?;
+        let latest = self.dir.join(LATEST_FILE);
+        fs::rename(&latest_tmp, &latest).map_err(|e| RuntimeError::io(&latest, e))?;
+        sync_dir(&self.dir)?;
+        if let Some(o) = old {
+            let _ = fs::remove_dir_all(o);
+        }
+        self.prune(&name);
+        Ok(final_dir)
+    }
+
+    /// Removes leftovers of interrupted writes and all but the newest `keep` checkpoints.
+    fn prune(&self, current: &str) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut found: Vec<((u32, u64), PathBuf)> = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let path = e.path();
+            if name.starts_with(".tmp-") || name.starts_with(".old-") {
+                let _ = fs::remove_dir_all(&path);
+            } else if let Some(key) = checkpoint_key(&name) {
+                if path.is_dir() && name != current {
+                    found.push((key, path));
+                }
+            }
+        }
+        found.sort();
+        let excess = (found.len() + 1).saturating_sub(self.keep);
+        for (_, path) in found.into_iter().take(excess) {
+            tracing::debug!(path = %path.display(), "removing old checkpoint");
+            let _ = fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// `(epoch, step)` of a checkpoint folder name (`step = u64::MAX` for a whole epoch).
+fn checkpoint_key(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix("epoch-")?;
+    match rest.split_once("-step-") {
+        Some((e, s)) => Some((e.parse().ok()?, s.parse().ok()?)),
+        None => Some((rest.parse().ok()?, u64::MAX)),
+    }
+}
+
+/// What a resumed run may change; everything else comes from the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOverrides {
+    /// A new total of epochs (the prune-rate schedule is stretched to it).
+    pub epochs: Option<u32>,
+    /// Kernel threads.
+    pub threads: Option<usize>,
+    /// The backend.
+    pub backend: Option<crate::exec::BackendKind>,
+    /// The strategy for ops compiled from now on.
+    pub strategy: Option<sparse_ir::Strategy>,
+}
+
+impl Trainer {
+    /// The state to save.
+    pub fn state(&self) -> TrainState {
+        TrainState {
+            format: CHECKPOINT_FORMAT.to_string(),
+            version: CHECKPOINT_VERSION,
+            model: self.model.name().to_string(),
+            epoch: self.epoch,
+            step: self.step,
+            partial_epoch: self.partial.clone(),
+            config: self.config.clone(),
+            prune_rate_schedule: self.prune_schedule.clone(),
+            lr_schedule: self.lr_schedule,
+            masking: self.masking.state(),
+            shuffle_rng: RngSnapshot::of(&self.shuffle_rng),
+            plan: self
+                .model
+                .sparse_layers()
+                .map(|w| (w.name().to_string(), w.strategies()))
+                .collect(),
+            compile_ms_pending: self.compile_ms_pending,
+            history: self.history.clone(),
+            data: DataInfo {
+                dir: self.data.dir().display().to_string(),
+                train: self.data.len(Split::Train),
+                validation: self.data.len(Split::Validation),
+                test: self.data.len(Split::Test),
+                classes: self.data.classes(),
+                mean: self.data.normalization().0,
+                std: self.data.normalization().1,
+            },
+        }
+    }
+
+    /// Resumes the run saved at `path` (a checkpoint folder, or a directory whose `latest`
+    /// pointer names one) on `data`. With `--deterministic` the saved plan is reused, so the
+    /// run continues bit for bit.
+    pub fn resume(path: &Path, data: Dataset, overrides: &ResumeOverrides) -> Result<Self> {
+        let folder = resolve(path)?;
+        let state = read_state(&folder)?;
+        let mut config = state.config.clone();
+        if let Some(e) = overrides.epochs {
+            if e < state.epoch {
+                return Err(ck_err(
+                    &folder,
+                    format!(
+                        "--epochs {e} is fewer than the {} epochs already run",
+                        state.epoch
+                    ),
+                ));
+            }
+            config.epochs = e;
+        }
+        if let Some(t) = overrides.threads {
+            config.threads = t;
+        }
+        if let Some(b) = overrides.backend {
+            config.backend = b;
+        }
+        if let Some(s) = overrides.strategy {
+            config.strategy = s;
+        }
+        let mut t = Trainer::build(config, data)?;
+        let st = &state.data;
+        if st.train != t.data.len(Split::Train)
+            || st.validation != t.data.len(Split::Validation)
+            || st.classes != t.data.classes()
+        {
+            return Err(ck_err(
+                &folder,
+                format!(
+                    "the checkpoint was trained on {} training / {} validation samples of {} classes, the data set now gives {} / {} of {}",
+                    st.train,
+                    st.validation,
+                    st.classes,
+                    t.data.len(Split::Train),
+                    t.data.len(Split::Validation),
+                    t.data.classes()
+                ),
+            ));
+        }
+        if state.model != t.model.name() {
+            return Err(ck_err(
+                &folder,
+                format!("model {} does not match", state.model),
+            ));
+        }
+        let model_path = folder.join(MODEL_FILE);
+        let bytes = fs::read(&model_path).map_err(|e| RuntimeError::io(&model_path, e))?;
+        load_into_model(&mut t.model, &model_path, &bytes, LoadMode::Checkpoint)?;
+        t.masking = Masking::from_state(state.masking.clone())
+            .map_err(|e| ck_err(&folder, e.to_string()))?;
+        t.prune_schedule = if t.config.epochs == state.config.epochs {
+            state.prune_rate_schedule.clone()
+        } else {
+            let mut s = PruneRateSchedule::new(
+                t.config.decay_schedule,
+                t.config.prune_rate,
+                t.total_steps(),
+            )?;
+            s.advance(state.step);
+            s
+        };
+        t.lr_schedule = state.lr_schedule;
+        t.epoch = state.epoch;
+        t.step = state.step;
+        t.partial = state.partial_epoch.clone();
+        t.shuffle_rng = state
+            .shuffle_rng
+            .restore()
+            .map_err(|e| ck_err(&folder, e))?;
+        t.history = state.history.clone();
+        t.compile_ms_pending = state.compile_ms_pending;
+        // The saved plan: reused with --deterministic, so every kernel runs the same code.
+        if t.config.deterministic {
+            let requested = LayerPlan::uniform(t.config.strategy);
+            for w in t.model.sparse_layers_mut() {
+                if let Some(map) = state.plan.get(w.name()) {
+                    let mut plan = LayerPlan::from_map(map).map_err(|e| ck_err(&folder, e))?;
+                    if !map.contains_key("spmm_t") {
+                        plan.spmm_t = requested.spmm_t;
+                    }
+                    w.set_plan(plan);
+                }
+            }
+            t.compile_all()?;
+            for w in t.model.sparse_layers_mut() {
+                w.set_plan(requested);
+            }
+        } else {
+            t.compile_all()?;
+        }
+        // Compilation on resume is not part of the saved run's metrics.
+        t.compile_ms_pending = state.compile_ms_pending;
+        tracing::info!(
+            checkpoint = %folder.display(),
+            epoch = t.epoch,
+            step = t.step,
+            "resumed"
+        );
+        Ok(t)
+    }
+
+    /// Loads a user's weights (and masks) from a safetensors file (`--init-from`): per masked
+    /// layer `NAME.weight` (f32, `[out, in]` or `[out, in, kh, kw]`, or flattened to
+    /// `[rows, cols]`), optionally `NAME.mask` (u8, bool or f32 0/1; without it the layer keeps
+    /// its initial mask and the weights are multiplied by it) and `NAME.bias`. Momentum starts
+    /// at zero. Recompiles what changed.
+    pub fn load_weights(&mut self, file: &Path) -> Result<()> {
+        let bytes = fs::read(file).map_err(|e| RuntimeError::io(file, e))?;
+        load_into_model(&mut self.model, file, &bytes, LoadMode::Weights)?;
+        self.compile_all()
+    }
+}

@@ -1,0 +1,798 @@
+//! [`Trainer`]: sparse-momentum training of a model on a data set, epoch by epoch.
+//!
+//! Every step: gather a shuffled batch, forward, log-softmax + NLL, backward (sparse kernels:
+//! `spmm` forward, `spmm_t` backward data, `sddmm` for the weights of active entries, and the
+//! dense weight gradient only where the momentum of inactive entries is needed — see
+//! [`DenseMomentum`]), SGD with Nesterov momentum and weight decay, masked entries staying zero.
+//! At the end of every epoch but the last (or every `K` steps): the mask update of
+//! [`crate::masking`], then only the layers whose pattern changed are recompiled.
+//!
+//! Decisions the spec leaves open:
+//! - The learning rate of 0-based step `s` is `StepLr::lr_at(s + 1)`: the reference calls
+//!   `lr_scheduler.step()` before each batch, so its 25,000th step already uses the decayed rate.
+//! - Validation runs before the mask update (as the reference's `main.py`); the test set once,
+//!   after the last epoch.
+//! - The dense arrays (weights and momentum) are synchronised at the end of every epoch, whether
+//!   or not a checkpoint is written, so an interrupted and resumed run computes the same thing.
+//! - Random streams: weights from ChaCha8 seeded by `seed` (stream 0), the epoch shuffles from
+//!   the same key on stream 1, the masking (initial masks, random growth) from its own key
+//!   derived from `seed`.
+
+use std::fmt;
+use std::num::NonZeroU64;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sparse_ir::Strategy;
+
+use crate::data::{Dataset, Split};
+use crate::error::{Result, RuntimeError};
+use crate::exec::{BackendKind, ExecOptions, Executor};
+use crate::masking::{
+    DecaySchedule, GrowthMode, InitMode, LayerSpec, Masking, MaskingConfig, PruneMode,
+    PruneRateSchedule, RedistributionMode, StepLr, UpdateFrequency,
+};
+use crate::metrics::{median_ms, EpochMetrics, LayerMetrics, METRICS_VERSION};
+use crate::model::{Model, Sgd};
+use crate::models::ModelKind;
+use crate::weights::{LayerPlan, SgdConfig, WeightGradMode};
+
+/// Where the momentum of inactive entries comes from (`--dense-momentum`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenseMomentum {
+    /// The dense weight gradient every step, as the reference.
+    Exact,
+    /// The dense weight gradient only in the last `K` steps before each mask update; in other
+    /// steps inactive momentum decays by `μ` per step (applied lazily).
+    Window(NonZeroU64),
+}
+
+impl Default for DenseMomentum {
+    fn default() -> Self {
+        DenseMomentum::Window(NonZeroU64::new(64).expect("64 > 0"))
+    }
+}
+
+impl fmt::Display for DenseMomentum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DenseMomentum::Exact => f.write_str("exact"),
+            DenseMomentum::Window(k) => write!(f, "window:{k}"),
+        }
+    }
+}
+
+impl FromStr for DenseMomentum {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        if s == "exact" {
+            return Ok(DenseMomentum::Exact);
+        }
+        s.strip_prefix("window:")
+            .and_then(|k| k.parse::<NonZeroU64>().ok())
+            .map(DenseMomentum::Window)
+            .ok_or_else(|| {
+                format!("invalid dense momentum {s:?} (expected exact or window:K with K ≥ 1)")
+            })
+    }
+}
+
+/// Serde through `Display`/`FromStr`.
+mod as_text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+/// Everything that defines a training run (saved in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The model.
+    #[serde(with = "as_text")]
+    pub model: ModelKind,
+    /// Global density `d` in (0, 1]; 1 trains dense.
+    pub density: f64,
+    /// Epochs.
+    pub epochs: u32,
+    /// Batch size (training and evaluation).
+    pub batch_size: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// Learning-rate decay factor.
+    pub lr_gamma: f64,
+    /// Steps between learning-rate decays.
+    pub lr_step: u64,
+    /// SGD momentum μ.
+    pub momentum: f32,
+    /// Weight decay λ (weights and biases).
+    pub weight_decay: f32,
+    /// Seed of every random stream.
+    pub seed: u64,
+    /// Threads the kernels use.
+    pub threads: usize,
+    /// The backend.
+    #[serde(with = "as_text")]
+    pub backend: BackendKind,
+    /// The strategy asked for every op (`auto` lets the planner choose).
+    #[serde(with = "as_text")]
+    pub strategy: Strategy,
+    /// Dense momentum: exact or windowed.
+    #[serde(with = "as_text")]
+    pub dense_momentum: DenseMomentum,
+    /// `--prune`.
+    pub prune: PruneMode,
+    /// `--growth`.
+    pub growth: GrowthMode,
+    /// `--redistribution`.
+    pub redistribution: RedistributionMode,
+    /// Initial prune rate.
+    pub prune_rate: f64,
+    /// Prune-rate schedule.
+    pub decay_schedule: DecaySchedule,
+    /// When masks change.
+    pub update_frequency: UpdateFrequency,
+    /// Initial masks.
+    pub init: InitMode,
+    /// Fixed plans within an epoch and bitwise-reproducible resumes.
+    pub deterministic: bool,
+    /// Use only the first N training images (tests, quick runs).
+    pub train_limit: Option<usize>,
+    /// Use only the first N validation and test images.
+    pub eval_limit: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    /// The reference's MNIST settings: LeNet-300-100 at 5 %, 10 epochs, batch 100, lr 0.1.
+    fn default() -> Self {
+        TrainConfig {
+            model: ModelKind::Lenet300100,
+            density: 0.05,
+            epochs: 10,
+            batch_size: 100,
+            lr: 0.1,
+            lr_gamma: 0.1,
+            lr_step: 25_000,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            seed: 17,
+            threads: 2,
+            backend: BackendKind::Cpu,
+            strategy: Strategy::Auto,
+            dense_momentum: DenseMomentum::default(),
+            prune: PruneMode::default(),
+            growth: GrowthMode::default(),
+            redistribution: RedistributionMode::default(),
+            prune_rate: 0.5,
+            decay_schedule: DecaySchedule::default(),
+            update_frequency: UpdateFrequency::default(),
+            init: InitMode::default(),
+            deterministic: false,
+            train_limit: None,
+            eval_limit: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(RuntimeError::Config(m));
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return bad(format!("--density {} is not in (0, 1]", self.density));
+        }
+        if self.epochs == 0 {
+            return bad("--epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("--batch-size must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("--lr {} must be positive", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.prune_rate) {
+            return bad(format!("--prune-rate {} is not in [0, 1]", self.prune_rate));
+        }
+        if self.threads == 0 {
+            return bad("--threads must be at least 1".into());
+        }
+        if self.lr_step == 0 {
+            return bad("the learning-rate step must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn masking_config(&self) -> MaskingConfig {
+        MaskingConfig {
+            density: self.density,
+            prune: self.prune,
+            growth: self.growth,
+            redistribution: self.redistribution,
+            init: self.init,
+            seed: self.seed ^ 0x6d61_736b_696e_6721, // "masking!": a key of its own
+        }
+    }
+}
+
+/// The state of a ChaCha8 stream, for checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngSnapshot {
+    /// The key, 64 hex digits.
+    pub seed: String,
+    /// The stream number.
+    pub stream: u64,
+    /// The position in 32-bit words, in decimal.
+    pub word_pos: String,
+}
+
+impl RngSnapshot {
+    /// The state of `rng`.
+    pub fn of(rng: &ChaCha8Rng) -> Self {
+        RngSnapshot {
+            seed: rng.get_seed().iter().map(|b| format!("{b:02x}")).collect(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
+    }
+
+    /// The generator in this state.
+    pub fn restore(&self) -> std::result::Result<ChaCha8Rng, String> {
+        if self.seed.len() != 64 || !self.seed.is_ascii() {
+            return Err("rng seed is malformed".into());
+        }
+        let mut seed = [0u8; 32];
+        for (i, b) in seed.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16)
+                .map_err(|_| "rng seed is malformed".to_string())?;
+        }
+        let pos: u128 = self
+            .word_pos
+            .parse()
+            .map_err(|_| "rng word_pos is malformed".to_string())?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(self.stream);
+        rng.set_word_pos(pos);
+        Ok(rng)
+    }
+}
+
+/// Where an interrupted epoch stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Steps of the epoch already taken.
+    pub step_in_epoch: u64,
+    /// Sum of their losses.
+    pub loss_sum: f64,
+    /// How many of them computed the dense gradient.
+    pub dense_steps: u64,
+    /// Wall time spent on them.
+    pub seconds: f64,
+    /// The shuffle generator before this epoch's shuffle (to redo the same order).
+    pub shuffle_rng: RngSnapshot,
+}
+
+/// Progress of one training step, for progress bars.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    /// The epoch, from 1.
+    pub epoch: u32,
+    /// Steps of this epoch done, this one included.
+    pub step_in_epoch: u64,
+    /// Steps in the epoch.
+    pub steps_in_epoch: u64,
+    /// This step's loss.
+    pub loss: f64,
+}
+
+/// How [`Trainer::run_epoch`] ended.
+#[derive(Debug, Clone)]
+pub enum EpochEnd {
+    /// The epoch finished; its metrics.
+    Completed(Box<EpochMetrics>),
+    /// The stop flag was raised inside the epoch; [`Trainer::partial_epoch`] says where.
+    Interrupted,
+}
+
+/// Accuracy and loss on one split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean loss.
+    pub loss: f64,
+    /// Fraction correct.
+    pub accuracy: f64,
+    /// Samples evaluated.
+    pub samples: usize,
+}
+
+/// A training run: model, data, optimiser, masking, schedules and counters.
+pub struct Trainer {
+    pub(crate) config: TrainConfig,
+    pub(crate) data: Dataset,
+    pub(crate) model: Model,
+    pub(crate) exec: Executor,
+    pub(crate) masking: Masking,
+    pub(crate) prune_schedule: PruneRateSchedule,
+    pub(crate) lr_schedule: StepLr,
+    pub(crate) sgd: Sgd,
+    pub(crate) epoch: u32,
+    pub(crate) step: u64,
+    pub(crate) shuffle_rng: ChaCha8Rng,
+    pub(crate) partial: Option<PartialEpoch>,
+    pub(crate) history: Vec<EpochMetrics>,
+    order: Vec<u32>,
+    eval_indices: Vec<u32>,
+    step_ms: Vec<f64>,
+    pub(crate) compile_ms_pending: f64,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model", &self.model)
+            .field("epoch", &self.epoch)
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Sets up a fresh run: the model with Kaiming-uniform weights, the initial masks, the
+    /// schedules, and every kernel compiled.
+    pub fn new(config: TrainConfig, data: Dataset) -> Result<Self> {
+        let mut t = Self::build(config, data)?;
+        if t.config.density < 1.0 {
+            let masks = t.masking.init_masks();
+            let sgd = t.sgd.config;
+            for (w, mask) in t.model.sparse_layers_mut().zip(masks) {
+                w.sync_dense(&sgd);
+                let weight = w.dense_weight().to_vec();
+                w.set_dense(&weight, &mask, None, None)?;
+            }
+        }
+        t.compile_all()?;
+        Ok(t)
+    }
+
+    /// Everything but the masks and the compilation.
+    pub(crate) fn build(config: TrainConfig, mut data: Dataset) -> Result<Self> {
+        config.validate()?;
+        data.limit(config.train_limit, config.eval_limit);
+        if data.is_empty(Split::Train) {
+            return Err(RuntimeError::Config("the training set is empty".into()));
+        }
+        let exec = Executor::new(ExecOptions {
+            backend: config.backend,
+            threads: config.threads,
+        })?;
+        let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let model = config
+            .model
+            .builder(data.shape(), data.classes())
+            .build(config.batch_size, &mut init_rng)?;
+        let specs = model
+            .sparse_layers()
+            .map(|w| LayerSpec::new(w.name(), w.shape()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let masking = Masking::new(config.masking_config(), specs)?;
+        let mut shuffle_rng = ChaCha8Rng::seed_from_u64(config.seed);
+        shuffle_rng.set_stream(1);
+        let total = u64::from(config.epochs) * steps_per_epoch(&data, config.batch_size);
+        let prune_schedule =
+            PruneRateSchedule::new(config.decay_schedule, config.prune_rate, total)?;
+        let lr_schedule = StepLr {
+            base: config.lr,
+            gamma: config.lr_gamma,
+            step_size: config.lr_step,
+        };
+        let sgd = Sgd::new(SgdConfig {
+            momentum: config.momentum,
+            weight_decay: config.weight_decay,
+            nesterov: true,
+        });
+        let batch = config.batch_size;
+        let mut t = Trainer {
+            config,
+            data,
+            model,
+            exec,
+            masking,
+            prune_schedule,
+            lr_schedule,
+            sgd,
+            epoch: 0,
+            step: 0,
+            shuffle_rng,
+            partial: None,
+            history: Vec::new(),
+            order: Vec::new(),
+            eval_indices: Vec::with_capacity(batch),
+            step_ms: Vec::new(),
+            compile_ms_pending: 0.0,
+        };
+        let plan = LayerPlan::uniform(t.config.strategy);
+        for w in t.model.sparse_layers_mut() {
+            w.set_plan(plan);
+        }
+        Ok(t)
+    }
+
+    pub(crate) fn compile_all(&mut self) -> Result<()> {
+        let report = self.model.compile(&self.exec)?;
+        let ms = report.total.as_secs_f64() * 1e3;
+        tracing::info!(ms, layers = report.layers.len(), "kernels compiled");
+        self.compile_ms_pending += ms;
+        Ok(())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The model, mutable (e.g. to load weights).
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
+    /// The data set (after the limits of the configuration).
+    pub fn data(&self) -> &Dataset {
+        &self.data
+    }
+
+    /// The masking.
+    pub fn masking(&self) -> &Masking {
+        &self.masking
+    }
+
+    /// Completed epochs.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Optimiser steps taken.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Where an interrupted epoch stopped, if it did.
+    pub fn partial_epoch(&self) -> Option<&PartialEpoch> {
+        self.partial.as_ref()
+    }
+
+    /// The metrics of every completed epoch.
+    pub fn history(&self) -> &[EpochMetrics] {
+        &self.history
+    }
+
+    /// Whether every epoch has run.
+    pub fn finished(&self) -> bool {
+        self.epoch >= self.config.epochs
+    }
+
+    /// Steps in one epoch (`⌈training samples / batch⌉`).
+    pub fn steps_per_epoch(&self) -> u64 {
+        steps_per_epoch(&self.data, self.config.batch_size)
+    }
+
+    /// Steps in the whole run.
+    pub fn total_steps(&self) -> u64 {
+        u64::from(self.config.epochs) * self.steps_per_epoch()
+    }
+
+    /// The weight-gradient mode of the next step.
+    fn grad_mode(&self) -> WeightGradMode {
+        if self.masking.is_static() {
+            return WeightGradMode::Active;
+        }
+        match self.config.dense_momentum {
+            DenseMomentum::Exact => WeightGradMode::Dense,
+            DenseMomentum::Window(k) => {
+                match self.config.update_frequency.next_update_after(
+                    self.step,
+                    self.steps_per_epoch(),
+                    self.total_steps(),
+                ) {
+                    Some(u) if u - (self.step + 1) < k.get() => WeightGradMode::Dense,
+                    _ => WeightGradMode::Active,
+                }
+            }
+        }
+    }
+
+    fn updates_after(&self, steps_done: u64) -> bool {
+        !self.masking.is_static()
+            && self.config.update_frequency.updates_after(
+                steps_done,
+                self.steps_per_epoch(),
+                self.total_steps(),
+            )
+    }
+
+    /// One training step on the samples `order[lo..hi]`; returns the loss and whether the
+    /// dense gradient was computed.
+    fn train_step(&mut self, lo: usize, hi: usize) -> Result<(f64, bool)> {
+        let (input, labels) = self.model.batch_buffers_mut();
+        let n = self
+            .data
+            .gather(Split::Train, &self.order[lo..hi], input, labels)?;
+        let mode = self.grad_mode();
+        let loss = self.model.forward_backward(n, mode)?;
+        if !loss.is_finite() {
+            return Err(RuntimeError::Config(format!(
+                "training diverged: the loss is {loss} at step {} (epoch {})",
+                self.step + 1,
+                self.epoch + 1
+            )));
+        }
+        let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
+        self.sgd.step(&mut self.model, lr);
+        self.prune_schedule.step();
+        self.step += 1;
+        Ok((loss, mode == WeightGradMode::Dense))
+    }
+
+    /// Runs (the rest of) the next epoch. `stop` is checked after every step: when it is
+    /// raised before the epoch's last step, the epoch stops there ([`EpochEnd::Interrupted`]).
+    pub fn run_epoch(
+        &mut self,
+        stop: &AtomicBool,
+        on_step: &mut dyn FnMut(&StepInfo),
+    ) -> Result<EpochEnd> {
+        if self.finished() {
+            return Err(RuntimeError::Config(format!(
+                "all {} epochs have run",
+                self.config.epochs
+            )));
+        }
+        let epoch = self.epoch + 1;
+        let spe = self.steps_per_epoch();
+        let batch = self.config.batch_size;
+        let n_train = self.data.len(Split::Train);
+        let (first, mut loss_sum, mut dense_steps, seconds_before) = match self.partial.take() {
+            Some(p) => {
+                self.shuffle_rng = p.shuffle_rng.restore().map_err(RuntimeError::Config)?;
+                (p.step_in_epoch, p.loss_sum, p.dense_steps, p.seconds)
+            }
+            None => (0, 0.0, 0, 0.0),
+        };
+        let rng_before = RngSnapshot::of(&self.shuffle_rng);
+        self.order.clear();
+        self.order.extend(0..n_train as u32);
+        self.order.shuffle(&mut self.shuffle_rng);
+        self.step_ms.clear();
+        self.step_ms.reserve(spe as usize);
+        let mut compile_ms = std::mem::take(&mut self.compile_ms_pending);
+        let mut update_ms = 0.0;
+        let started = Instant::now();
+        for i in first..spe {
+            let t0 = Instant::now();
+            let lo = i as usize * batch;
+            let hi = (lo + batch).min(n_train);
+            let (loss, dense) = self.train_step(lo, hi)?;
+            self.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            loss_sum += loss;
+            dense_steps += u64::from(dense);
+            on_step(&StepInfo {
+                epoch,
+                step_in_epoch: i + 1,
+                steps_in_epoch: spe,
+                loss,
+            });
+            let last = i + 1 == spe;
+            if !last && self.updates_after(self.step) {
+                let (u, c) = self.mask_update(true)?;
+                update_ms += u;
+                compile_ms += c;
+            }
+            if !last && stop.load(Ordering::SeqCst) {
+                self.model.sync_dense(&self.sgd.config);
+                self.partial = Some(PartialEpoch {
+                    step_in_epoch: i + 1,
+                    loss_sum,
+                    dense_steps,
+                    seconds: seconds_before + started.elapsed().as_secs_f64(),
+                    shuffle_rng: rng_before,
+                });
+                self.compile_ms_pending = compile_ms;
+                return Ok(EpochEnd::Interrupted);
+            }
+        }
+        let val = if self.data.is_empty(Split::Validation) {
+            None
+        } else {
+            Some(self.evaluate(Split::Validation)?)
+        };
+        self.model.sync_dense(&self.sgd.config);
+        let rate = self.prune_schedule.rate();
+        let mask_updated = self.updates_after(self.step);
+        if mask_updated {
+            let (u, c) = self.mask_update(false)?;
+            update_ms += u;
+            compile_ms += c;
+        }
+        let epoch_seconds = seconds_before + started.elapsed().as_secs_f64();
+        self.epoch = epoch;
+        let test = if self.finished() && !self.data.is_empty(Split::Test) {
+            Some(self.evaluate(Split::Test)?)
+        } else {
+            None
+        };
+        let layers: Vec<LayerMetrics> = self
+            .model
+            .sparse_layers()
+            .map(|w| LayerMetrics {
+                name: w.name().to_string(),
+                nnz: w.nnz(),
+                density: w.density(),
+                strategies: w.strategies(),
+            })
+            .collect();
+        let metrics = EpochMetrics {
+            version: METRICS_VERSION,
+            epoch,
+            train_loss: loss_sum / spe as f64,
+            val_acc: val.map(|v| v.accuracy),
+            test_acc: test.map(|t| t.accuracy),
+            lr: self.lr_schedule.lr_at(self.step),
+            prune_rate: rate,
+            epoch_seconds,
+            step_ms_median: median_ms(&mut self.step_ms),
+            compile_ms,
+            nnz_total: self.model.nnz(),
+            layers,
+            steps: self.step,
+            val_loss: val.map(|v| v.loss),
+            dense_steps,
+            update_ms,
+            mask_updated,
+        };
+        self.history.push(metrics.clone());
+        Ok(EpochEnd::Completed(Box::new(metrics)))
+    }
+
+    /// One mask update and the recompilation of the layers whose pattern changed; returns the
+    /// update's and the compilation's milliseconds.
+    fn mask_update(&mut self, mid_epoch: bool) -> Result<(f64, f64)> {
+        let started = Instant::now();
+        self.model.sync_dense(&self.sgd.config);
+        let rate = self.prune_schedule.rate();
+        let report = {
+            let mut views: Vec<_> = self
+                .model
+                .sparse_layers_mut()
+                .map(|w| w.masking_view())
+                .collect();
+            self.masking.update(&mut views, rate)?
+        };
+        let mut changed = Vec::new();
+        for w in self.model.sparse_layers_mut() {
+            if w.rebuild_from_dense()? {
+                changed.push(w.name().to_string());
+            }
+        }
+        let update_ms = started.elapsed().as_secs_f64() * 1e3;
+        // With --deterministic the plan holds for the whole epoch: a layer recompiled inside
+        // it keeps its strategies.
+        let keep_plan = self.config.deterministic && mid_epoch;
+        let requested = LayerPlan::uniform(self.config.strategy);
+        if keep_plan {
+            for w in self.model.sparse_layers_mut() {
+                if let Some(p) = w.compiled_plan() {
+                    w.set_plan(p);
+                }
+            }
+        }
+        let compile = self.model.compile(&self.exec)?;
+        if keep_plan {
+            for w in self.model.sparse_layers_mut() {
+                w.set_plan(requested);
+            }
+        }
+        for l in &report.layers {
+            let ms = compile
+                .layers
+                .iter()
+                .find(|(n, _)| *n == l.name)
+                .map_or(0.0, |(_, d)| d.as_secs_f64() * 1e3);
+            tracing::info!(
+                layer = %l.name,
+                nnz_before = l.nonzeros_before,
+                nnz_after = l.nonzeros_after,
+                pruned = l.num_pruned,
+                regrown = l.num_regrown,
+                changed = l.changed,
+                recompile_ms = ms,
+                "mask update"
+            );
+        }
+        let compile_ms = compile.total.as_secs_f64() * 1e3;
+        tracing::info!(
+            step = self.step,
+            prune_rate = rate,
+            nnz = report.total_nonzero_after,
+            changed = ?changed,
+            update_ms,
+            compile_ms,
+            "mask updated; recompiled the changed layers"
+        );
+        Ok((update_ms, compile_ms))
+    }
+
+    /// Accuracy and mean loss on a split (batches of the training batch size).
+    pub fn evaluate(&mut self, split: Split) -> Result<Evaluation> {
+        let n = self.data.len(split);
+        let batch = self.config.batch_size;
+        let (mut loss, mut correct) = (0.0, 0usize);
+        let mut start = 0;
+        while start < n {
+            let end = (start + batch).min(n);
+            self.eval_indices.clear();
+            self.eval_indices.extend(start as u32..end as u32);
+            let (input, labels) = self.model.batch_buffers_mut();
+            let count = self.data.gather(split, &self.eval_indices, input, labels)?;
+            let (l, c) = self.model.evaluate_batch(count)?;
+            loss += l;
+            correct += c;
+            start = end;
+        }
+        Ok(Evaluation {
+            loss: if n == 0 { 0.0 } else { loss / n as f64 },
+            accuracy: if n == 0 {
+                0.0
+            } else {
+                correct as f64 / n as f64
+            },
+            samples: n,
+        })
+    }
+
+    /// Runs every remaining epoch, calling `on_epoch` after each.
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        on_step: &mut dyn FnMut(&StepInfo),
+        on_epoch: &mut dyn FnMut(&mut Trainer, &EpochMetrics) -> Result<()>,
+    ) -> Result<bool> {
+        while !self.finished() {
+            match self.run_epoch(stop, on_step)? {
+                EpochEnd::Completed(m) => on_epoch(self, &m)?,
+                EpochEnd::Interrupted => return Ok(false),
+            }
+            if stop.load(Ordering::SeqCst) && !self.finished() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Total compilation time so far (from the history), for summaries.
+    pub fn total_compile(&self) -> Duration {
+        Duration::from_secs_f64(self.history.iter().map(|m| m.compile_ms).sum::<f64>() / 1e3)
+    }
+}
+
+fn steps_per_epoch(data: &Dataset, batch: usize) -> u64 {
+    data.len(Split::Train).div_ceil(batch) as u64
+}

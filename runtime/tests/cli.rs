@@ -1,0 +1,451 @@
+//! The `sparse-train` binary end to end, on small subsets of the vendored MNIST: a smoke
+//! training run, bit-identical resume with `--deterministic`, a checkpoint killed mid-write,
+//! Ctrl-C, `--eval-only`, `--init-from`, `--plot`, and clear errors for bad data files.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use runtime::EpochMetrics;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn sparse_train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args(args)
+        .current_dir(repo())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("sparse-train runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = sparse_train(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "sparse-train {args:?} failed:\n{text}"
+    );
+    text
+}
+
+fn metrics(path: &Path) -> Vec<EpochMetrics> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .collect()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A quick configuration: 600 training images (6 steps of 100), 300 validation and test.
+const SMALL: &[&str] = &[
+    "--train-limit",
+    "600",
+    "--eval-limit",
+    "300",
+    "--density",
+    "0.3",
+    "--lr",
+    "0.1",
+];
+
+#[test]
+fn smoke_one_epoch_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.jsonl");
+    let plot = dir.path().join("p.svg");
+    let out = ok(&[
+        "--train-limit",
+        "3000",
+        "--eval-limit",
+        "1000",
+        "--density",
+        "0.3",
+        "--epochs",
+        "1",
+        "--metrics-out",
+        s(&m),
+        "--plot",
+        s(&plot),
+    ]);
+    assert!(out.contains("test accuracy"), "{out}");
+    let lines = metrics(&m);
+    assert_eq!(lines.len(), 1);
+    let l = &lines[0];
+    assert_eq!(l.version, 1);
+    assert_eq!(l.epoch, 1);
+    assert_eq!(l.steps, 30);
+    let (val, test) = (l.val_acc.unwrap(), l.test_acc.unwrap());
+    assert!(
+        val > 0.5 && test > 0.5,
+        "val {val}, test {test}: not well above chance"
+    );
+    assert_eq!(l.layers.len(), 3);
+    assert_eq!(
+        l.nnz_total,
+        l.layers.iter().map(|x| x.nnz).sum::<usize>(),
+        "nnz_total"
+    );
+    assert!(!l.mask_updated, "no mask update after the last epoch");
+    for layer in &l.layers {
+        assert!(layer.strategies.contains_key("spmm"), "{layer:?}");
+        assert!(layer.strategies.contains_key("sddmm"), "{layer:?}");
+    }
+    assert!(
+        !l.layers[0].strategies.contains_key("spmm_t"),
+        "fc1 needs no input gradient"
+    );
+    let svg = fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("fc1") && svg.contains("fc3"));
+}
+
+/// The metrics of a run interrupted after epoch 1 and resumed equal, bit for bit (timings
+/// aside), those of the uninterrupted run; so do the final weights, masks and momenta.
+#[test]
+fn deterministic_resume_matches_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ma, mb) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    let (ca, cb) = (dir.path().join("ck-a"), dir.path().join("ck-b"));
+    let common = |m: &Path, c: &Path| -> Vec<String> {
+        let mut v: Vec<String> = SMALL.iter().map(|x| x.to_string()).collect();
+        v.extend(
+            [
+                "--epochs",
+                "3",
+                "--deterministic",
+                "--metrics-out",
+                s(m),
+                "--checkpoint-dir",
+                s(c),
+            ]
+            .iter()
+            .map(|x| x.to_string()),
+        );
+        v
+    };
+    let a = common(&ma, &ca);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut b = common(&mb, &cb);
+    b.extend(["--stop-after-epoch".to_string(), "1".to_string()]);
+    let out = ok(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("stopped after epoch 1"), "{out}");
+    assert_eq!(metrics(&mb).len(), 1);
+    assert_eq!(
+        fs::read_to_string(cb.join("latest")).unwrap().trim(),
+        "epoch-001"
+    );
+    let out = ok(&[
+        "--resume",
+        s(&cb),
+        "--metrics-out",
+        s(&mb),
+        "--checkpoint-dir",
+        s(&cb),
+    ]);
+    assert!(out.contains("resumed"), "{out}");
+
+    let (la, lb) = (metrics(&ma), metrics(&mb));
+    assert_eq!(la.len(), 3);
+    assert_eq!(lb.len(), 3, "metrics are appended on resume");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x.without_timings(), y.without_timings());
+    }
+    assert!(la[0].mask_updated && la[1].mask_updated && !la[2].mask_updated);
+    assert!(la[2].test_acc.is_some() && la[0].test_acc.is_none());
+    let wa = fs::read(ca.join("epoch-003/model.safetensors")).unwrap();
+    let wb = fs::read(cb.join("epoch-003/model.safetensors")).unwrap();
+    assert!(wa == wb, "final checkpoints differ");
+}
+
+/// Killed half-way through writing a checkpoint: the previous one and the pointer to it stay
+/// intact, and the run resumes from it to the same result.
+#[test]
+fn checkpoint_killed_mid_write_leaves_previous_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let m = dir.path().join("m.jsonl");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend([
+        "--epochs",
+        "3",
+        "--deterministic",
+        "--checkpoint-dir",
+        s(&ck),
+    ]);
+    args.extend(["--metrics-out", s(&m)]);
+    let mut crash = args.clone();
+    crash.extend(["--crash-in-checkpoint", "2"]);
+    let out = sparse_train(&crash);
+    assert!(!out.status.success(), "the process was to abort");
+    assert_eq!(
+        fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "epoch-001"
+    );
+    assert!(!ck.join("epoch-002").exists());
+    let leftovers: Vec<_> = fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert_eq!(leftovers.len(), 1, "the half-written folder stays aside");
+    let state = runtime::checkpoint::read_state(&ck.join("epoch-001")).unwrap();
+    assert_eq!((state.epoch, state.version), (1, 1));
+
+    // Resume from the directory (its latest) and finish.
+    let m2 = dir.path().join("m2.jsonl");
+    ok(&[
+        "--resume",
+        s(&ck),
+        "--checkpoint-dir",
+        s(&ck),
+        "--metrics-out",
+        s(&m2),
+    ]);
+    assert_eq!(
+        fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "epoch-003"
+    );
+    let leftovers = fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .count();
+    assert_eq!(leftovers, 0, "the next write cleans up");
+    // The same result as an uninterrupted run.
+    let m3 = dir.path().join("m3.jsonl");
+    let mut full: Vec<&str> = SMALL.to_vec();
+    full.extend(["--epochs", "3", "--deterministic", "--metrics-out", s(&m3)]);
+    ok(&full);
+    let (resumed, whole) = (metrics(&m2), metrics(&m3));
+    assert_eq!(resumed.len(), 2);
+    assert_eq!(resumed[1].without_timings(), whole[2].without_timings());
+}
+
+#[test]
+fn keeps_the_newest_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend(["--epochs", "4", "--checkpoint-dir", s(&ck), "--keep", "2"]);
+    ok(&args);
+    let mut names: Vec<String> = fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["epoch-003", "epoch-004", "latest"]);
+}
+
+#[test]
+fn eval_only_and_init_from_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend(["--epochs", "1", "--checkpoint-dir", s(&ck)]);
+    ok(&args);
+    let m1 = dir.path().join("e1.jsonl");
+    ok(&["--resume", s(&ck), "--eval-only", "--metrics-out", s(&m1)]);
+    let m2 = dir.path().join("e2.jsonl");
+    let model = ck.join("epoch-001/model.safetensors");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend([
+        "--init-from",
+        s(&model),
+        "--eval-only",
+        "--metrics-out",
+        s(&m2),
+    ]);
+    ok(&args);
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(fs::read_to_string(p).unwrap().trim()).unwrap()
+    };
+    let (a, b) = (read(&m1), read(&m2));
+    assert!(a["test_acc"].as_f64().unwrap() > 0.0, "{a}");
+    assert_eq!(a["test_acc"], b["test_acc"]);
+    assert_eq!(a["val_acc"], b["val_acc"]);
+    assert_eq!(a["nnz_total"], b["nnz_total"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resumes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args([
+            "--train-limit",
+            "20000",
+            "--eval-limit",
+            "100",
+            "--density",
+            "0.3",
+        ])
+        .args(["--epochs", "1000", "--checkpoint-dir", s(&ck)])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until training starts (the header line is printed once the kernels are compiled).
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let header = lines.next().unwrap().unwrap();
+    assert!(header.starts_with("lenet300-100 on"), "{header}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap().code();
+    let out: Vec<String> = lines.map_while(|l| l.ok()).collect();
+    assert_eq!(code, Some(130), "{out:?}");
+    assert!(out.iter().any(|l| l.contains("interrupted")), "{out:?}");
+    let latest = fs::read_to_string(ck.join("latest")).unwrap();
+    let state = runtime::checkpoint::read_state(&ck.join(latest.trim())).unwrap();
+    assert!(state.step > 0);
+    if let Some(p) = &state.partial_epoch {
+        assert!(latest.contains("-step-"), "{latest}");
+        assert_eq!(state.step % 200, p.step_in_epoch);
+    }
+    // It resumes (here: evaluates), and training continues from the interrupted step.
+    let out = ok(&["--resume", s(&ck), "--eval-only"]);
+    assert!(out.contains("validation"), "{out}");
+    let m = dir.path().join("m.jsonl");
+    let epochs = (state.epoch + 1).to_string();
+    ok(&[
+        "--resume",
+        s(&ck),
+        "--epochs",
+        &epochs,
+        "--metrics-out",
+        s(&m),
+    ]);
+    let lines = metrics(&m);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].epoch, state.epoch + 1);
+    assert_eq!(lines[0].steps, u64::from(state.epoch + 1) * 200);
+}
+
+#[test]
+fn bad_data_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnist = repo().join("data/mnist");
+    let setup = |name: &str| -> PathBuf {
+        let d = dir.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        for f in [
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        ] {
+            fs::copy(mnist.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let run_err = |d: &Path| -> String {
+        let out = sparse_train(&["--data-dir", s(d), "--epochs", "1"]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+
+    // A truncated gzip stream.
+    let d = setup("truncated-gz");
+    let f = d.join("t10k-labels-idx1-ubyte.gz");
+    let bytes = fs::read(&f).unwrap();
+    fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let e = run_err(&d);
+    assert!(
+        e.contains("t10k-labels-idx1-ubyte.gz") && e.contains("gzip"),
+        "{e}"
+    );
+
+    // A raw file cut short.
+    let d = setup("truncated-raw");
+    fs::remove_file(d.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let mut raw = vec![0, 0, 8, 1, 0, 0, 0x27, 0x10];
+    raw.extend(vec![1u8; 5000]);
+    fs::write(d.join("t10k-labels-idx1-ubyte"), raw).unwrap();
+    let e = run_err(&d);
+    assert!(
+        e.contains("t10k-labels-idx1-ubyte") && e.contains("truncated"),
+        "{e}"
+    );
+
+    // Not an IDX file at all.
+    let d = setup("garbage");
+    fs::remove_file(d.join("train-labels-idx1-ubyte.gz")).unwrap();
+    fs::write(d.join("train-labels-idx1-ubyte"), b"hello world").unwrap();
+    let e = run_err(&d);
+    assert!(
+        e.contains("train-labels-idx1-ubyte") && e.contains("not an IDX file"),
+        "{e}"
+    );
+
+    // Labels that do not match the images.
+    let d = setup("mismatch");
+    fs::remove_file(d.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let mut raw = vec![0, 0, 8, 1, 0, 0, 0, 5];
+    raw.extend([1u8; 5]);
+    fs::write(d.join("t10k-labels-idx1-ubyte"), raw).unwrap();
+    let e = run_err(&d);
+    assert!(e.contains("5 labels for 10000 images"), "{e}");
+
+    // A missing file and a missing directory.
+    let d = setup("missing");
+    fs::remove_file(d.join("train-images-idx3-ubyte.gz")).unwrap();
+    let e = run_err(&d);
+    assert!(
+        e.contains("train-images-idx3-ubyte") && e.contains("not found"),
+        "{e}"
+    );
+    let e = run_err(&dir.path().join("nowhere"));
+    assert!(e.contains("nowhere") && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn bad_options_are_clear_errors() {
+    let out = sparse_train(&[
+        "--backend",
+        "opencl",
+        "--train-limit",
+        "100",
+        "--eval-limit",
+        "10",
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("opencl") && e.contains("not built yet"), "{e}");
+    let out = sparse_train(&["--dense-momentum", "window:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("window:K"));
+    let out = sparse_train(&["--growth", "sideways"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("momentum|random"));
+    let out = sparse_train(&[
+        "--density",
+        "0",
+        "--train-limit",
+        "100",
+        "--eval-limit",
+        "10",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--density 0"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = sparse_train(&["--resume", s(dir.path())]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint here"));
+}
