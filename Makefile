@@ -16,6 +16,12 @@ deps:
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
+# LeNet-300-100 at 5 % density on the vendored MNIST, the reference's settings (10 epochs;
+# pass e.g. ARGS="--epochs 100" for the paper's run).
+ARGS ?=
+train:
+	$(CARGO) run --release --locked -p runtime --bin sparse-train -- $(ARGS)
+
 test: deps
 	$(CARGO) test --workspace --locked
 
