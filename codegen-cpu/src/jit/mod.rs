@@ -102,7 +102,7 @@ impl Default for JitOptions {
             threads: 2,
             chunk_nnz: 1000,
             accumulators: 4,
-            block_vectors: 4,
+            block_vectors: 1,
             opt_level: OptLevel::None,
             regalloc: Regalloc::Backtracking,
             verifier: false,
