@@ -1,3 +1,29 @@
-//! CPU backend of sparsejit (in progress: see issue 3).
+//! # codegen-cpu
+//!
+//! The CPU backend of sparsejit ([`CpuBackend`], implementing
+//! [`sparse_ir::backend::Backend`]) with three strategies:
+//!
+//! - `generic`: index-array kernels for every op that take any pattern at run time,
+//!   register-blocked over the batch, in AVX-512, AVX2 + FMA and portable variants chosen at
+//!   run time ([`IsaLevel`]; `SPARSEJIT_ISA` forces a lower level);
+//! - `dense`: GEMM (the `gemm` crate) on the weight matrix without its all-zero rows and
+//!   columns;
+//! - `jit`: Cranelift code with the pattern baked in ([`jit`]).
+//!
+//! `Strategy::Auto` lets the [`planner`] choose from a cost model; every [`CpuKernel`]
+//! exposes the [`Plan`] and its reasons. Kernels run on the backend's thread pool, split over
+//! rows, with a fork-join cost well under a microsecond.
 
+mod backend;
+mod dense;
+mod generic;
+mod isa;
 pub mod jit;
+pub mod planner;
+mod pool;
+mod simd;
+
+pub use backend::{CpuBackend, CpuError, CpuKernel, CpuOptions};
+pub use isa::{IsaLevel, ISA_ENV};
+pub use planner::{Features, Plan, Prediction};
+pub use pool::Pool;
