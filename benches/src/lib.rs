@@ -1,1 +1,338 @@
-//! Benchmarks of sparsejit kernels (kernel-bench and criterion benches).
+//! Benchmark support for sparsejit: the cases of the `kernel-bench` suites, random patterns,
+//! interleaved median timing, and the JSON result format of CONTRACTS.md.
+//!
+//! Timing follows the project's rules for noisy shared machines: every competitor of a case
+//! runs in the same process, interleaved round by round, and each reports the median of its
+//! rounds; results are read as ratios.
+
+use std::borrow::{Borrow, BorrowMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sparse_ir::backend::{Backend, Kernel};
+use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern};
+
+/// One benchmark case: an op on a random pattern of a shape and density, at a batch size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Case {
+    /// The op.
+    pub op: Op,
+    /// Rows of the weight matrix (output features).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Fraction of nonzero weights.
+    pub density: f64,
+}
+
+impl Case {
+    /// The row stride the runtime would use: the batch padded to 16 floats.
+    pub fn ld(&self) -> usize {
+        self.batch.div_ceil(16) * 16
+    }
+
+    /// `op rows×cols b=batch d=density`, for tables.
+    pub fn label(&self) -> String {
+        format!(
+            "{:<6} {}x{} b={} d={}%",
+            self.op.name(),
+            self.rows,
+            self.cols,
+            self.batch,
+            self.density * 100.0
+        )
+    }
+}
+
+/// The three LeNet shapes (batch 1, 8, 100) and the two large ones (batch 1, 8, 128).
+pub const SHAPES: [(usize, usize); 5] = [
+    (300, 784),
+    (100, 300),
+    (10, 100),
+    (1024, 1024),
+    (4096, 4096),
+];
+
+/// The ops `kernel-bench` measures.
+pub const OPS: [Op; 3] = [Op::SPMM, Op::SpmmT, Op::Sddmm];
+
+/// Batches measured for a shape: 1, 8 and 100 for the LeNet shapes, 1, 8 and 128 otherwise.
+pub fn batches(rows: usize, cols: usize) -> [usize; 3] {
+    if rows * cols <= 300 * 784 {
+        [1, 8, 100]
+    } else {
+        [1, 8, 128]
+    }
+}
+
+/// The `quick` suite: every op on the three LeNet shapes at batch 1, 8, 100 and density 5 %
+/// and 20 %, plus `spmm` on 1024×1024, batch 128, 5 %.
+pub fn quick_suite() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for &(rows, cols) in &SHAPES[..3] {
+        for batch in batches(rows, cols) {
+            for density in [0.05, 0.2] {
+                for op in OPS {
+                    cases.push(Case {
+                        op,
+                        rows,
+                        cols,
+                        batch,
+                        density,
+                    });
+                }
+            }
+        }
+    }
+    cases.push(Case {
+        op: Op::SPMM,
+        rows: 1024,
+        cols: 1024,
+        batch: 128,
+        density: 0.05,
+    });
+    cases
+}
+
+/// The `full` suite: every shape, batch, density (1, 2, 5, 10, 20, 50 %) and op.
+pub fn full_suite() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for &(rows, cols) in &SHAPES {
+        for batch in batches(rows, cols) {
+            for density in [0.01, 0.02, 0.05, 0.1, 0.2, 0.5] {
+                for op in OPS {
+                    cases.push(Case {
+                        op,
+                        rows,
+                        cols,
+                        batch,
+                        density,
+                    });
+                }
+            }
+        }
+    }
+    cases
+}
+
+/// A random pattern: each entry present independently with probability `density`
+/// ([`Pattern::random`]).
+pub fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
+    Pattern::random(rows, cols, density, seed).expect("a generated pattern is valid")
+}
+
+/// Uniform random values in [-1, 1).
+pub fn random_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+}
+
+/// One result row of `kernel-bench --json` (CONTRACTS.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchResult {
+    /// `cpu` or `opencl`.
+    pub backend: String,
+    /// The strategy measured.
+    pub strategy: String,
+    /// The op (IR name).
+    pub op: String,
+    /// Rows of the weight matrix.
+    pub rows: usize,
+    /// Columns of the weight matrix.
+    pub cols: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Nominal density of the case (1.0 for the dense GEMM row).
+    pub density: f64,
+    /// Actual nonzeros.
+    pub nnz: usize,
+    /// Median time of one run, microseconds.
+    pub median_us: f64,
+    /// Useful work: `2·nnz·batch / time`.
+    pub gflops: f64,
+    /// `2·rows·cols·batch / time`.
+    pub dense_gflops: f64,
+    /// Compile time in milliseconds (0 where nothing compiles).
+    pub compile_ms: f64,
+    /// Whether the planner (`auto`) picks this strategy for the case.
+    pub selected: bool,
+}
+
+/// The file `kernel-bench --json` writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchReport {
+    /// Format version (1).
+    pub version: u32,
+    /// One result per (case, backend, strategy).
+    pub results: Vec<BenchResult>,
+}
+
+/// Buffers for one case on one backend, filled with random data.
+pub struct Operands<B: Backend> {
+    values: B::Buffer,
+    bias_free_x: B::Buffer,
+    dy: B::Buffer,
+    out: B::Buffer,
+}
+
+impl<B: Backend> Operands<B> {
+    /// Allocates and fills the operands of `case` for `pattern` on `backend`.
+    pub fn new(
+        backend: &B,
+        case: &Case,
+        pattern: &Pattern,
+        seed: u64,
+    ) -> Result<Self, BackendError> {
+        let ld = case.ld();
+        let upload = |data: Vec<f32>| -> Result<B::Buffer, BackendError> {
+            let mut buf = backend.alloc(data.len())?;
+            backend.upload(&data, &mut buf)?;
+            Ok(buf)
+        };
+        let out_len = match case.op {
+            Op::Spmm { .. } => pattern.rows() * ld,
+            Op::SpmmT => pattern.cols() * ld,
+            Op::Sddmm => pattern.nnz(),
+            Op::DenseGrad => pattern.rows() * pattern.cols(),
+        };
+        Ok(Operands {
+            values: upload(random_values(pattern.nnz(), seed))?,
+            bias_free_x: upload(random_values(pattern.cols() * ld, seed + 1))?,
+            dy: upload(random_values(pattern.rows() * ld, seed + 2))?,
+            out: backend.alloc(out_len)?,
+        })
+    }
+
+    /// Runs `kernel` once on these operands.
+    pub fn run(&mut self, kernel: &B::Kernel, launch: Launch) -> Result<(), BackendError> {
+        let args = match kernel.spec().op() {
+            Op::Spmm { .. } => Args::Spmm {
+                values: self.values.borrow(),
+                x: self.bias_free_x.borrow(),
+                bias: None,
+                y: self.out.borrow_mut(),
+            },
+            Op::SpmmT => Args::SpmmT {
+                values: self.values.borrow(),
+                dy: self.dy.borrow(),
+                dx: self.out.borrow_mut(),
+            },
+            Op::Sddmm => Args::Sddmm {
+                dy: self.dy.borrow(),
+                x: self.bias_free_x.borrow(),
+                dw: self.out.borrow_mut(),
+            },
+            Op::DenseGrad => Args::DenseGrad {
+                dy: self.dy.borrow(),
+                x: self.bias_free_x.borrow(),
+                grad: self.out.borrow_mut(),
+            },
+        };
+        kernel.run(launch, args)
+    }
+}
+
+/// A fixed-shape spec for a case (`batch` and `ld` fixed, as the runtime compiles them).
+pub fn case_spec(case: &Case, pattern: Arc<Pattern>) -> KernelSpec {
+    KernelSpec::new(
+        "bench",
+        case.op,
+        pattern,
+        sparse_ir::Dim::Fixed(case.batch),
+        sparse_ir::Dim::Fixed(case.ld()),
+    )
+    .expect("bench specs are valid")
+}
+
+/// Measures competitors interleaved: each round runs every competitor once (`iters` calls,
+/// chosen so one round of one competitor takes about `target_round`), until `budget` has
+/// passed (at least `min_rounds`); returns each competitor's median time per call in µs.
+pub fn interleaved_medians(
+    competitors: &mut [&mut dyn FnMut() -> Result<(), BackendError>],
+    target_round: Duration,
+    budget: Duration,
+    min_rounds: usize,
+) -> Result<Vec<f64>, BackendError> {
+    // calibrate iterations per round
+    let mut iters = Vec::with_capacity(competitors.len());
+    for run in competitors.iter_mut() {
+        run()?; // warm-up (and lazy compilation)
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < target_round / 4 || n == 0 {
+            run()?;
+            n += 1;
+        }
+        let per_call = start.elapsed().as_secs_f64() / n as f64;
+        iters.push(((target_round.as_secs_f64() / per_call).ceil() as u64).max(1));
+    }
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); competitors.len()];
+    let start = Instant::now();
+    let mut rounds = 0;
+    while rounds < min_rounds || start.elapsed() < budget {
+        for (i, run) in competitors.iter_mut().enumerate() {
+            let t = Instant::now();
+            for _ in 0..iters[i] {
+                run()?;
+            }
+            samples[i].push(t.elapsed().as_secs_f64() * 1e6 / iters[i] as f64);
+        }
+        rounds += 1;
+    }
+    Ok(samples.into_iter().map(median).collect())
+}
+
+/// The median of a sample (the mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    assert!(!v.is_empty(), "median of no samples");
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The geometric mean.
+pub fn geomean(v: &[f64]) -> f64 {
+    (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suites_have_the_required_cases() {
+        let quick = quick_suite();
+        assert_eq!(quick.len(), 3 * 3 * 2 * 3 + 1);
+        assert!(quick.contains(&Case {
+            op: Op::SPMM,
+            rows: 1024,
+            cols: 1024,
+            batch: 128,
+            density: 0.05
+        }));
+        assert_eq!(full_suite().len(), 5 * 3 * 6 * 3);
+    }
+
+    #[test]
+    fn random_pattern_has_about_the_density() {
+        let p = random_pattern(300, 784, 0.05, 1);
+        assert!((p.density() - 0.05).abs() < 0.005, "{}", p.density());
+        assert_eq!(p, random_pattern(300, 784, 0.05, 1), "seeded");
+    }
+
+    #[test]
+    fn median_and_geomean() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!((geomean(&[1.0, 4.0]) - 2.0).abs() < 1e-12);
+    }
+}

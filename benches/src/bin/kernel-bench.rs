@@ -1,0 +1,302 @@
+//! `kernel-bench`: every strategy of a backend on the cases of a suite, with dense GEMM of
+//! the same shape beside each, timed interleaved in one process; prints a table and the
+//! planner's standing, and optionally writes the JSON of CONTRACTS.md.
+//!
+//! ```text
+//! kernel-bench --suite quick|full [--json PATH] [--threads N] [--backend cpu]
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use benches::{
+    case_spec, full_suite, geomean, interleaved_medians, quick_suite, random_pattern, BenchReport,
+    BenchResult, Case, Operands,
+};
+use clap::{Parser, ValueEnum};
+use codegen_cpu::{CpuBackend, CpuOptions};
+use sparse_ir::backend::{Backend, Kernel};
+use sparse_ir::{BackendError, Launch, Pattern, Strategy};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    Quick,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendName {
+    Cpu,
+    Opencl,
+}
+
+/// Benchmarks sparsejit's kernels against each other and dense GEMM.
+#[derive(Debug, Parser)]
+#[command(name = "kernel-bench", version)]
+struct Cli {
+    /// Which cases: `quick` (< 2 minutes) or `full`.
+    #[arg(long, value_enum, default_value = "quick")]
+    suite: Suite,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Threads per kernel.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Which backend's strategies to measure.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendName,
+    /// Only cases whose label contains this text (e.g. `spmm_t`, `300x784`).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Measuring time per case, in milliseconds.
+    #[arg(long, default_value_t = 400)]
+    budget_ms: u64,
+}
+
+/// JIT compile cost assumed when deciding to skip a case (µs per nonzero, measured upper end).
+const JIT_US_PER_NNZ_ESTIMATE: f64 = 10.0;
+/// The longest compilation `full` attempts.
+const MAX_COMPILE_S: f64 = 30.0;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if cli.backend == BackendName::Opencl {
+        bail!("the OpenCL backend is not available in kernel-bench yet (issue 5)");
+    }
+    let backend = CpuBackend::new(CpuOptions {
+        threads: cli.threads,
+        isa: None,
+    })
+    .context("creating the CPU backend")?;
+    let mut cases = match cli.suite {
+        Suite::Quick => quick_suite(),
+        Suite::Full => full_suite(),
+    };
+    if let Some(filter) = &cli.filter {
+        cases.retain(|c| c.label().contains(filter.as_str()));
+    }
+    println!(
+        "kernel-bench: {} cases, backend cpu ({}), {} thread(s); medians of interleaved rounds",
+        cases.len(),
+        backend.device(),
+        cli.threads
+    );
+    println!(
+        "{:<32} {:>8} {:>11} {:>9} {:>8} {:>10}  pick",
+        "case", "strategy", "median µs", "GFLOP/s", "% GEMM", "compile ms"
+    );
+    let started = Instant::now();
+    let mut results = Vec::new();
+    let mut pick_ratios = Vec::new();
+    let mut worst: Option<(f64, String)> = None;
+    let mut dense_rows_done = std::collections::HashSet::new();
+    for (i, case) in cases.iter().enumerate() {
+        let outcome = bench_case(
+            &backend,
+            case,
+            i as u64,
+            cli.budget_ms,
+            cli.suite == Suite::Full,
+        )?;
+        for line in &outcome.notes {
+            println!("{:<32} note: {line}", case.label());
+        }
+        let best = outcome
+            .rows
+            .iter()
+            .map(|r| r.median_us)
+            .fold(f64::INFINITY, f64::min);
+        let gemm_us = outcome.gemm.median_us;
+        for row in &outcome.rows {
+            println!(
+                "{:<32} {:>8} {:>11.2} {:>9.2} {:>7.0}% {:>10.1}  {}",
+                case.label(),
+                row.strategy,
+                row.median_us,
+                row.gflops,
+                100.0 * gemm_us / row.median_us,
+                row.compile_ms,
+                if row.selected { "<- auto" } else { "" }
+            );
+        }
+        println!(
+            "{:<32} {:>8} {:>11.2} {:>9.2} {:>7}% {:>10}",
+            case.label(),
+            "gemm",
+            gemm_us,
+            outcome.gemm.dense_gflops,
+            100,
+            "-"
+        );
+        if let Some(sel) = outcome.rows.iter().find(|r| r.selected) {
+            let ratio = best / sel.median_us;
+            pick_ratios.push(ratio);
+            if worst.as_ref().is_none_or(|(w, _)| ratio < *w) {
+                worst = Some((ratio, case.label()));
+            }
+        }
+        results.extend(outcome.rows);
+        if dense_rows_done.insert((case.op, case.rows, case.cols, case.batch)) {
+            results.push(outcome.gemm);
+        }
+    }
+    if !pick_ratios.is_empty() {
+        let (w, label) = worst.unwrap_or_default();
+        println!(
+            "planner: fastest/picked over {} cases: geomean {:.3}, worst {:.3} ({}), {} cases below 0.9",
+            pick_ratios.len(),
+            geomean(&pick_ratios),
+            w,
+            label.trim(),
+            pick_ratios.iter().filter(|&&r| r < 0.9).count()
+        );
+    }
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(path) = &cli.json {
+        let report = BenchReport {
+            version: 1,
+            results,
+        };
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+struct CaseOutcome {
+    rows: Vec<BenchResult>,
+    gemm: BenchResult,
+    notes: Vec<String>,
+}
+
+fn result(
+    case: &Case,
+    strategy: Strategy,
+    pattern: &Pattern,
+    median_us: f64,
+    compile_ms: f64,
+    selected: bool,
+) -> BenchResult {
+    let secs = median_us * 1e-6;
+    BenchResult {
+        backend: "cpu".into(),
+        strategy: strategy.name().into(),
+        op: case.op.name().into(),
+        rows: case.rows,
+        cols: case.cols,
+        batch: case.batch,
+        density: if pattern.nnz() == case.rows * case.cols {
+            1.0
+        } else {
+            case.density
+        },
+        nnz: pattern.nnz(),
+        median_us,
+        gflops: 2.0 * pattern.nnz() as f64 * case.batch as f64 / secs / 1e9,
+        dense_gflops: 2.0 * case.rows as f64 * case.cols as f64 * case.batch as f64 / secs / 1e9,
+        compile_ms,
+        selected,
+    }
+}
+
+fn bench_case(
+    backend: &CpuBackend,
+    case: &Case,
+    seed: u64,
+    budget_ms: u64,
+    full: bool,
+) -> Result<CaseOutcome> {
+    let pattern = Arc::new(random_pattern(
+        case.rows,
+        case.cols,
+        case.density,
+        1000 + seed,
+    ));
+    let spec = case_spec(case, pattern.clone());
+    let mut notes = Vec::new();
+    let mut kernels = Vec::new();
+    for strategy in [Strategy::Generic, Strategy::Dense, Strategy::Jit] {
+        if strategy == Strategy::Jit && full {
+            let estimate_s = pattern.nnz() as f64 * JIT_US_PER_NNZ_ESTIMATE * 1e-6;
+            if estimate_s > MAX_COMPILE_S {
+                notes.push(format!(
+                    "jit skipped: {} nonzeros would take about {estimate_s:.0} s to compile (limit {MAX_COMPILE_S} s)",
+                    pattern.nnz()
+                ));
+                continue;
+            }
+        }
+        let start = Instant::now();
+        match backend.compile(&spec, strategy) {
+            Ok(kernel) => kernels.push((strategy, kernel, start.elapsed().as_secs_f64() * 1e3)),
+            Err(BackendError::Unsupported { reason, .. }) => {
+                notes.push(format!("{strategy} unsupported: {reason}"))
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("compiling {} with {strategy}", case.label()))
+            }
+        }
+    }
+    let selected = backend.plan(&spec).strategy;
+    let dense_pattern = Arc::new(Pattern::dense(case.rows, case.cols)?);
+    let gemm = backend.compile(&case_spec(case, dense_pattern.clone()), Strategy::Dense)?;
+
+    let launch = Launch::new(case.batch, case.ld());
+    let mut operands = Vec::new();
+    for _ in &kernels {
+        operands.push(Operands::new(backend, case, &pattern, seed)?);
+    }
+    let mut gemm_operands = Operands::new(backend, case, &dense_pattern, seed)?;
+    let mut closures: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = Vec::new();
+    for ((_, kernel, _), ops) in kernels.iter().zip(operands.iter_mut()) {
+        closures.push(Box::new(move || ops.run(kernel, launch)));
+    }
+    closures.push(Box::new(|| gemm_operands.run(&gemm, launch)));
+    let mut refs: Vec<&mut dyn FnMut() -> Result<(), BackendError>> = closures
+        .iter_mut()
+        .map(|c| &mut **c as &mut dyn FnMut() -> Result<(), BackendError>)
+        .collect();
+    let medians = interleaved_medians(
+        &mut refs,
+        Duration::from_micros(500),
+        Duration::from_millis(budget_ms),
+        7,
+    )?;
+    drop(refs);
+    drop(closures);
+
+    let rows = kernels
+        .iter()
+        .zip(&medians)
+        .map(|((strategy, kernel, compile_ms), &us)| {
+            let compile_ms = if *strategy == Strategy::Generic {
+                0.0
+            } else {
+                *compile_ms
+            };
+            debug_assert_eq!(kernel.strategy(), *strategy);
+            result(
+                case,
+                *strategy,
+                &pattern,
+                us,
+                compile_ms,
+                *strategy == selected,
+            )
+        })
+        .collect();
+    let gemm = result(
+        case,
+        Strategy::Dense,
+        &dense_pattern,
+        *medians.last().expect("gemm measured"),
+        0.0,
+        false,
+    );
+    Ok(CaseOutcome { rows, gemm, notes })
+}
