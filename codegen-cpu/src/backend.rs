@@ -266,17 +266,21 @@ enum Imp {
 struct GenericData {
     transposed: Option<Transposed>,
     parts: Vec<Range<usize>>,
-    /// The `spmm`/`spmm_t` walk split by input panels, for inputs larger than L2.
+    /// The walk split by input panels, for inputs larger than L2.
     panels: Option<Panels>,
+    /// `spmm_t` permutes the values into the transpose's order before it runs.
+    permute: bool,
+    /// The permuted values.
+    scratch: Mutex<Vec<f32>>,
 }
 
 impl GenericData {
     /// The panels, when the input's 8-vector block does not stay in L2 at this batch.
-    fn panels_for(&self, job: &MatJob<'_>) -> Option<&Panels> {
-        let width = job.batch.min(128);
+    fn panels_for(&self, in_rows: usize, batch: usize) -> Option<&Panels> {
+        let width = batch.min(128);
         self.panels
             .as_ref()
-            .filter(|_| job.walk.in_rows() * width * 4 > generic::L2_BLOCK_BYTES)
+            .filter(|_| in_rows * width * 4 > generic::L2_BLOCK_BYTES)
     }
 }
 
@@ -299,9 +303,15 @@ impl Compiled {
                     None => Walk::of_pattern(p),
                 };
                 let parts = balanced_parts(&walk, threads);
+                // With more values than L2 holds, spmm_t reads them through the transpose's
+                // value index at random: permute them into walk order first.
+                let permute = transposed.is_some() && p.nnz() * 4 > generic::L2_BLOCK_BYTES;
+                let walk = match &transposed {
+                    Some(t) if permute => Walk::of_transposed_permuted(t),
+                    _ => walk,
+                };
                 // Panels pay off once a 128-column block of the input exceeds L2's share.
-                let panels = (spec.op() != Op::Sddmm
-                    && spec.op() != Op::DenseGrad
+                let panels = (spec.op() != Op::DenseGrad
                     && walk.in_rows() * 128 * 4 > generic::L2_BLOCK_BYTES)
                     .then(|| Panels::new(&walk, generic::PANEL_ROWS))
                     .flatten();
@@ -309,6 +319,8 @@ impl Compiled {
                     transposed,
                     parts,
                     panels,
+                    permute,
+                    scratch: Mutex::new(Vec::new()),
                 })
             }
             Strategy::Dense => {
@@ -438,14 +450,36 @@ impl CpuKernel {
                     batch,
                     ld,
                 };
-                self.mat_parts(&job, g.panels_for(&job), parts, y);
+                let panels = g.panels_for(job.walk.in_rows(), batch);
+                self.mat_parts(&job, panels, parts, y);
             }
             Args::SpmmT { values, dy, dx } => {
                 let t = g
                     .transposed
                     .as_ref()
                     .expect("spmm_t kernels keep the transpose");
-                let walk = Walk::of_transposed(t).expect("checked when compiled");
+                let mut guard;
+                let mut fresh;
+                let (walk, values): (Walk<'_>, &[f32]) = if g.permute {
+                    let buf: &mut Vec<f32> = match g.scratch.try_lock() {
+                        Ok(s) => {
+                            guard = s;
+                            &mut guard
+                        }
+                        Err(_) => {
+                            fresh = Vec::new();
+                            &mut fresh
+                        }
+                    };
+                    buf.resize(t.value_index.len(), 0.0);
+                    self.permute_values(values, &t.value_index, parts, t, buf);
+                    (Walk::of_transposed_permuted(t), &buf[..])
+                } else {
+                    (
+                        Walk::of_transposed(t).expect("checked when compiled"),
+                        values,
+                    )
+                };
                 let job = MatJob {
                     walk,
                     values,
@@ -456,7 +490,8 @@ impl CpuKernel {
                     batch,
                     ld,
                 };
-                self.mat_parts(&job, g.panels_for(&job), parts, dx);
+                let panels = g.panels_for(job.walk.in_rows(), batch);
+                self.mat_parts(&job, panels, parts, dx);
             }
             Args::Sddmm { dy, x, dw } => {
                 let job = SddmmJob {
@@ -466,27 +501,66 @@ impl CpuKernel {
                     batch,
                     ld,
                 };
-                let rows = job.walk.rows();
+                let panels = g.panels_for(p.cols(), batch);
+                // One part's rows: every panel in turn, or the rows at once.
+                let part = |r: Range<usize>, out: &mut [f32], base: usize| match panels {
+                    None => generic::sddmm_part(isa, &job, r, out, base),
+                    Some(panels) => {
+                        for walk in panels.walks() {
+                            let pj = SddmmJob { walk, ..job };
+                            generic::sddmm_part(isa, &pj, r.clone(), out, base);
+                        }
+                    }
+                };
                 if parts.len() == 1 {
-                    generic::sddmm_part(isa, &job, 0..rows, dw);
+                    part(0..p.rows(), dw, 0);
                 } else {
                     let mut items = Vec::with_capacity(parts.len());
                     let mut rest = dw;
                     for r in parts {
-                        let n = job.walk.nnz_range(r.clone()).len();
-                        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-                        items.push((r.clone(), head));
+                        let nz = job.walk.nnz_range(r.clone());
+                        let (head, tail) = std::mem::take(&mut rest).split_at_mut(nz.len());
+                        items.push((r.clone(), head, nz.start));
                         rest = tail;
                     }
-                    self.pool.for_each_mut(&mut items, &|(r, out)| {
-                        generic::sddmm_part(isa, &job, r.clone(), out)
-                    });
+                    self.pool
+                        .for_each_mut(&mut items, &|(r, out, base)| part(r.clone(), out, *base));
                 }
             }
             Args::DenseGrad { dy, x, grad } => {
                 dense::dense_grad(self.par_pool(), p.rows(), p.cols(), batch, ld, dy, x, grad)
             }
         }
+    }
+
+    /// `out[k] = values[value_index[k]]`, split over the parts' nonzeros.
+    fn permute_values(
+        &self,
+        values: &[f32],
+        value_index: &[u32],
+        parts: &[Range<usize>],
+        t: &Transposed,
+        out: &mut [f32],
+    ) {
+        let walk = Walk::of_transposed_permuted(t);
+        let fill = |o: &mut [f32], vi: &[u32]| {
+            for (o, &v) in o.iter_mut().zip(vi) {
+                *o = values[v as usize];
+            }
+        };
+        if parts.len() == 1 {
+            fill(out, value_index);
+            return;
+        }
+        let mut items = Vec::with_capacity(parts.len());
+        let mut rest = out;
+        for r in parts {
+            let nz = walk.nnz_range(r.clone());
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(nz.len());
+            items.push((head, &value_index[nz]));
+            rest = tail;
+        }
+        self.pool.for_each_mut(&mut items, &|(o, vi)| fill(o, vi));
     }
 
     fn mat_parts(

@@ -213,8 +213,9 @@ pub fn predict_all(f: &Features) -> Vec<Prediction> {
 const CALL_US: f64 = 0.15;
 /// Fork-join overhead of a 2-part job on the pool, µs.
 const FORK_US: f64 = 0.6;
-/// Work (multiply-adds) below which the kernels stay on one thread.
-pub(crate) const PARALLEL_MIN_FMAS: usize = 24 * 1024;
+/// Work (multiply-adds of one launch) below which the kernels stay on one thread: about
+/// 2 µs of generic-kernel work, several times the pool's fork-join cost.
+pub const PARALLEL_MIN_FMAS: usize = 64 * 1024;
 
 /// Costs of the generic kernels at one ISA level, in nanoseconds: per vector multiply-add
 /// with the input in L1, L2 or beyond (large layers run in input panels); per nonzero and

@@ -349,6 +349,24 @@ fn wide_inputs_run_in_l2_panels() {
 }
 
 #[test]
+fn spmm_t_with_more_values_than_l2_permutes_them_first() {
+    // 270 000 nonzeros (over 1 MiB of values): spmm_t gathers them into the transpose's
+    // order before it runs.
+    let p = Arc::new(Pattern::dense(300, 900).unwrap());
+    for (batch, ld) in [(3, 5), (17, 32)] {
+        let case = Case {
+            pattern: Arc::clone(&p),
+            batch,
+            ld,
+            offset: 1,
+            seed: 14,
+        };
+        case.run(&backends(), &[Op::SpmmT], &[Strategy::Generic])
+            .unwrap();
+    }
+}
+
+#[test]
 fn largest_lenet_layer_300x784() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let p = Arc::new(random_pattern(&mut rng, 300, 784, 0.05));
