@@ -30,7 +30,8 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, BlockArg, Function, InstBuilder, MemFlagsData, Signature, UserFuncName, Value,
+    AbiParam, BlockArg, ConstantData, Function, InstBuilder, MemFlagsData, Signature, UserFuncName,
+    Value,
 };
 use cranelift_codegen::isa::TargetIsa;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -311,20 +312,37 @@ impl Emitter<'_, '_> {
     }
 
     fn zero(&mut self, vector: bool) -> Value {
-        let z = self.b.ins().f32const(0.0);
         if vector {
-            self.b.ins().splat(F32X4, z)
+            self.zero_vector(F32X4)
         } else {
-            z
+            self.b.ins().f32const(0.0)
         }
     }
 
-    /// `max(v, 0)` without branches: clear every lane whose sign bit is set.
+    /// An all-zero vector (`pxor`).
+    fn zero_vector(&mut self, ty: cranelift_codegen::ir::Type) -> Value {
+        let c = self
+            .b
+            .func
+            .dfg
+            .constants
+            .insert(ConstantData::from(vec![0u8; 16]));
+        self.b.ins().vconst(ty, c)
+    }
+
+    /// `max(v, 0)` without branches, as a signed integer maximum with 0 of the bits: a float
+    /// with the sign bit set is a negative integer. Written so that `v` has a single use:
+    /// Cranelift stops merging loads into instructions anywhere upstream of a value that is
+    /// used twice.
     fn relu(&mut self, v: Value, vector: bool) -> Value {
         let (ity, fty) = if vector { (I32X4, F32X4) } else { (I32, F32) };
         let i = self.b.ins().bitcast(ity, MemFlagsData::new(), v);
-        let sign = self.b.ins().sshr_imm_s(i, 31);
-        let r = self.b.ins().band_not(i, sign);
+        let zero = if vector {
+            self.zero_vector(I32X4)
+        } else {
+            self.b.ins().iconst(I32, 0)
+        };
+        let r = self.b.ins().smax(i, zero);
         self.b.ins().bitcast(fty, MemFlagsData::new(), r)
     }
 
