@@ -154,9 +154,13 @@ pub fn model_tensors(model: &Model) -> Result<Vec<u8>> {
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| RuntimeError::Config(format!("serialising the model: {e}")))?;
+    // One metadata entry: safetensors writes a HashMap, whose order would differ between
+    // processes and make identical checkpoints differ in their bytes.
     let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
-    meta.insert("model".to_string(), model.name().to_string());
+    meta.insert(
+        "format".to_string(),
+        format!("{CHECKPOINT_FORMAT} model={}", model.name()),
+    );
     safetensors::serialize(views, Some(meta))
         .map_err(|e| RuntimeError::Config(format!("serialising the model: {e}")))
 }

@@ -147,6 +147,47 @@ pub struct Dataset {
     std: f32,
     is_mnist: bool,
     lut: [f32; 256],
+    /// Nonzero pixels of each sample (training file, then test file), when most pixels are
+    /// zero: gathering writes the background value and scatters these.
+    nonzeros: Option<Nonzeros>,
+}
+
+/// The nonzero pixels of every sample, CSR-like: sample `i`'s are `ptr[i]..ptr[i+1]`.
+#[derive(Debug, Clone)]
+struct Nonzeros {
+    train_ptr: Vec<u32>,
+    test_ptr: Vec<u32>,
+    feature: Vec<u16>,
+    value: Vec<u8>,
+}
+
+impl Nonzeros {
+    /// Built when at most half of the pixels are nonzero and a sample has ≤ 65,536 pixels.
+    fn build(train: &[u8], test: &[u8], features: usize) -> Option<Nonzeros> {
+        let nonzero = train.iter().chain(test).filter(|&&p| p != 0).count();
+        if features > 1 << 16 || nonzero * 2 > train.len() + test.len() {
+            return None;
+        }
+        let mut nz = Nonzeros {
+            train_ptr: Vec::with_capacity(train.len() / features + 1),
+            test_ptr: Vec::with_capacity(test.len() / features + 1),
+            feature: Vec::with_capacity(nonzero),
+            value: Vec::with_capacity(nonzero),
+        };
+        for (images, ptr) in [(train, &mut nz.train_ptr), (test, &mut nz.test_ptr)] {
+            ptr.push(nz.feature.len() as u32);
+            for sample in images.chunks_exact(features) {
+                for (f, &p) in sample.iter().enumerate() {
+                    if p != 0 {
+                        nz.feature.push(f as u16);
+                        nz.value.push(p);
+                    }
+                }
+                ptr.push(nz.feature.len() as u32);
+            }
+        }
+        Some(nz)
+    }
 }
 
 fn find_file(dir: &Path, stems: &[&str]) -> Result<PathBuf> {
@@ -291,8 +332,10 @@ impl Dataset {
             std,
             is_mnist,
             lut: [0.0; 256],
+            nonzeros: None,
         };
         ds.set_normalization(mean, std);
+        ds.nonzeros = Nonzeros::build(&ds.train_images, &ds.test_images, shape.features());
         Ok(ds)
     }
 
@@ -342,8 +385,10 @@ impl Dataset {
             std,
             is_mnist: false,
             lut: [0.0; 256],
+            nonzeros: None,
         };
         ds.set_normalization(mean, std);
+        ds.nonzeros = Nonzeros::build(&ds.train_images, &ds.test_images, shape.features());
         Ok(ds)
     }
 
@@ -374,6 +419,9 @@ impl Dataset {
             let t = e.min(self.test_labels.len());
             self.test_images.truncate(t * f);
             self.test_labels.truncate(t);
+        }
+        if self.nonzeros.is_some() {
+            self.nonzeros = Nonzeros::build(&self.train_images, &self.test_images, f);
         }
     }
 
@@ -468,17 +516,41 @@ impl Dataset {
         }
         let ld = input.ld();
         let out = input.as_mut_slice();
-        const BLOCK: usize = 16;
-        for (blk, idx) in indices.chunks(BLOCK).enumerate() {
-            let b0 = blk * BLOCK;
-            let mut rows: [&[u8]; BLOCK] = [&[]; BLOCK];
-            for (r, &i) in rows.iter_mut().zip(idx) {
-                *r = &images[i as usize * f..(i as usize + 1) * f];
+        match &self.nonzeros {
+            Some(nz) => {
+                // Background everywhere, then the nonzero pixels of each sample.
+                let background = self.lut[0];
+                for row in out.chunks_exact_mut(ld) {
+                    row[..n].fill(background);
+                }
+                let (ptr, base) = match split {
+                    Split::Train => (&nz.train_ptr, 0),
+                    Split::Validation => (&nz.train_ptr, self.split_at),
+                    Split::Test => (&nz.test_ptr, 0),
+                };
+                for (b, &i) in indices.iter().enumerate() {
+                    let s = base + i as usize;
+                    let r = ptr[s] as usize..ptr[s + 1] as usize;
+                    for (&feat, &v) in nz.feature[r.clone()].iter().zip(&nz.value[r]) {
+                        out[feat as usize * ld + b] = self.lut[v as usize];
+                    }
+                }
             }
-            let rows = &rows[..idx.len()];
-            for (feat, dst) in out.chunks_exact_mut(ld).enumerate() {
-                for (d, r) in dst[b0..b0 + rows.len()].iter_mut().zip(rows) {
-                    *d = self.lut[r[feat] as usize];
+            None => {
+                // Blocks of 16 samples: each feature row gets 16 contiguous values.
+                const BLOCK: usize = 16;
+                for (blk, idx) in indices.chunks(BLOCK).enumerate() {
+                    let b0 = blk * BLOCK;
+                    let mut rows: [&[u8]; BLOCK] = [&[]; BLOCK];
+                    for (r, &i) in rows.iter_mut().zip(idx) {
+                        *r = &images[i as usize * f..(i as usize + 1) * f];
+                    }
+                    let rows = &rows[..idx.len()];
+                    for (feat, dst) in out.chunks_exact_mut(ld).enumerate() {
+                        for (d, r) in dst[b0..b0 + rows.len()].iter_mut().zip(rows) {
+                            *d = self.lut[r[feat] as usize];
+                        }
+                    }
                 }
             }
         }
@@ -557,5 +629,46 @@ mod tests {
         assert!(ds
             .gather(Split::Validation, &[1], &mut m, &mut labels)
             .is_err());
+    }
+
+    #[test]
+    fn sparse_and_dense_gathers_agree() {
+        let shape = Shape::image(1, 4, 5);
+        let f = shape.features();
+        let pixels = |n: usize, seed: u32| -> Vec<u8> {
+            (0..n * f)
+                .map(|i| {
+                    let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761) >> 24;
+                    if h < 200 {
+                        0
+                    } else {
+                        h as u8
+                    }
+                })
+                .collect()
+        };
+        let (train, test) = (pixels(40, 1), pixels(7, 2));
+        let labels = |n: usize| (0..n).map(|i| (i % 3) as u8).collect::<Vec<_>>();
+        let mut sparse =
+            Dataset::from_parts(shape, 3, train, labels(40), 30, test, labels(7), 0.2, 0.3)
+                .unwrap();
+        assert!(sparse.nonzeros.is_some(), "mostly zero pixels");
+        sparse.limit(Some(25), Some(6));
+        let mut dense = sparse.clone();
+        dense.nonzeros = None;
+        for (split, idx) in [
+            (Split::Train, vec![24u32, 0, 7, 7, 13]),
+            (Split::Validation, vec![5, 1, 0]),
+            (Split::Test, vec![2, 5]),
+        ] {
+            let mut a = Matrix::zeros(f, 8);
+            let mut b = Matrix::zeros(f, 8);
+            a.as_mut_slice().fill(9.0);
+            let (mut la, mut lb) = ([0u32; 8], [0u32; 8]);
+            sparse.gather(split, &idx, &mut a, &mut la).unwrap();
+            dense.gather(split, &idx, &mut b, &mut lb).unwrap();
+            assert_eq!(a.as_slice(), b.as_slice(), "{split:?}");
+            assert_eq!(la, lb);
+        }
     }
 }

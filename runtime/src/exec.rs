@@ -1,15 +1,18 @@
 //! The one place where the runtime meets a kernel backend.
 //!
 //! Every kernel the runtime runs is compiled by [`Executor::compile`] and run by
-//! [`Kernel::run`]; nothing else in the crate names a backend. The CPU path currently runs
-//! the reference interpreter [`sparse_ir::interp::run`] (the oracle), standing in for
-//! `codegen-cpu` until that backend exists; swapping it in changes only this module. The
-//! interpreter reports the strategy it was asked for (`generic` for `auto`).
+//! [`Kernel::run`]; nothing else in the crate names a backend. `cpu` is `codegen-cpu`'s
+//! [`CpuBackend`] (JIT, generic and dense kernels, its planner for `auto`, its thread pool);
+//! [`Executor::reference`] runs the reference interpreter [`sparse_ir::interp`] instead, the
+//! oracle the tests compare whole training steps against (it reports the strategy it was
+//! asked for, `generic` for `auto`).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions};
+use sparse_ir::backend::{Backend, Kernel as _};
 use sparse_ir::{Args, BackendError, KernelSpec, Launch, Strategy};
 
 use crate::error::{Result, RuntimeError};
@@ -72,6 +75,13 @@ impl Default for ExecOptions {
 #[derive(Debug)]
 pub struct Executor {
     options: ExecOptions,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Reference,
+    Cpu(CpuBackend),
 }
 
 impl Executor {
@@ -81,10 +91,28 @@ impl Executor {
             return Err(RuntimeError::Config("threads must be at least 1".into()));
         }
         match options.backend {
-            BackendKind::Cpu => Ok(Executor { options }),
+            BackendKind::Cpu => {
+                let cpu = CpuBackend::new(CpuOptions {
+                    threads: options.threads,
+                    isa: None,
+                })
+                .map_err(|e| RuntimeError::Config(format!("backend cpu: {e}")))?;
+                Ok(Executor {
+                    options,
+                    inner: Inner::Cpu(cpu),
+                })
+            }
             BackendKind::OpenCl => Err(RuntimeError::Config(
                 "backend opencl: not built yet (the OpenCL backend of codegen-opencl does not exist yet); use --backend cpu".into(),
             )),
+        }
+    }
+
+    /// The reference interpreter as a backend: slow, accumulating in f64, the oracle.
+    pub fn reference() -> Self {
+        Executor {
+            options: ExecOptions::default(),
+            inner: Inner::Reference,
         }
     }
 
@@ -95,27 +123,33 @@ impl Executor {
 
     /// The backend and device, in words.
     pub fn device(&self) -> String {
-        format!("{}/interp", self.options.backend)
+        match &self.inner {
+            Inner::Reference => "reference/interp".into(),
+            Inner::Cpu(cpu) => format!("cpu/{}", cpu.device()),
+        }
     }
 
     /// Compiles `spec` with `strategy` (`Auto` lets the backend's planner choose).
     pub fn compile(&self, spec: &KernelSpec, strategy: Strategy) -> Result<Kernel, BackendError> {
         let start = Instant::now();
-        let chosen = match strategy {
-            Strategy::Auto => Strategy::Generic,
-            Strategy::Jit | Strategy::Generic | Strategy::Dense => strategy,
-            other => {
-                return Err(BackendError::Unsupported {
-                    layer: spec.layer().to_string(),
-                    op: spec.op().name(),
-                    strategy: other,
-                    reason: "not a CPU strategy (expected auto, jit, generic or dense)".into(),
-                })
-            }
+        let imp = match &self.inner {
+            Inner::Cpu(cpu) => Imp::Cpu(cpu.compile(spec, strategy)?),
+            Inner::Reference => Imp::Reference(match strategy {
+                Strategy::Auto => Strategy::Generic,
+                Strategy::Jit | Strategy::Generic | Strategy::Dense => strategy,
+                other => {
+                    return Err(BackendError::Unsupported {
+                        layer: spec.layer().to_string(),
+                        op: spec.op().name(),
+                        strategy: other,
+                        reason: "not a CPU strategy (expected auto, jit, generic or dense)".into(),
+                    })
+                }
+            }),
         };
         Ok(Kernel {
             spec: spec.clone(),
-            strategy: chosen,
+            imp,
             compile_time: start.elapsed(),
         })
     }
@@ -125,8 +159,14 @@ impl Executor {
 #[derive(Debug)]
 pub struct Kernel {
     spec: KernelSpec,
-    strategy: Strategy,
+    imp: Imp,
     compile_time: Duration,
+}
+
+#[derive(Debug)]
+enum Imp {
+    Reference(Strategy),
+    Cpu(CpuKernel),
 }
 
 impl Kernel {
@@ -137,7 +177,10 @@ impl Kernel {
 
     /// The strategy that runs it (never `Auto`).
     pub fn strategy(&self) -> Strategy {
-        self.strategy
+        match &self.imp {
+            Imp::Reference(s) => *s,
+            Imp::Cpu(k) => k.strategy(),
+        }
     }
 
     /// How long compiling it took.
@@ -147,6 +190,9 @@ impl Kernel {
 
     /// Runs the kernel on host slices; every length is checked first.
     pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
-        sparse_ir::interp::run(&self.spec, launch, args)
+        match &self.imp {
+            Imp::Reference(_) => sparse_ir::interp::run(&self.spec, launch, args),
+            Imp::Cpu(k) => k.run(launch, args),
+        }
     }
 }

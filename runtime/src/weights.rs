@@ -561,8 +561,9 @@ impl SparseWeights {
         let sddmm =
             compile_with_fallback(exec, &spec(Op::Sddmm, pattern.clone())?, self.plan.sddmm)?;
         if self.dense_grad_kernel.is_none() {
-            // The dense gradient does not depend on the pattern: compiled once per layer.
-            let empty = Arc::new(Pattern::empty(self.rows, self.cols)?);
+            // The dense gradient does not depend on the mask: compiled once per layer, on the
+            // full pattern of the shape.
+            let empty = Arc::new(Pattern::dense(self.rows, self.cols)?);
             self.dense_grad_kernel = Some(compile_with_fallback(
                 exec,
                 &spec(Op::DenseGrad, empty)?,
@@ -625,11 +626,9 @@ impl SparseWeights {
             }
         };
         if self.relu {
+            // Branch-free (a select the compiler vectorises): NaN or ≤ 0 means inactive.
             for (d, &out) in dy.iter_mut().zip(y) {
-                // NaN or ≤ 0: the ReLU was inactive
-                if out.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-                    *d = 0.0;
-                }
+                *d = if out > 0.0 { *d } else { 0.0 };
             }
         }
         for (r, g) in self.bias_grad.iter_mut().enumerate() {

@@ -1,0 +1,83 @@
+//! Where the time of one training step goes: batch gathering, forward, loss + backward (both
+//! weight-gradient modes) and the SGD update, each timed over many repetitions (median), on
+//! LeNet-300-100 at 5 % with MNIST, batch 100.
+//!
+//! `cargo run --release -p runtime --example step_breakdown -- [threads] [density]`
+
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use runtime::{Dataset, Split, TrainConfig, Trainer, WeightGradMode};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..10 {
+        f();
+    }
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    median(v)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let threads: usize = args.get(1).map_or(Ok(2), |s| s.parse())?;
+    let density: f64 = args.get(2).map_or(Ok(0.05), |s| s.parse())?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
+    let data = Dataset::load_dir(&dir)?;
+    let cfg = TrainConfig {
+        threads,
+        density,
+        eval_limit: Some(100),
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(cfg, data.clone())?;
+    let mut order: Vec<u32> = (0..54_000).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(1));
+    let reps = 2000;
+    let mut i = 0;
+    let gather = time(reps, || {
+        let (input, labels) = t.model_mut().batch_buffers_mut();
+        let lo = (i % 540) * 100;
+        data.gather(Split::Train, &order[lo..lo + 100], input, labels)
+            .unwrap();
+        i += 1;
+    });
+    let model = t.model_mut();
+    let fwd = time(reps, || {
+        model.forward().unwrap();
+    });
+    let fb_active = time(reps, || {
+        model.forward_backward(100, WeightGradMode::Active).unwrap();
+    });
+    let fb_dense = time(reps / 4, || {
+        model.forward_backward(100, WeightGradMode::Dense).unwrap();
+    });
+    model.forward_backward(100, WeightGradMode::Active).unwrap();
+    let sgd = runtime::Sgd::new(Default::default());
+    let step = time(reps, || sgd.step(model, 1e-9));
+    println!("threads {threads}, density {density}: nnz {}", model.nnz());
+    println!("gather            {gather:8.1} us");
+    println!("forward           {fwd:8.1} us");
+    println!("fwd+bwd (active)  {fb_active:8.1} us");
+    println!("fwd+bwd (dense)   {fb_dense:8.1} us");
+    println!("sgd               {step:8.1} us");
+    println!(
+        "step estimate     {:8.1} us (gather + fwd/bwd active + sgd)",
+        gather + fb_active + step
+    );
+    for w in model.sparse_layers() {
+        println!("  {} {:?}", w.name(), w.strategies());
+    }
+    Ok(())
+}
