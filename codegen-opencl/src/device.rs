@@ -123,10 +123,14 @@ impl DeviceProfile {
     /// The work-group shapes used on this device.
     pub fn work_groups(&self) -> WorkGroups {
         let wg = match self.kind {
-            // PoCL runs a work-group as one task: loops over the work-items, vectorised along
-            // dimension 0 (the batch). Few, wide groups keep the per-group overhead small.
+            // PoCL runs a work-group as one task, looping over its work-items; it does not
+            // vectorise that loop around the kernels' own loops, so each work-item computes 16
+            // batch columns with explicit float16 vectors.
             DeviceKind::Cpu => WorkGroups {
-                rows: [16, 4],
+                rows: [1, 16],
+                batch_vector: 16,
+                // straight-line code has no loops, so PoCL vectorises across work-items
+                unrolled: [16, 1],
                 sddmm_lanes: 1,
                 sddmm_items: 64,
                 dense: [16, 4],
@@ -136,6 +140,8 @@ impl DeviceProfile {
             // the unrolled switch), 128 work-items per group; reductions in local memory.
             DeviceKind::Gpu | DeviceKind::Other => WorkGroups {
                 rows: [32, 4],
+                batch_vector: 1,
+                unrolled: [32, 4],
                 sddmm_lanes: 32,
                 sddmm_items: 4,
                 dense: [16, 16],
@@ -157,8 +163,14 @@ impl DeviceProfile {
 /// gradient for `dense_grad`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WorkGroups {
-    /// `spmm` and `spmm_t`: `[batch columns, rows]` per group.
+    /// `spmm` and `spmm_t`: `[batch vectors, rows]` per group.
     pub rows: [usize; 2],
+    /// `spmm` and `spmm_t`: batch columns per work-item, as one OpenCL vector (1: scalar,
+    /// one column per work-item, as GPUs want for coalesced loads).
+    pub batch_vector: usize,
+    /// `unrolled` `spmm` and `spmm_t`: `[batch columns, rows]` per group; one batch column
+    /// per work-item (scalar straight-line code).
+    pub unrolled: [usize; 2],
     /// `sddmm`: work-items that share one nonzero's reduction over the batch (1: none).
     pub sddmm_lanes: usize,
     /// `sddmm`: nonzeros per work-group.
@@ -179,6 +191,14 @@ impl WorkGroups {
                 self.rows[0] /= 2;
             }
         }
+        while self.unrolled[0] * self.unrolled[1] > max {
+            if self.unrolled[1] > 1 {
+                self.unrolled[1] /= 2;
+            } else {
+                self.unrolled[0] /= 2;
+            }
+        }
+        self.unrolled = [self.unrolled[0].max(1), self.unrolled[1].max(1)];
         while self.sddmm_lanes * self.sddmm_items > max {
             if self.sddmm_items > 1 {
                 self.sddmm_items /= 2;
@@ -216,6 +236,7 @@ mod tests {
         }
         .work_groups();
         assert!(tiny.rows[0] * tiny.rows[1] <= 8);
+        assert!(tiny.unrolled[0] * tiny.unrolled[1] <= 8);
         assert!(tiny.sddmm_lanes * tiny.sddmm_items <= 8);
         assert!(tiny.dense[0] * tiny.dense[1] <= 8);
         assert!(tiny.rows.iter().chain(&tiny.dense).all(|&d| d >= 1));

@@ -101,8 +101,11 @@ pub enum KernelArg {
 /// The global size along one grid dimension, before rounding up to the work-group size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
-    /// The launch's batch.
-    Batch,
+    /// The launch's batch, `per_item` columns per work-item (rounded up).
+    Batch {
+        /// Batch columns per work-item.
+        per_item: usize,
+    },
     /// A count known when emitting.
     Items(usize),
 }
@@ -124,7 +127,7 @@ impl Grid {
         let mut out = [0; 2];
         for ((o, extent), local) in out.iter_mut().zip(self.extent).zip(self.local) {
             let n = match extent {
-                Extent::Batch => batch,
+                Extent::Batch { per_item } => batch.div_ceil(per_item),
                 Extent::Items(n) => n,
             };
             if n == 0 {
@@ -284,10 +287,11 @@ pub fn csr_library(profile: &DeviceProfile) -> String {
     ));
     s.push_str(text::LAYOUT_COMMENT);
     s.push_str(text::HELPERS);
+    s.push_str(&text::vector_helpers(wg.batch_vector));
     for (bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
-        s.push_str(&rows::csr_kernel(Some((bias, relu))));
+        s.push_str(&rows::csr_kernel(&wg, Some((bias, relu))));
     }
-    s.push_str(&rows::csr_kernel(None));
+    s.push_str(&rows::csr_kernel(&wg, None));
     s.push_str(&sddmm::csr_kernel(&wg));
     s.push_str(&dense::csr_kernel(&wg));
     s
@@ -354,7 +358,12 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                 },
             ];
             let grid = Grid {
-                extent: [Extent::Batch, Extent::Items(p.rows())],
+                extent: [
+                    Extent::Batch {
+                        per_item: wg.batch_vector,
+                    },
+                    Extent::Items(p.rows()),
+                ],
                 local: wg.rows,
             };
             (KernelEntry { name, args, grid }, arrays)
@@ -373,7 +382,12 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                 Ld,
             ];
             let grid = Grid {
-                extent: [Extent::Batch, Extent::Items(p.cols())],
+                extent: [
+                    Extent::Batch {
+                        per_item: wg.batch_vector,
+                    },
+                    Extent::Items(p.cols()),
+                ],
                 local: wg.rows,
             };
             let arrays = vec![

@@ -8,8 +8,9 @@ use std::ops::Range;
 
 use sparse_ir::{BackendError, Op, Pattern};
 
-use super::text::{constant_table, float_param, index_type, LAYOUT_COMMENT};
+use super::text::{constant_table, float_param, index_type, vector_helpers, LAYOUT_COMMENT};
 use super::{csr_kernel_name, Ctx, Extent, Grid, KernelArg, KernelEntry, Operand, ProgramSource};
+use crate::device::WorkGroups;
 use sparse_ir::Strategy;
 
 /// The gather a `spmm` or `spmm_t` kernel performs.
@@ -79,8 +80,8 @@ impl Gather {
             .collect()
     }
 
-    /// The statement storing `acc` (plus bias, ReLU) at output row `row` (an expression).
-    fn store(&self, target: &str, row: &str) -> String {
+    /// `acc` with the epilogue (bias of output row `row`, ReLU) applied.
+    fn value(&self, row: &str) -> String {
         let mut value = "acc".to_string();
         if self.bias {
             value = format!("acc + bias[{row}]");
@@ -88,7 +89,7 @@ impl Gather {
         if self.relu {
             value = format!("fmax({value}, 0.0f)");
         }
-        format!("{target} = {value};")
+        value
     }
 
     /// The value read for nonzero `k` of the gathered pattern (an absolute position).
@@ -100,9 +101,83 @@ impl Gather {
     }
 }
 
+/// How one work-item covers the batch: one column (`w = 1`, GPUs) or `w` columns as one
+/// `float{w}` vector (CPUs), with `sj_load`/`sj_store` for a partial last vector.
+#[derive(Clone, Copy)]
+struct Lanes {
+    w: usize,
+}
+
+impl Lanes {
+    fn ty(self) -> String {
+        if self.w == 1 {
+            "float".into()
+        } else {
+            format!("float{}", self.w)
+        }
+    }
+
+    fn zero(self) -> String {
+        if self.w == 1 {
+            "0.0f".into()
+        } else {
+            format!("(float{})(0.0f)", self.w)
+        }
+    }
+
+    /// Defines `b` (the first batch column of the work-item), the index `var` along
+    /// dimension 1 (if any) and, for vectors, `n` (the columns this work-item covers);
+    /// returns early for work-items past `batch` or `bound`.
+    fn prologue(self, batch: &str, dim1: Option<(&str, &str)>) -> String {
+        let mut s = if self.w == 1 {
+            "    const int b = get_global_id(0);\n".to_string()
+        } else {
+            format!("    const int b = get_global_id(0) * {};\n", self.w)
+        };
+        let mut guard = format!("b >= {batch}");
+        if let Some((var, bound)) = dim1 {
+            s.push_str(&format!("    const int {var} = get_global_id(1);\n"));
+            guard.push_str(&format!(" || {var} >= {bound}"));
+        }
+        s.push_str(&format!("    if ({guard}) return;\n"));
+        if self.w > 1 {
+            s.push_str(&format!(
+                "    const int n = min({}, {batch} - b);\n",
+                self.w
+            ));
+        }
+        s
+    }
+
+    /// The batch columns of the work-item at `base + off`.
+    fn load(self, base: &str, off: &str) -> String {
+        if self.w == 1 {
+            format!("{base}[{off}]")
+        } else {
+            format!("sj_load({base} + {off}, n)")
+        }
+    }
+
+    /// Stores `value` to the work-item's batch columns at `base + off`.
+    fn store(self, base: &str, off: &str, value: &str) -> String {
+        if self.w == 1 {
+            format!("{base}[{off}] = {value};")
+        } else {
+            format!("sj_store({value}, {base} + {off}, n);")
+        }
+    }
+}
+
 /// The generic kernel of [`super::csr_library`]: `Some((bias, relu))` for `spmm`, `None` for
 /// `spmm_t`.
-pub(super) fn csr_kernel(epilogue: Option<(bool, bool)>) -> String {
+pub(super) fn csr_kernel(wg: &WorkGroups, epilogue: Option<(bool, bool)>) -> String {
+    let lanes = Lanes { w: wg.batch_vector };
+    let per = if lanes.w == 1 {
+        "batch column b".to_string()
+    } else {
+        format!("{} batch columns from b", lanes.w)
+    };
+    let (ty, zero) = (lanes.ty(), lanes.zero());
     match epilogue {
         Some((bias, relu)) => {
             let name = csr_kernel_name(Op::Spmm { bias, relu });
@@ -111,16 +186,16 @@ pub(super) fn csr_kernel(epilogue: Option<(bool, bool)>) -> String {
             } else {
                 ""
             };
-            let mut epi = String::new();
+            let mut value = "acc".to_string();
             if bias {
-                epi.push_str("    acc += bias[r];\n");
+                value = "acc + bias[r]".into();
             }
             if relu {
-                epi.push_str("    acc = fmax(acc, 0.0f);\n");
+                value = format!("fmax({value}, 0.0f)");
             }
             format!(
                 "
-// Y = W X{bias_doc}{relu_doc}: one work-item per (batch column b, row r)
+// Y = W X{bias_doc}{relu_doc}: one work-item per ({per}, row r)
 __kernel void {name}(
     __global const float* restrict values,
     __global const float* restrict x,{bias_param}
@@ -131,23 +206,25 @@ __kernel void {name}(
     const int batch,
     const int ld)
 {{
-    const int b = get_global_id(0);
-    const int r = get_global_id(1);
-    if (b >= batch || r >= rows) return;
-    const __global float* xb = x + b;
-    float acc = 0.0f;
+{prologue}    const __global float* xb = x + b;
+    __global float* yb = y + b;
+    {ty} acc = {zero};
     const uint end = row_ptr[r + 1];
     for (uint k = row_ptr[r]; k < end; ++k)
-        acc += values[k] * xb[(int)col_idx[k] * ld];
-{epi}    y[r * ld + b] = acc;
+        acc += values[k] * {load};
+    {store}
 }}
 ",
                 bias_doc = if bias { " + bias" } else { "" },
                 relu_doc = if relu { ", ReLU" } else { "" },
+                prologue = lanes.prologue("batch", Some(("r", "rows"))),
+                load = lanes.load("xb", "(int)col_idx[k] * ld"),
+                store = lanes.store("yb", "r * ld", &value),
             )
         }
-        None => "
-// dX = W^T dY over the transposed pattern (no atomics): one work-item per (b, column c)
+        None => format!(
+            "
+// dX = W^T dY over the transposed pattern (no atomics): one work-item per ({per}, column c)
 __kernel void spmm_t_csr(
     __global const float* restrict values,
     __global const float* restrict dy,
@@ -158,19 +235,20 @@ __kernel void spmm_t_csr(
     const int cols,
     const int batch,
     const int ld)
-{
-    const int b = get_global_id(0);
-    const int c = get_global_id(1);
-    if (b >= batch || c >= cols) return;
-    const __global float* dyb = dy + b;
-    float acc = 0.0f;
+{{
+{prologue}    const __global float* dyb = dy + b;
+    __global float* dxb = dx + b;
+    {ty} acc = {zero};
     const uint end = t_row_ptr[c + 1];
     for (uint k = t_row_ptr[c]; k < end; ++k)
-        acc += values[value_index[k]] * dyb[(int)t_row_idx[k] * ld];
-    dx[c * ld + b] = acc;
-}
-"
-        .to_string(),
+        acc += values[value_index[k]] * {load};
+    {store}
+}}
+",
+            prologue = lanes.prologue("batch", Some(("c", "cols"))),
+            load = lanes.load("dyb", "(int)t_row_idx[k] * ld"),
+            store = lanes.store("dxb", "c * ld", "acc"),
+        ),
     }
 }
 
@@ -239,6 +317,7 @@ fn table(ctx: &Ctx, g: &Gather) -> Result<Vec<ProgramSource>, BackendError> {
         )));
     }
     let wg = ctx.profile.work_groups();
+    let lanes = Lanes { w: wg.batch_vector };
     let (dim_params, dim_args) = ctx.dim_params();
     let n = chunks.len();
     let mut programs = Vec::with_capacity(n);
@@ -256,6 +335,7 @@ fn table(ctx: &Ctx, g: &Gather) -> Result<Vec<ProgramSource>, BackendError> {
         ));
         s.push_str(LAYOUT_COMMENT);
         s.push_str(&ctx.dim_defines());
+        s.push_str(&vector_helpers(lanes.w));
         s.push_str("\n// ROW_PTR: row pointers of these rows, relative to their first nonzero\n");
         s.push_str(&constant_table(
             "ROW_PTR",
@@ -281,23 +361,25 @@ fn table(ctx: &Ctx, g: &Gather) -> Result<Vec<ProgramSource>, BackendError> {
 __kernel void {name}(
     {params}{dim_params})
 {{
-    const int b = get_global_id(0);
-    const int i = get_global_id(1);
-    if (b >= BATCH || i >= {nrows}) return;
-    const int r = {r0} + i;
+{prologue}    const int r = {r0} + i;
     const __global float* inb = {input} + b;
-    float acc = 0.0f;
+    __global float* outb = {output} + b;
+    {ty} acc = {zero};
     const uint end = ROW_PTR[i + 1];
     for (uint k = ROW_PTR[i]; k < end; ++k)
-        acc += {value} * inb[(int)COL[k] * LD];
+        acc += {value} * {load};
     {store}
 }}
 ",
             params = g.params(),
-            nrows = rows.len(),
+            prologue = lanes.prologue("BATCH", Some(("i", &rows.len().to_string()))),
             r0 = rows.start,
             input = g.input,
-            store = g.store(&format!("{}[r * LD + b]", g.output), "r"),
+            output = g.output,
+            ty = lanes.ty(),
+            zero = lanes.zero(),
+            load = lanes.load("inb", "(int)COL[k] * LD"),
+            store = lanes.store("outb", "r * LD", &g.value("r")),
         ));
         programs.push(ProgramSource {
             source: s,
@@ -305,7 +387,10 @@ __kernel void {name}(
                 name,
                 args: g.args(&dim_args),
                 grid: Grid {
-                    extent: [Extent::Batch, Extent::Items(rows.len())],
+                    extent: [
+                        Extent::Batch { per_item: lanes.w },
+                        Extent::Items(rows.len()),
+                    ],
                     local: wg.rows,
                 },
             }],
@@ -324,6 +409,10 @@ fn unrolled(ctx: &Ctx, g: &Gather) -> Result<Vec<ProgramSource>, BackendError> {
         )));
     }
     let wg = ctx.profile.work_groups();
+    // One batch column per work-item: straight-line code without loops, which PoCL
+    // vectorises across the work-items of a group (explicit vectors with a guarded partial
+    // last vector made the build several times slower).
+    let lanes = Lanes { w: 1 };
     // GPUs: one row per work-item (a switch over the chunk's rows), so a warp runs one row
     // for 32 batch columns. CPUs: one work-item runs every row of the chunk for its column.
     let per_row = ctx.profile.kind.is_gpu_like();
@@ -337,10 +426,12 @@ fn unrolled(ctx: &Ctx, g: &Gather) -> Result<Vec<ProgramSource>, BackendError> {
         "// unrolled: {} kernel(s) of about {} nonzeros; {}\n",
         chunks.len(),
         ctx.opts.unroll_chunk_nnz,
-        if per_row {
-            "one work-item per (batch column, row)"
-        } else {
-            "one work-item per batch column runs every row of its kernel"
+        match (per_row, lanes.w) {
+            (true, 1) => "one work-item per (batch column, row)".to_string(),
+            (true, w) => format!("one work-item per ({w} batch columns, row)"),
+            (false, 1) => "one work-item per batch column runs every row of its kernel".into(),
+            (false, w) =>
+                format!("one work-item per {w} batch columns runs every row of its kernel"),
         }
     ));
     if g.value_index.is_some() {
@@ -361,11 +452,9 @@ fn unrolled(ctx: &Ctx, g: &Gather) -> Result<Vec<ProgramSource>, BackendError> {
 __kernel void {name}(
     {params}{dim_params})
 {{
-    const int b = get_global_id(0);
-    if (b >= BATCH) return;
-    const __global float* inb = {input} + b;
+{prologue}    const __global float* inb = {input} + b;
     __global float* outb = {output} + b;
-    float acc;
+    {ty} acc;
 ",
             i + 1,
             chunks.len(),
@@ -375,8 +464,10 @@ __kernel void {name}(
             chunk.nnz.end,
             chunk.hash,
             params = g.params(),
+            prologue = lanes.prologue("BATCH", None),
             input = g.input,
             output = g.output,
+            ty = lanes.ty(),
         ));
         if per_row {
             s.push_str("    switch (get_global_id(1)) {\n");
@@ -389,19 +480,19 @@ __kernel void {name}(
                 s.push_str(&format!("    // row {r}\n"));
             }
             if range.is_empty() {
-                s.push_str(&format!("{ind}acc = 0.0f;\n"));
+                s.push_str(&format!("{ind}acc = {};\n", lanes.zero()));
             }
             for (j, k) in range.enumerate() {
                 let op = if j == 0 { "=" } else { "+=" };
                 s.push_str(&format!(
-                    "{ind}acc {op} values[{}] * inb[{} * LD];\n",
+                    "{ind}acc {op} values[{}] * {};\n",
                     g.value_at(k),
-                    p.col_idx()[k]
+                    lanes.load("inb", &format!("{} * LD", p.col_idx()[k]))
                 ));
             }
             s.push_str(&format!(
                 "{ind}{}\n",
-                g.store(&format!("outb[{r} * LD]"), &r.to_string())
+                lanes.store("outb", &format!("{r} * LD"), &g.value(&r.to_string()))
             ));
             if per_row {
                 s.push_str(&format!("{ind}break;\n"));
@@ -411,15 +502,16 @@ __kernel void {name}(
             s.push_str("    default:\n        break;\n    }\n");
         }
         s.push_str("}\n");
+        let batch = Extent::Batch { per_item: lanes.w };
         let grid = if per_row {
             Grid {
-                extent: [Extent::Batch, Extent::Items(chunk.rows.len())],
-                local: wg.rows,
+                extent: [batch, Extent::Items(chunk.rows.len())],
+                local: wg.unrolled,
             }
         } else {
             Grid {
-                extent: [Extent::Batch, Extent::Items(1)],
-                local: [wg.rows[0], 1],
+                extent: [batch, Extent::Items(1)],
+                local: [wg.unrolled[0], 1],
             }
         };
         kernels.push(KernelEntry {

@@ -339,12 +339,23 @@ fn unrolled_code_spells_out_every_nonzero() {
                 "{src}"
             );
         }
+        let vector = false; // unrolled code is scalar per batch column on every device
         for r in 0..p.rows() {
             for k in p.row_range(r) {
-                let term = format!("values[{k}] * inb[{} * LD];", p.col_idx()[k]);
+                let c = p.col_idx()[k];
+                let term = if vector {
+                    format!("values[{k}] * sj_load(inb + {c} * LD, n);")
+                } else {
+                    format!("values[{k}] * inb[{c} * LD];")
+                };
                 assert_eq!(src.matches(&term).count(), 1, "{term}");
             }
-            assert!(src.contains(&format!("outb[{r} * LD] = acc;")), "row {r}");
+            let store = if vector {
+                format!("sj_store(acc, outb + {r} * LD, n);")
+            } else {
+                format!("outb[{r} * LD] = acc;")
+            };
+            assert!(src.contains(&store), "row {r}");
         }
         assert_eq!(src.contains("switch"), profile.kind.is_gpu_like());
     }
@@ -481,13 +492,19 @@ fn edge_patterns_emit() {
 #[test]
 fn grids_round_up_and_skip_empty_dimensions() {
     let g = Grid {
-        extent: [Extent::Batch, Extent::Items(300)],
+        extent: [Extent::Batch { per_item: 1 }, Extent::Items(300)],
         local: [16, 4],
     };
     assert_eq!(g.global(100), Some([112, 300]));
     assert_eq!(g.global(1), Some([16, 300]));
     let g = Grid {
-        extent: [Extent::Batch, Extent::Items(0)],
+        extent: [Extent::Batch { per_item: 16 }, Extent::Items(300)],
+        local: [1, 16],
+    };
+    assert_eq!(g.global(100), Some([7, 304]));
+    assert_eq!(g.global(128), Some([8, 304]));
+    let g = Grid {
+        extent: [Extent::Batch { per_item: 1 }, Extent::Items(0)],
         local: [16, 4],
     };
     assert_eq!(g.global(100), None);

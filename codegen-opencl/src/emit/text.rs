@@ -25,6 +25,42 @@ inline float sj_dot(const __global float* restrict a,
 }
 ";
 
+/// `sj_load` and `sj_store`: `n ≤ w` batch columns as one `float{w}` vector (the lanes from
+/// `n` on are zero when loading and untouched when storing, so nothing past the batch is
+/// read or written). Empty for `w = 1`.
+pub(super) fn vector_helpers(w: usize) -> String {
+    if w <= 1 {
+        return String::new();
+    }
+    format!(
+        "
+// n <= {w} batch columns from p as one vector; lanes from n on are zero
+inline float{w} sj_load(const __global float* restrict p, const int n)
+{{
+    if (n == {w})
+        return vload{w}(0, p);
+    float t[{w}];
+    for (int i = 0; i < {w}; ++i)
+        t[i] = i < n ? p[i] : 0.0f;
+    return vload{w}(0, t);
+}}
+
+// the first n <= {w} lanes of v to p
+inline void sj_store(const float{w} v, __global float* restrict p, const int n)
+{{
+    if (n == {w}) {{
+        vstore{w}(v, 0, p);
+        return;
+    }}
+    float t[{w}];
+    vstore{w}(v, 0, t);
+    for (int i = 0; i < n; ++i)
+        p[i] = t[i];
+}}
+"
+    )
+}
+
 /// `__global const float* restrict NAME` (input) or `__global float* restrict NAME` (output).
 pub(super) fn float_param(name: &str, output: bool) -> String {
     if output {
