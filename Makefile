@@ -1,7 +1,7 @@
 # The two commands a fresh clone needs: `make train` (the main job) and `make test`.
 
 # Debian packages the tests need (OpenCL headers/loader and PoCL, the CPU OpenCL platform).
-DEB_PACKAGES :=
+DEB_PACKAGES := ocl-icd-opencl-dev pocl-opencl-icd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 
@@ -24,6 +24,7 @@ train:
 
 test: deps
 	$(CARGO) test --workspace --locked
+	$(CARGO) test -p codegen-opencl --features opencl --locked
 
 fmt:
 	$(CARGO) fmt --all -- --check
