@@ -453,6 +453,9 @@ impl CpuKernel {
                 let panels = g.panels_for(job.walk.in_rows(), batch);
                 self.mat_parts(&job, panels, parts, y);
             }
+            Args::SpmmT { values, dy, dx } if batch == 1 => {
+                generic::spmv_t_scatter(&Walk::of_pattern(p), values, dy, ld, dx)
+            }
             Args::SpmmT { values, dy, dx } => {
                 let t = g
                     .transposed

@@ -588,6 +588,35 @@ fn epilogue(v: f32, bias: Option<&[f32]>, r: usize, relu: bool) -> f32 {
     }
 }
 
+/// `spmm_t` at batch 1 as a scatter over the rows of `W` (`dX[c_k] += w_k·dY[r]`), which
+/// reads the values in order instead of gathering them through the transpose's value index
+/// (measured on 300×784 at 5 %: 14.8 µs with the gather kernel). One thread: the outputs of
+/// different rows collide.
+///
+/// `walk` is the walk of `W`; `dx` holds `walk.in_rows` rows of stride `ld`.
+pub(crate) fn spmv_t_scatter(
+    walk: &Walk<'_>,
+    values: &[f32],
+    dy: &[f32],
+    ld: usize,
+    dx: &mut [f32],
+) {
+    assert!(walk.vidx.is_none(), "the walk of W itself");
+    assert!(values.len() >= walk.values_len, "values length");
+    assert!(dy.len() >= span(walk.rows(), 1, ld), "dy length");
+    assert!(dx.len() >= span(walk.in_rows, 1, ld), "dx length");
+    for c in 0..walk.in_rows {
+        dx[c * ld] = 0.0;
+    }
+    for r in 0..walk.rows() {
+        let d = dy[r * ld];
+        let nz = walk.nnz_range(r..r + 1);
+        for (&c, &w) in walk.idx[nz.clone()].iter().zip(&values[nz]) {
+            dx[c as usize * ld] += w * d;
+        }
+    }
+}
+
 /// Batch 1 with scalar loads and four accumulators.
 ///
 /// # Safety
@@ -796,6 +825,18 @@ pub(crate) fn sddmm_part(
         "x length"
     );
     if job.batch == 1 {
+        #[cfg(target_arch = "x86_64")]
+        if w.vidx.is_none()
+            && usable(level) == IsaLevel::Avx512
+            && w.in_rows.saturating_mul(job.ld) <= i32::MAX as usize
+        {
+            let start = nz.start - base;
+            // SAFETY: AVX-512F is supported (`usable`); the rows' nonzeros lie in `dw` from
+            // `start` (checked above); `x` spans `in_rows` rows and the offsets `c·ld` fit
+            // in `i32`.
+            unsafe { sddmm1_avx512(job, rows, dw.as_mut_ptr().add(start)) };
+            return;
+        }
         for r in rows {
             let d = job.dy[r * job.ld];
             for k in w.nnz_range(r..r + 1) {
@@ -824,6 +865,51 @@ pub(crate) fn sddmm_part(
         (IsaLevel::Avx2Fma, true) => unsafe { sddmm_avx2::<true>(job, rows, out) },
         (_, false) => unsafe { sddmm_body::<Portable, false>(job, rows, out) },
         (_, true) => unsafe { sddmm_body::<Portable, true>(job, rows, out) },
+    }
+}
+
+/// `sddmm` at batch 1 with AVX-512 gathers: `dw[k] = dY[r]·X[c_k]`, 16 nonzeros a step.
+///
+/// # Safety
+///
+/// AVX-512F is available; `dw` points at the output of the first nonzero of `rows` and holds
+/// all of their nonzeros; the lengths of `sddmm_part` hold and `in_rows · ld` fits in `i32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sddmm1_avx512(job: &SddmmJob<'_>, rows: Range<usize>, dw: *mut f32) {
+    use std::arch::x86_64::*;
+    let ld = job.ld;
+    let idx = job.walk.idx.as_ptr();
+    let x = job.x.as_ptr();
+    let ldv = _mm512_set1_epi32(ld as i32);
+    let base = job.walk.nnz_range(rows.clone()).start;
+    for r in rows {
+        let nz = job.walk.nnz_range(r..r + 1);
+        // SAFETY: `r` is a row of the walk, `dy` spans its rows; positions `k..k+16` (or
+        // the masked tail) lie in the row's nonzeros; offsets are in range (see above).
+        unsafe {
+            let d = _mm512_set1_ps(*job.dy.as_ptr().add(r * ld));
+            let offsets = |ci: __m512i| {
+                if ld == 1 {
+                    ci
+                } else {
+                    _mm512_mullo_epi32(ci, ldv)
+                }
+            };
+            let mut k = nz.start;
+            while k + 16 <= nz.end {
+                let ci = _mm512_loadu_si512(idx.add(k) as *const __m512i);
+                let xv = _mm512_i32gather_ps::<4>(offsets(ci), x);
+                _mm512_storeu_ps(dw.add(k - base), _mm512_mul_ps(d, xv));
+                k += 16;
+            }
+            if k < nz.end {
+                let m: __mmask16 = ((1u32 << (nz.end - k)) - 1) as __mmask16;
+                let ci = _mm512_maskz_loadu_epi32(m, idx.add(k) as *const i32);
+                let xv = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, offsets(ci), x);
+                _mm512_mask_storeu_ps(dw.add(k - base), m, _mm512_mul_ps(d, xv));
+            }
+        }
     }
 }
 
