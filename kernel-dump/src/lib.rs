@@ -504,6 +504,7 @@ fn jit_artefacts(input: &Input, specs: &[KernelSpec], emit: Emit) -> Result<Vec<
             );
             let body = match emit {
                 Emit::Clif => f.clif,
+                Emit::Vcode => f.vcode,
                 _ => f.disasm,
             };
             text.push_str(body.unwrap_or(";; (not captured)\n"));

@@ -94,7 +94,26 @@ fn vcode_is_listed() {
         "vcode",
     ]);
     assert!(out.contains("small.spmm.b1.vcode"), "{out}");
+    // VCode is Cranelift's own listing: blocks and virtual-register-free machine instructions
+    assert!(out.contains("block0"), "{out}");
     assert!(out.contains("ret"), "{out}");
+    let asm = ok(&[
+        "--mask",
+        FIXTURE,
+        "--pattern",
+        "small",
+        "--op",
+        "spmm",
+        "--batch",
+        "1",
+        "--emit",
+        "asm",
+    ]);
+    assert_ne!(
+        asm.replace(".s =====", ""),
+        out.replace(".vcode =====", ""),
+        "asm and vcode differ"
+    );
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub(crate) struct ChunkCode {
     code_len: usize,
     clif: OnceLock<String>,
     disasm: OnceLock<String>,
+    vcode: OnceLock<String>,
 }
 
 impl ChunkCode {
@@ -72,6 +73,12 @@ impl ChunkCode {
     /// The disassembly, if it was captured.
     pub fn disasm(&self) -> Option<&str> {
         self.disasm.get().map(String::as_str)
+    }
+
+    /// Cranelift's VCode listing (machine instructions after register allocation), if it was
+    /// captured together with the disassembly.
+    pub fn vcode(&self) -> Option<&str> {
+        self.vcode.get().map(String::as_str)
     }
 }
 
@@ -195,10 +202,10 @@ pub(crate) fn compile_job(
         ));
     }
     let bytes = compiled.code_buffer();
-    let disasm = if capture.disasm {
-        Some(disassemble(isa, compiled)?)
+    let (disasm, vcode) = if capture.disasm {
+        (Some(disassemble(isa, compiled)?), compiled.vcode.clone())
     } else {
-        None
+        (None, None)
     };
     let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1))
         .map_err(|e| format!("allocating {} bytes of code memory: {e}", bytes.len()))?;
@@ -216,12 +223,16 @@ pub(crate) fn compile_job(
         code_len,
         clif: OnceLock::new(),
         disasm: OnceLock::new(),
+        vcode: OnceLock::new(),
     };
     if let Some(text) = clif {
         let _ = chunk.clif.set(text);
     }
     if let Some(text) = disasm {
         let _ = chunk.disasm.set(text);
+    }
+    if let Some(text) = vcode {
+        let _ = chunk.vcode.set(text);
     }
     Ok(Arc::new(chunk))
 }
@@ -249,6 +260,9 @@ pub(crate) fn fill_text(
             .compile(isa, &mut ControlPlane::default())
             .map_err(|e| format!("{:?}", e.inner))?;
         let _ = code.disasm.set(disassemble(isa, compiled)?);
+        if let Some(vcode) = compiled.vcode.clone() {
+            let _ = code.vcode.set(vcode);
+        }
     }
     Ok(())
 }

@@ -170,6 +170,8 @@ pub struct FunctionInfo<'a> {
     pub clif: Option<&'a str>,
     /// Machine code listing, when captured.
     pub disasm: Option<&'a str>,
+    /// Cranelift's VCode listing, captured with the disassembly.
+    pub vcode: Option<&'a str>,
 }
 
 struct ChunkRun {
@@ -456,6 +458,7 @@ impl JitKernel {
                 reused: c.reused,
                 clif: c.code.clif(),
                 disasm: c.code.disasm(),
+                vcode: c.code.vcode(),
             })
     }
 
