@@ -220,7 +220,7 @@ pub const PARALLEL_MIN_FMAS: usize = 64 * 1024;
 /// Costs of the generic kernels at one ISA level, in nanoseconds: per vector multiply-add
 /// with the input in L1, L2 or beyond (large layers run in input panels); per nonzero and
 /// batch-block pass (index, value, broadcast); per output row and pass (epilogue, stores);
-/// per nonzero at batch 1 for `spmm`, `spmm_t` (value gather) and `sddmm`; per `sddmm`
+/// per nonzero at batch 1 for `spmm`, `spmm_t` (a scatter) and `sddmm`; per `sddmm`
 /// reduction. Fitted to `examples/spmm_bench.rs` medians (2-core AVX-512 machine).
 struct GenericCosts {
     lanes: usize,
@@ -245,8 +245,8 @@ fn generic_costs(isa: IsaLevel) -> GenericCosts {
             nz: 0.35,
             row: 3.0,
             b1_spmm: 0.5,
-            b1_spmm_t: 1.3,
-            b1_sddmm: 0.95,
+            b1_spmm_t: 0.9,
+            b1_sddmm: 0.5,
             reduce: 1.0,
         },
         IsaLevel::Avx2Fma => GenericCosts {
@@ -257,7 +257,7 @@ fn generic_costs(isa: IsaLevel) -> GenericCosts {
             nz: 0.35,
             row: 3.0,
             b1_spmm: 0.45,
-            b1_spmm_t: 1.1,
+            b1_spmm_t: 0.9,
             b1_sddmm: 0.95,
             reduce: 1.0,
         },
@@ -269,7 +269,7 @@ fn generic_costs(isa: IsaLevel) -> GenericCosts {
             nz: 0.4,
             row: 5.0,
             b1_spmm: 0.5,
-            b1_spmm_t: 1.2,
+            b1_spmm_t: 0.9,
             b1_sddmm: 0.95,
             reduce: 2.0,
         },
