@@ -404,6 +404,7 @@ impl Dataset {
     /// quick runs and tests; `None` keeps everything).
     pub fn limit(&mut self, train: Option<usize>, eval: Option<usize>) {
         let f = self.shape.features();
+        let (n_train, n_test) = (self.train_labels.len(), self.test_labels.len());
         if let Some(t) = train {
             if t < self.split_at {
                 // Drop training samples between t and the split; keep the validation part.
@@ -420,7 +421,8 @@ impl Dataset {
             self.test_images.truncate(t * f);
             self.test_labels.truncate(t);
         }
-        if self.nonzeros.is_some() {
+        let changed = (n_train, n_test) != (self.train_labels.len(), self.test_labels.len());
+        if changed && self.nonzeros.is_some() {
             self.nonzeros = Nonzeros::build(&self.train_images, &self.test_images, f);
         }
     }
