@@ -83,12 +83,14 @@ impl Parse for OpArg {
                 match part.to_string().as_str() {
                     "bias" if !bias => bias = true,
                     "relu" if !relu => relu = true,
-                    _ => return Err(syn::Error::new(
-                        part.span(),
-                        format!(
+                    _ => {
+                        return Err(syn::Error::new(
+                            part.span(),
+                            format!(
                             "unknown or repeated epilogue `{part}`: expected `bias` and/or `relu`"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
         }
