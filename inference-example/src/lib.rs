@@ -6,6 +6,10 @@
 //! generated from its `fc{1,2,3}.mask` and `fc{1,2,3}.weight`; the biases are read from the
 //! same file at run time ([`Biases::load`]). Layout is the project's feature-major one:
 //! activations are `[features × ld]`, sample `b` in column `b`.
+//!
+//! Everything here is behind the `baked` feature (see `Cargo.toml`): compiling the three
+//! baked kernels takes minutes, which the workspace's tests and CI do not spend.
+#![cfg(feature = "baked")]
 
 use std::path::{Path, PathBuf};
 
