@@ -22,16 +22,23 @@
 //! columns `batch..ld` (allowed: kernels leave padding unspecified), so no scalar tail is
 //! needed; otherwise the remainder gets a pass of its own (vectors, then scalars).
 //!
-//! `sddmm` computes one dot product per nonzero over the batch: batch 1 is a scalar product;
-//! batches under 16 keep the `dY` row in registers for the whole row; wider batches run a loop
-//! over 16-float blocks per nonzero with four vector accumulators. It never reads padding
-//! columns (they would pollute the sums).
+//! `sddmm` computes one dot product per nonzero over the batch and never reads padding columns
+//! (they would pollute the sums). Below 16 columns the `dY` row stays in registers for the
+//! row, each nonzero is one FMA chain, and the sums of four consecutive nonzeros are reduced
+//! together (a 4×4 transpose folded into the additions) and stored as one vector. From 16
+//! columns on, each row runs a loop over 16-column blocks whose body holds the `dY` block in
+//! registers and adds four products per nonzero to a partial sum in a stack slot, so the
+//! row's code stays small and hot in the instruction cache.
+//!
+//! Cranelift merges a load into the instruction using it only if the loaded value, and every
+//! value computed from it, is used once; the generators keep to that (ReLU is an integer
+//! maximum rather than a sign mask, for instance) wherever the shape allows.
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    AbiParam, BlockArg, ConstantData, Function, InstBuilder, MemFlagsData, Signature, UserFuncName,
-    Value,
+    AbiParam, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature,
+    StackSlotData, StackSlotKind, UserFuncName, Value,
 };
 use cranelift_codegen::isa::TargetIsa;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
@@ -211,6 +218,9 @@ pub(crate) fn build_function(
             }
             ChunkOp::SpmmT => {
                 e.spmm(src, params[0], params[1], params[2], Epilogue::NONE);
+            }
+            ChunkOp::Sddmm if shape.batch >= 16 => {
+                e.sddmm_wide(src, params[0], params[1], params[2])
             }
             ChunkOp::Sddmm => e.sddmm(src, params[0], params[1], params[2]),
         }
@@ -465,104 +475,220 @@ impl Emitter<'_, '_> {
         self.sum_tree(lanes).expect("four lanes")
     }
 
-    fn sddmm(&mut self, src: &ChunkSource<'_>, dy: Value, x: Value, dw: Value) {
+    /// `[Σa₀, Σa₁, Σa₂, Σa₃]`: the lane sums of four vectors as one vector (a 4×4 transpose
+    /// folded into the additions: four unpacks, three additions, two 64-bit unpacks).
+    fn transpose_sum(&mut self, a: [Value; 4]) -> Value {
+        let le = MemFlagsData::new().with_endianness(Endianness::Little);
+        let bytes: Vec<Value> = a
+            .iter()
+            .map(|&v| self.b.ins().bitcast(I8X16, le, v))
+            .collect();
+        let lo01 = self.shuffle_lanes(bytes[0], bytes[1], [0, 4, 1, 5]);
+        let hi01 = self.shuffle_lanes(bytes[0], bytes[1], [2, 6, 3, 7]);
+        let lo23 = self.shuffle_lanes(bytes[2], bytes[3], [0, 4, 1, 5]);
+        let hi23 = self.shuffle_lanes(bytes[2], bytes[3], [2, 6, 3, 7]);
+        let mut f = |v| self.b.ins().bitcast(F32X4, le, v);
+        let (lo01, hi01, lo23, hi23) = (f(lo01), f(hi01), f(lo23), f(hi23));
+        // u01 = [a0.0+a0.2, a1.0+a1.2, a0.1+a0.3, a1.1+a1.3], likewise u23
+        let u01 = self.b.ins().fadd(lo01, hi01);
+        let u23 = self.b.ins().fadd(lo23, hi23);
+        let u01 = self.b.ins().bitcast(I8X16, le, u01);
+        let u23 = self.b.ins().bitcast(I8X16, le, u23);
+        let lo = self.shuffle_lanes(u01, u23, [0, 1, 4, 5]);
+        let hi = self.shuffle_lanes(u01, u23, [2, 3, 6, 7]);
+        let lo = self.b.ins().bitcast(F32X4, le, lo);
+        let hi = self.b.ins().bitcast(F32X4, le, hi);
+        self.b.ins().fadd(lo, hi)
+    }
+
+    /// A shuffle of 32-bit lanes (`0..4` from `a`, `4..8` from `b`) of two `i8x16` values.
+    fn shuffle_lanes(&mut self, a: Value, b: Value, lanes: [u8; 4]) -> Value {
+        let bytes: Vec<u8> = lanes
+            .iter()
+            .flat_map(|&l| (0..4).map(move |i| 4 * l + i))
+            .collect();
+        let imm = self.b.func.dfg.immediates.push(ConstantData::from(bytes));
+        self.b.ins().shuffle(a, b, imm)
+    }
+
+    /// Stores the lane sums of pending vectors: four at a time as one vector, the rest (at
+    /// the end of the chunk, `flush`) one by one.
+    fn store_sums(&mut self, pending: &mut Vec<(usize, Value)>, dws: &mut Rebased, flush: bool) {
+        if pending.len() == 4 {
+            let sums = self.transpose_sum([pending[0].1, pending[1].1, pending[2].1, pending[3].1]);
+            let (ptr, disp) = self.rebased(dws, pending[0].0);
+            self.b.ins().store(self.flags, sums, ptr, disp);
+            pending.clear();
+        } else if flush {
+            for (k, v) in std::mem::take(pending) {
+                let sum = self.hsum(v);
+                let (ptr, disp) = self.rebased(dws, k);
+                self.b.ins().store(self.flags, sum, ptr, disp);
+            }
+        }
+    }
+
+    /// `sddmm` for batches of 16 and more: per row, a loop over 16-column blocks whose body
+    /// holds the block of `dY` in four registers and, per nonzero, adds four products to the
+    /// nonzero's partial sum kept in a stack slot. The row's code stays small and hot across
+    /// the blocks; the columns after the last block start the partial sums.
+    fn sddmm_wide(&mut self, src: &ChunkSource<'_>, dy: Value, x: Value, dw: Value) {
         let Shape { batch, ld, .. } = self.shape;
         let blocks16 = batch / 16;
-        let rest_vectors = (batch % 16) / 4;
+        let tail = 16 * blocks16;
+        let rest_vectors = (batch - tail) / 4;
         let scalars = batch % 4;
-        let tail = 16 * blocks16; // first column after the 16-float blocks
+        let max_row = (0..src.rows())
+            .map(|r| src.row_range(r).len())
+            .max()
+            .unwrap_or(0);
+        if max_row == 0 {
+            return;
+        }
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            u32::try_from(16 * max_row).expect("row fits the stack"),
+            4,
+        ));
+        let partial = self.b.ins().stack_addr(I64, slot, 0);
         let mut dws = Rebased::new(dw);
+        let mut pending: Vec<(usize, Value)> = Vec::with_capacity(4);
         for r in 0..src.rows() {
             let range = src.row_range(r);
             if range.is_empty() {
                 continue;
             }
             let dy_row = r * ld;
-            // Below 16 columns the whole dY row lives in registers for the row.
-            let cached: Option<Vec<Value>> = (blocks16 == 0).then(|| {
-                let mut v: Vec<Value> = (0..rest_vectors)
-                    .map(|l| self.load(F32X4, dy, dy_row + 4 * l))
-                    .collect();
-                v.extend((0..scalars).map(|s| self.load(F32, dy, dy_row + 4 * rest_vectors + s)));
-                v
-            });
-            for k in range {
+            // start: the vector columns after the blocks, or zero
+            let dy_rest: Vec<Value> = (0..rest_vectors)
+                .map(|l| self.load(F32X4, dy, dy_row + tail + 4 * l))
+                .collect();
+            let zero = (rest_vectors == 0).then(|| self.zero(true));
+            for (j, k) in range.clone().enumerate() {
                 let x_row = src.col_idx[k] as usize * ld;
-                let mut accs: Vec<Option<Value>> = vec![None; 4];
-                if blocks16 == 1 {
-                    for (l, acc) in accs.iter_mut().enumerate() {
-                        let d = self.load(F32X4, dy, dy_row + 4 * l);
-                        let xv = self.load(F32X4, x, x_row + 4 * l);
-                        *acc = Some(self.mul_add(d, xv, None));
-                    }
-                } else if blocks16 > 1 {
-                    let body = self.b.create_block();
-                    let exit = self.b.create_block();
-                    let o = self.b.append_block_param(body, I64);
-                    let mut params = vec![o];
-                    for _ in 0..4 {
-                        params.push(self.b.append_block_param(body, F32X4));
-                    }
-                    for _ in 0..4 {
-                        self.b.append_block_param(exit, F32X4);
-                    }
-                    let zero = self.b.ins().iconst(I64, 0);
-                    let zv = self.zero(true);
-                    self.b.ins().jump(
-                        body,
-                        &[zero.into(), zv.into(), zv.into(), zv.into(), zv.into()],
-                    );
-                    self.b.switch_to_block(body);
-                    let dyo = self.b.ins().iadd(dy, o);
-                    let xo = self.b.ins().iadd(x, o);
-                    let mut next_accs = Vec::with_capacity(4);
-                    for l in 0..4 {
-                        let d = self.load(F32X4, dyo, dy_row + 4 * l);
-                        let xv = self.load(F32X4, xo, x_row + 4 * l);
-                        next_accs.push(self.mul_add(d, xv, Some(params[1 + l])));
-                    }
-                    let next = self.b.ins().iadd_imm_s(o, 64);
-                    let more = self
-                        .b
-                        .ins()
-                        .icmp_imm_s(IntCC::NotEqual, next, 64 * blocks16 as i64);
-                    let mut args: Vec<BlockArg> = vec![next.into()];
-                    args.extend(next_accs.iter().map(|&v| BlockArg::from(v)));
-                    let exit_args: Vec<BlockArg> = next_accs.iter().map(|&v| v.into()).collect();
-                    self.b.ins().brif(more, body, &args, exit, &exit_args);
-                    self.b.switch_to_block(exit);
-                    let out = self.b.block_params(exit).to_vec();
-                    for (acc, v) in accs.iter_mut().zip(out) {
-                        *acc = Some(v);
-                    }
-                }
-                // the remaining vectors, then scalars
-                for l in 0..rest_vectors {
-                    let d = match &cached {
-                        Some(c) => c[l],
-                        None => self.load(F32X4, dy, dy_row + tail + 4 * l),
-                    };
+                let mut acc = None;
+                for (l, &d) in dy_rest.iter().enumerate() {
                     let xv = self.load(F32X4, x, x_row + tail + 4 * l);
-                    accs[l] = Some(self.mul_add(d, xv, accs[l]));
+                    acc = Some(self.mul_add(d, xv, acc));
                 }
-                let vec_parts: Vec<Value> = accs.iter().flatten().copied().collect();
+                let v = acc.or(zero).expect("rest or zero");
+                self.b.ins().store(self.flags, v, partial, (16 * j) as i32);
+            }
+            // the 16-column blocks
+            let body = self.b.create_block();
+            let exit = self.b.create_block();
+            let dyp = self.b.append_block_param(body, I64);
+            let xp = self.b.append_block_param(body, I64);
+            let dy_end = self.b.ins().iadd_imm_s(dy, 64 * blocks16 as i64);
+            self.b.ins().jump(body, &[dy.into(), x.into()]);
+            self.b.switch_to_block(body);
+            let d: Vec<Value> = (0..4)
+                .map(|l| self.load(F32X4, dyp, dy_row + 4 * l))
+                .collect();
+            for (j, k) in range.clone().enumerate() {
+                let x_row = src.col_idx[k] as usize * ld;
+                let mut a = self
+                    .b
+                    .ins()
+                    .load(F32X4, self.flags, partial, (16 * j) as i32);
+                for (l, &dl) in d.iter().enumerate() {
+                    let xv = self.load(F32X4, xp, x_row + 4 * l);
+                    a = self.mul_add(dl, xv, Some(a));
+                }
+                self.b.ins().store(self.flags, a, partial, (16 * j) as i32);
+            }
+            let dy_next = self.b.ins().iadd_imm_s(dyp, 64);
+            let x_next = self.b.ins().iadd_imm_s(xp, 64);
+            let more = self.b.ins().icmp(IntCC::NotEqual, dy_next, dy_end);
+            self.b
+                .ins()
+                .brif(more, body, &[dy_next.into(), x_next.into()], exit, &[]);
+            self.b.switch_to_block(exit);
+            // finish: the scalar columns, then the sums
+            let dy_scalars: Vec<Value> = (0..scalars)
+                .map(|s| self.load(F32, dy, dy_row + tail + 4 * rest_vectors + s))
+                .collect();
+            for (j, k) in range.enumerate() {
+                let x_row = src.col_idx[k] as usize * ld;
+                let mut v = self
+                    .b
+                    .ins()
+                    .load(F32X4, self.flags, partial, (16 * j) as i32);
                 let mut parts = Vec::new();
-                if let Some(v) = self.sum_tree(vec_parts) {
-                    parts.push(self.hsum(v));
-                }
-                for s in 0..scalars {
-                    let d = match &cached {
-                        Some(c) => c[rest_vectors + s],
-                        None => self.load(F32, dy, dy_row + tail + 4 * rest_vectors + s),
-                    };
+                for (s, &d) in dy_scalars.iter().enumerate() {
                     let xs = self.load(F32, x, x_row + tail + 4 * rest_vectors + s);
                     parts.push(self.b.ins().fmul(d, xs));
                 }
-                let v = self.sum_tree(parts).expect("batch ≥ 1");
-                let (ptr, disp) = self.rebased(&mut dws, k);
-                self.b.ins().store(self.flags, v, ptr, disp);
+                if let Some(sc) = self.sum_tree(parts) {
+                    let sv = self.b.ins().scalar_to_vector(F32X4, sc);
+                    v = self.b.ins().fadd(v, sv);
+                }
+                pending.push((k, v));
+                self.store_sums(&mut pending, &mut dws, false);
             }
         }
+        self.store_sums(&mut pending, &mut dws, true);
+    }
+
+    /// `sddmm` for batches under 16: the `dY` row stays in registers for the whole row, each
+    /// nonzero is one short dot product (one FMA chain over the vector columns, scalar
+    /// columns folded into lane 0), and the sums are reduced four nonzeros at a time.
+    fn sddmm(&mut self, src: &ChunkSource<'_>, dy: Value, x: Value, dw: Value) {
+        let Shape { batch, ld, .. } = self.shape;
+        debug_assert!(batch < 16);
+        let vectors = batch / 4;
+        let scalars = batch % 4;
+        let mut dws = Rebased::new(dw);
+        // Vector sums of consecutive nonzeros waiting to be reduced four at a time.
+        let mut pending: Vec<(usize, Value)> = Vec::with_capacity(4);
+        for r in 0..src.rows() {
+            let range = src.row_range(r);
+            if range.is_empty() {
+                continue;
+            }
+            let dy_row = r * ld;
+            let dy_v: Vec<Value> = (0..vectors)
+                .map(|l| self.load(F32X4, dy, dy_row + 4 * l))
+                .collect();
+            let dy_s: Vec<Value> = (0..scalars)
+                .map(|s| self.load(F32, dy, dy_row + 4 * vectors + s))
+                .collect();
+            for k in range {
+                let x_row = src.col_idx[k] as usize * ld;
+                let mut vector = None;
+                for (l, &d) in dy_v.iter().enumerate() {
+                    let xv = self.load(F32X4, x, x_row + 4 * l);
+                    vector = Some(self.mul_add(d, xv, vector));
+                }
+                let mut parts = Vec::new();
+                for (s, &d) in dy_s.iter().enumerate() {
+                    let xs = self.load(F32, x, x_row + 4 * vectors + s);
+                    parts.push(self.b.ins().fmul(d, xs));
+                }
+                let scalar = self.sum_tree(parts);
+                match (vector, scalar) {
+                    (Some(v), scalar) => {
+                        // fold the scalar columns into lane 0, reduce later
+                        let v = match scalar {
+                            Some(s) => {
+                                let sv = self.b.ins().scalar_to_vector(F32X4, s);
+                                self.b.ins().fadd(v, sv)
+                            }
+                            None => v,
+                        };
+                        debug_assert!(pending.last().is_none_or(|&(last, _)| last + 1 == k));
+                        pending.push((k, v));
+                        self.store_sums(&mut pending, &mut dws, false);
+                    }
+                    (None, Some(s)) => {
+                        let (ptr, disp) = self.rebased(&mut dws, k);
+                        self.b.ins().store(self.flags, s, ptr, disp);
+                    }
+                    (None, None) => unreachable!("batch ≥ 1"),
+                }
+            }
+        }
+        self.store_sums(&mut pending, &mut dws, true);
     }
 }
 
