@@ -135,13 +135,18 @@ fn compile() {
         ),
     ];
     for (op, batch, ld) in [
-        (Op::SPMM, 1, 1),
+        (Op::SPMM, 1, 16),
         (Op::SPMM, 8, 16),
-        (Op::SpmmT, 1, 1),
+        (Op::SPMM, 100, 112),
+        (Op::SpmmT, 1, 16),
+        (Op::SpmmT, 8, 16),
         (Op::Sddmm, 8, 16),
+        (Op::Sddmm, 100, 112),
     ] {
         let s = spec(&p, op, batch, ld);
-        for (name, o) in &variants {
+        // every variant for the forward op at batch 1 and 8, the main ones for the rest
+        let all = op == Op::SPMM && batch <= 8;
+        for (name, o) in variants.iter().filter(|(n, _)| all || n.contains("thread")) {
             let (us, cpu, bytes) = compile_us_per_nnz(&s, o, 5);
             println!(
                 "  {:7} batch {batch:3} ld {ld:3}  {name:24} wall {us:6.2} µs/nnz  cpu {cpu:6.2} µs/nnz  {bytes:7} B",
@@ -334,8 +339,8 @@ fn kernel() {
 
 fn shapes() {
     let base = JitOptions::default();
-    let mut variants: Vec<(String, JitOptions)> = Vec::new();
-    for acc in 1..=4 {
+    let mut variants: Vec<(String, JitOptions)> = vec![("defaults".into(), base.clone())];
+    for acc in [1, 2] {
         variants.push((
             format!("acc {acc}"),
             JitOptions {
@@ -344,7 +349,7 @@ fn shapes() {
             },
         ));
     }
-    for g in [1, 2] {
+    for g in [2, 4] {
         variants.push((
             format!("vectors {g}"),
             JitOptions {
@@ -412,6 +417,52 @@ fn compile_loop() {
     println!("{op} batch {batch}: median {:.2} µs/nnz", median(&mut t));
 }
 
+/// `sizes`: machine code bytes per row and per nonzero of every op and batch class, fitted
+/// by least squares over a few random layers (the constants of `jit::estimate`).
+fn sizes() {
+    let layers: Vec<Arc<Pattern>> = [
+        (300, 784, 0.05),
+        (100, 300, 0.05),
+        (300, 784, 0.2),
+        (1000, 100, 0.02),
+        (64, 2000, 0.1),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(r, c, d))| Arc::new(random_pattern(r, c, d, i as u64)))
+    .collect();
+    for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+        for (batch, ld) in (1..16).map(|b| (b, 16)).chain([(16, 16), (100, 112)]) {
+            // least squares of bytes = a·rows + b·nnz (rows of the code's own pattern)
+            let (mut srr, mut srn, mut snn, mut srb, mut snb) = (0.0, 0.0, 0.0, 0.0, 0.0);
+            let mut samples = Vec::new();
+            for p in &layers {
+                let k = JitKernel::compile(&spec(p, op, batch, ld)).unwrap();
+                let rows = if op == Op::SpmmT { p.cols() } else { p.rows() } as f64;
+                let (n, b) = (p.nnz() as f64, k.stats().code_bytes as f64);
+                srr += rows * rows;
+                srn += rows * n;
+                snn += n * n;
+                srb += rows * b;
+                snb += n * b;
+                samples.push((rows, n, b));
+            }
+            let det = srr * snn - srn * srn;
+            let a = (srb * snn - snb * srn) / det;
+            let bn = (snb * srr - srb * srn) / det;
+            let worst = samples
+                .iter()
+                .map(|&(r, n, b)| ((a * r + bn * n) / b - 1.0).abs())
+                .fold(0.0, f64::max);
+            println!(
+                "{:7} batch {batch:3} ld {ld:3}: {a:7.1} B/row + {bn:6.2} B/nnz   (worst fit error {:.1} %)",
+                op.to_string(),
+                100.0 * worst
+            );
+        }
+    }
+}
+
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match what.as_str() {
@@ -419,6 +470,7 @@ fn main() {
         "kernel" => kernel(),
         "shapes" => shapes(),
         "compile-loop" => compile_loop(),
+        "sizes" => sizes(),
         "case" => {
             // case OP ROWS COLS BATCH LD
             let a: Vec<String> = std::env::args().skip(2).collect();

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use codegen_cpu::jit::{JitKernel, JitOptions, Regalloc};
+use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -240,6 +240,32 @@ fn every_code_shape_option() {
         ..JitOptions::default()
     };
     check_all_ops(&p, 7, 8, &single_pass);
+}
+
+#[test]
+fn estimates_code_size_without_compiling() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let p = Arc::new(random_pattern(120, 250, 0.06, &mut rng));
+    for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+        for (batch, ld) in [(1, 16), (3, 16), (8, 16), (13, 16), (40, 48)] {
+            let spec = KernelSpec::new("fc", op, p.clone(), Dim::Fixed(batch), Dim::Fixed(ld));
+            let spec = spec.unwrap();
+            let e = estimate(&spec).unwrap();
+            let k = JitKernel::compile(&spec).unwrap();
+            let actual = k.stats().code_bytes as f64;
+            let ratio = e.code_bytes as f64 / actual;
+            assert!(
+                (0.8..1.25).contains(&ratio),
+                "{op} batch {batch}: estimated {} bytes, compiled {actual}",
+                e.code_bytes
+            );
+            assert_eq!(e.fits_l1i, e.code_bytes <= 24 * 1024);
+        }
+    }
+    let any = KernelSpec::any_batch("fc", Op::SPMM, p.clone()).unwrap();
+    assert!(estimate(&any).is_none());
+    let grad = KernelSpec::new("fc", Op::DenseGrad, p, Dim::Fixed(1), Dim::Fixed(1)).unwrap();
+    assert!(estimate(&grad).is_none());
 }
 
 #[test]

@@ -13,8 +13,19 @@
 //! after a mask update only the chunks whose rows changed compile. A chunk's machine code is
 //! unmapped when the last kernel using it is dropped. [`CompileStats`] tells what happened.
 //!
-//! The code shapes are described in the `emit` module; the defaults of [`JitOptions`] were
-//! chosen by measurement (see `examples/jit_bench.rs`).
+//! The code shapes are described in the `emit` module. The defaults of [`JitOptions`] were
+//! chosen by measurement on the 2-core development machine (`examples/jit_bench.rs`, single
+//! thread, medians of interleaved runs):
+//!
+//! - `opt_level` `none`: `speed` compiles 8× slower and its kernels run 3–4× slower (it
+//!   hoists the weight loads out of the rows and spills them);
+//! - one `f32x4` per batch block (`block_vectors = 1`), looping over the blocks: half the code
+//!   of two vectors, and code size is what decides (1.2–1.8× faster at batch 8);
+//! - four accumulator sets per row: one set is 1.2–1.4× slower, two are within noise of four;
+//! - chunks of ~1000 nonzeros: 250 or 4000 compile 10–30 % slower per nonzero;
+//! - the backtracking register allocator with the verifier off: about 3 µs per nonzero on one
+//!   thread for `spmm`/`spmm_t`; the verifier doubles that; `single_pass` halves it at a cost
+//!   of 0–8 % kernel speed and 5–10 % more code ([`Regalloc::SinglePass`]).
 
 mod code;
 mod emit;
@@ -151,6 +162,65 @@ impl CompileStats {
 /// that code is freed when no kernel uses it).
 pub fn live_code() -> (usize, usize) {
     code::live()
+}
+
+/// What compiling a spec would give, predicted without compiling (for planners).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JitEstimate {
+    /// Machine code bytes of all the kernel's functions (a fit of measured sizes, within 4 %).
+    pub code_bytes: usize,
+    /// Single-thread compile time, microseconds (about 0.2 µs per byte of code with the
+    /// default options, measured on the 2-core development machine).
+    pub compile_us: f64,
+    /// Whether the code fits the 32 KiB L1 instruction cache with room to spare (24 KiB):
+    /// the measured region where the JIT beats the generic kernels (batch 1 and small
+    /// layers at batch 8); above it the code streams from L2 on every call.
+    pub fits_l1i: bool,
+}
+
+/// Measured `sddmm` code bytes per row and per nonzero for batches 1 to 15 (scalar columns
+/// cost more than vector ones).
+const SDDMM_ROW_BYTES: [f64; 15] = [
+    6.9, 13.8, 20.7, 6.9, 13.8, 20.1, 24.3, 10.3, 17.0, 22.1, 25.3, 13.7, 19.3, 23.1, 26.3,
+];
+const SDDMM_NNZ_BYTES: [f64; 15] = [
+    13.1, 25.1, 37.1, 22.4, 46.4, 63.1, 82.1, 39.4, 63.6, 81.6, 102.1, 56.4, 81.9, 101.6, 122.1,
+];
+
+/// L1 instruction cache budget for [`JitEstimate::fits_l1i`].
+const L1I_BUDGET: usize = 24 * 1024;
+
+/// Predicts the code size and compile time of `JitKernel::compile(spec)` with the default
+/// options, without compiling; `None` where the JIT does not compile the spec (`dense_grad`,
+/// a batch or `ld` not fixed).
+///
+/// Bytes per row and per nonzero were fitted by least squares on five random layers
+/// (`jit_bench sizes`); they depend on the op and on the batch only through its shape class.
+pub fn estimate(spec: &KernelSpec) -> Option<JitEstimate> {
+    let (Dim::Fixed(batch), Dim::Fixed(_)) = (spec.batch(), spec.ld()) else {
+        return None;
+    };
+    let p = spec.pattern();
+    // (bytes per row of the code's pattern, bytes per nonzero)
+    let (per_row, per_nnz, rows) = match spec.op() {
+        Op::Spmm { .. } if batch == 1 => (11.0, 14.1, p.rows()),
+        Op::Spmm { .. } => (11.0, 15.2, p.rows()),
+        Op::SpmmT if batch == 1 => (15.0, 17.0, p.cols()),
+        Op::SpmmT => (15.0, 18.0, p.cols()),
+        Op::Sddmm if batch < 16 => (
+            SDDMM_ROW_BYTES[batch - 1],
+            SDDMM_NNZ_BYTES[batch - 1],
+            p.rows(),
+        ),
+        Op::Sddmm => (24.0, 106.0, p.rows()),
+        Op::DenseGrad => return None,
+    };
+    let code_bytes = (per_row * rows as f64 + per_nnz * p.nnz() as f64).round() as usize;
+    Some(JitEstimate {
+        code_bytes,
+        compile_us: 0.2 * code_bytes as f64,
+        fits_l1i: code_bytes <= L1I_BUDGET,
+    })
 }
 
 /// One chunk function of a kernel, for dumps.
