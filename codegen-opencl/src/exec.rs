@@ -221,6 +221,8 @@ struct Inner {
     programs: Mutex<HashMap<u64, Weak<Program>>>,
     /// The generic program, built at most once and kept for the backend's life.
     csr: Mutex<Option<Arc<Program>>>,
+    /// The hash of the generic program's source.
+    csr_hash: u64,
     /// Compiled kernels by cache key; weak for the same reason.
     kernels: Mutex<HashMap<CacheKey, Weak<Compiled>>>,
     stats: Mutex<Stats>,
@@ -294,6 +296,7 @@ impl OpenClBackend {
                 queue,
                 programs: Mutex::new(HashMap::new()),
                 csr: Mutex::new(None),
+                csr_hash: xxhash_rust::xxh3::xxh3_64(csr_library(&info.profile()).as_bytes()),
                 kernels: Mutex::new(HashMap::new()),
                 stats: Mutex::new(Stats::default()),
             }),
@@ -399,7 +402,7 @@ impl OpenClBackend {
         built: &mut usize,
     ) -> Result<Arc<Program>, BackendError> {
         let key = source.hash();
-        let is_csr = source.source == csr_library(&self.inner.profile);
+        let is_csr = key == self.inner.csr_hash;
         if is_csr {
             if let Some(p) = lock(&self.inner.csr).as_ref() {
                 return Ok(p.clone());
