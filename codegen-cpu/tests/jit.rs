@@ -197,6 +197,23 @@ fn edge_case_patterns() {
 }
 
 #[test]
+fn long_rows() {
+    // rows of 300 and 129 nonzeros: longer than the chunk target and than sddmm's segment
+    let mut mask = vec![0u8; 4 * 300];
+    mask[300..600].fill(1);
+    mask[900..1029].fill(1);
+    mask[5] = 1;
+    let p = Pattern::from_dense_mask(4, 300, &mask).unwrap();
+    let options = JitOptions {
+        chunk_nnz: 100,
+        ..JitOptions::default()
+    };
+    for (batch, ld) in [(1, 1), (7, 8), (16, 16), (37, 40)] {
+        check_all_ops(&p, batch, ld, &options);
+    }
+}
+
+#[test]
 fn named_batches() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let p = random_pattern(23, 41, 0.15, &mut rng);

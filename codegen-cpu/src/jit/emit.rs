@@ -231,6 +231,9 @@ pub(crate) fn build_function(
     func
 }
 
+/// Nonzeros of a row whose partial sums `sddmm` keeps on the stack at a time (2 KiB).
+const SDDMM_SEGMENT: usize = 128;
+
 /// Accesses never trap (every offset is in bounds once `Args::check` passed) and are only
 /// element-aligned.
 fn mem_flags() -> MemFlagsData {
@@ -538,26 +541,32 @@ impl Emitter<'_, '_> {
         let tail = 16 * blocks16;
         let rest_vectors = (batch - tail) / 4;
         let scalars = batch % 4;
+        // Long rows run in segments, so the frame stays far below a stack guard page (the
+        // code has no stack probes).
         let max_row = (0..src.rows())
             .map(|r| src.row_range(r).len())
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .min(SDDMM_SEGMENT);
         if max_row == 0 {
             return;
         }
         let slot = self.b.create_sized_stack_slot(StackSlotData::new(
             StackSlotKind::ExplicitSlot,
-            u32::try_from(16 * max_row).expect("row fits the stack"),
+            16 * max_row as u32,
             4,
         ));
         let partial = self.b.ins().stack_addr(I64, slot, 0);
         let mut dws = Rebased::new(dw);
         let mut pending: Vec<(usize, Value)> = Vec::with_capacity(4);
-        for r in 0..src.rows() {
+        let segments = (0..src.rows()).flat_map(|r| {
             let range = src.row_range(r);
-            if range.is_empty() {
-                continue;
-            }
+            range
+                .clone()
+                .step_by(SDDMM_SEGMENT)
+                .map(move |s| (r, s..(s + SDDMM_SEGMENT).min(range.end)))
+        });
+        for (r, range) in segments {
             let dy_row = r * ld;
             // start: the vector columns after the blocks, or zero
             let dy_rest: Vec<Value> = (0..rest_vectors)
