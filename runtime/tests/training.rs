@@ -179,12 +179,11 @@ fn dense_momentum_window_counts_and_exact_agrees() {
             e + 1
         );
     }
-    // The narrow window changes the momentum of inactive entries only slightly.
+    // Before the first update the narrow window computes the same steps, with the gradient
+    // of active entries from the SDDMM instead of the dense gradient (rounding apart).
     assert!(narrow[0].mask_updated);
-    assert_eq!(
-        narrow[0].train_loss, exact[0].train_loss,
-        "same steps before the update"
-    );
+    let (a, b) = (narrow[0].train_loss, exact[0].train_loss);
+    assert!((a - b).abs() <= 1e-6 * b, "{a} vs {b}");
 }
 
 #[test]
