@@ -2,7 +2,9 @@
 //! weight-gradient modes) and the SGD update, each timed over many repetitions (median), on
 //! LeNet-300-100 at 5 % with MNIST, batch 100.
 //!
-//! `cargo run --release -p runtime --example step_breakdown -- [threads] [density]`
+//! `cargo run --release -p runtime --example step_breakdown -- [threads] [density] [model]`
+//!
+//! It also prints the time of every layer's forward and backward pass.
 
 use std::time::Instant;
 
@@ -43,18 +45,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(1).map_or(Ok(2), |s| s.parse())?;
     let density: f64 = args.get(2).map_or(Ok(0.05), |s| s.parse())?;
+    let model: runtime::ModelKind = args
+        .get(3)
+        .map_or(Ok(runtime::ModelKind::Lenet300100), |s| s.parse())?;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
     let data = Dataset::load_dir(&dir)?;
     let cfg = TrainConfig {
         threads,
         density,
+        model,
         eval_limit: Some(100),
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(cfg, data.clone())?;
     let mut order: Vec<u32> = (0..54_000).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(1));
-    let reps = 2000;
+    let reps = if model == runtime::ModelKind::Lenet5 {
+        40
+    } else {
+        2000
+    };
     let mut i = 0;
     let gather = time(reps, || {
         let (input, labels) = t.model_mut().batch_buffers_mut();
@@ -89,6 +99,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     for w in model.sparse_layers() {
         println!("  {} {:?}", w.name(), w.strategies());
+    }
+    let per_layer = model.profile_layers(reps / 4, WeightGradMode::Active)?;
+    for (name, f, b) in per_layer {
+        println!("  {name:<8} forward {f:8.1} us   backward {b:8.1} us");
     }
     Ok(())
 }

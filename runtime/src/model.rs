@@ -276,6 +276,59 @@ impl Model {
         Ok((loss * n as f64, correct))
     }
 
+    /// Times every layer's forward and backward pass (median over `reps` passes, in
+    /// microseconds) on the current input, for profiling: `(name, forward, backward)`.
+    pub fn profile_layers(
+        &mut self,
+        reps: usize,
+        mode: WeightGradMode,
+    ) -> Result<Vec<(String, f64, f64)>> {
+        let reps = reps.max(1);
+        let n = self.layers.len();
+        let (mut fwd, mut bwd) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+        for _ in 0..reps {
+            for i in 0..n {
+                let t = std::time::Instant::now();
+                let (before, after) = self.acts.split_at_mut(i);
+                let x = if i == 0 { &self.input } else { &before[i - 1] };
+                self.layers[i].forward(x, &mut after[0])?;
+                fwd[i].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            let last = n - 1;
+            self.loss.loss_and_grad(
+                &self.acts[last],
+                &self.labels,
+                self.batch,
+                &mut self.grads[last],
+            )?;
+            for i in (0..n).rev() {
+                let t = std::time::Instant::now();
+                let (gb, ga) = self.grads.split_at_mut(i);
+                let dx = if i == 0 { None } else { Some(&mut gb[i - 1]) };
+                let x = if i == 0 {
+                    &self.input
+                } else {
+                    &self.acts[i - 1]
+                };
+                self.layers[i].backward(x, &self.acts[i], &mut ga[0], dx, mode)?;
+                bwd[i].push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((0..n)
+            .map(|i| {
+                (
+                    self.layers[i].name().to_string(),
+                    median(&mut fwd[i]),
+                    median(&mut bwd[i]),
+                )
+            })
+            .collect())
+    }
+
     /// Writes every layer's active values and momentum into its dense arrays (see
     /// [`SparseWeights::sync_dense`]).
     pub fn sync_dense(&mut self, sgd: &SgdConfig) {

@@ -120,6 +120,102 @@ impl Default for SgdConfig {
     }
 }
 
+/// The geometry of a convolution whose weight matrix is unrolled (see [`Unroll`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvGeometry {
+    /// Input channels, height, width.
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// Kernel size, stride, zero padding.
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+    /// Output height and width.
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+/// A convolution as one sparse matrix on the feature-major activations (a direct sparse
+/// convolution): the unrolled pattern `U` of `[out·P × C·H·W]` (`P = OH·OW` output
+/// positions) has, in row `(o, p)`, one entry per active weight `(o, c, ki, kj)` whose tap
+/// falls inside the input, at input row `(c, ih, iw)`. Then `Y = U·X` is the convolution with
+/// no im2col buffer, `dX = Uᵀ·dY` needs no col2im, and the weight gradient is the SDDMM on `U`
+/// summed over positions. `U`'s values and bias are gathered from the weights before each
+/// forward pass. Only the dense gradient (window steps) goes through im2col.
+struct Unroll {
+    geometry: ConvGeometry,
+    /// Launch of the dense gradient on `[out × C·k·k]` with the im2col matrix (`P·ld` columns).
+    dense_launch: Launch,
+    /// Weight-pattern hash `U` was built for.
+    built_for: Option<u64>,
+    pattern: Arc<Pattern>,
+    /// Weight index (CSR position in the weight values) of every entry of `U`.
+    src: Vec<u32>,
+    values: Vec<f32>,
+    bias: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+impl Unroll {
+    fn positions(&self) -> usize {
+        self.geometry.out_h * self.geometry.out_w
+    }
+
+    /// Builds `U` for `weights` (rows = output channels, cols = `C·k·k`).
+    fn build(&mut self, weights: &Pattern) -> Result<()> {
+        let g = self.geometry;
+        let p_count = self.positions();
+        let rows = weights.rows() * p_count;
+        let cols = g.channels * g.height * g.width;
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let mut col_idx = Vec::with_capacity(weights.nnz() * p_count);
+        let mut src = Vec::with_capacity(weights.nnz() * p_count);
+        row_ptr.push(0u32);
+        for o in 0..weights.rows() {
+            let range = weights.row_range(o);
+            for oh in 0..g.out_h {
+                for ow in 0..g.out_w {
+                    // Taps in (c, ki, kj) order have increasing input rows: sorted CSR.
+                    for k in range.clone() {
+                        let q = weights.col_idx()[k] as usize;
+                        let (c, ki, kj) = (q / (g.k * g.k), (q / g.k) % g.k, q % g.k);
+                        let ih = (oh * g.stride + ki) as isize - g.padding as isize;
+                        let iw = (ow * g.stride + kj) as isize - g.padding as isize;
+                        if ih < 0 || iw < 0 || ih >= g.height as isize || iw >= g.width as isize {
+                            continue;
+                        }
+                        col_idx.push(((c * g.height + ih as usize) * g.width + iw as usize) as u32);
+                        src.push(k as u32);
+                    }
+                    row_ptr.push(col_idx.len() as u32);
+                }
+            }
+        }
+        self.pattern = Arc::new(Pattern::from_csr(rows, cols, row_ptr, col_idx)?);
+        self.values.clear();
+        self.values.resize(src.len(), 0.0);
+        self.grad.clear();
+        self.grad.resize(src.len(), 0.0);
+        self.bias.clear();
+        self.bias.resize(rows, 0.0);
+        self.src = src;
+        self.built_for = Some(weights.hash());
+        Ok(())
+    }
+
+    /// Copies the weights and bias into `U`'s value and bias arrays.
+    fn refresh(&mut self, values: &[f32], bias: &[f32]) {
+        for (u, &k) in self.values.iter_mut().zip(&self.src) {
+            *u = values[k as usize];
+        }
+        let p = self.positions();
+        for (chunk, &b) in self.bias.chunks_exact_mut(p).zip(bias) {
+            chunk.fill(b);
+        }
+    }
+}
+
 struct CompiledKernels {
     pattern_hash: u64,
     spmm: Kernel,
@@ -153,6 +249,7 @@ pub struct SparseWeights {
     plan: LayerPlan,
     kernels: Option<CompiledKernels>,
     dense_grad_kernel: Option<Kernel>,
+    unroll: Option<Box<Unroll>>,
 }
 
 impl std::fmt::Debug for SparseWeights {
@@ -200,6 +297,7 @@ impl SparseWeights {
             plan: LayerPlan::default(),
             kernels: None,
             dense_grad_kernel: None,
+            unroll: None,
         };
         w.rebuild_from_dense()?;
         Ok(w)
@@ -501,6 +599,37 @@ impl SparseWeights {
         }
     }
 
+    /// Runs the layer as a direct sparse convolution of this geometry (see [`Unroll`]): the
+    /// kernels get the batch launch of [`set_launch`](Self::set_launch), the dense gradient
+    /// `dense_launch` (im2col columns).
+    pub(crate) fn set_unroll(
+        &mut self,
+        geometry: ConvGeometry,
+        dense_launch: Launch,
+    ) -> Result<()> {
+        self.unroll = Some(Box::new(Unroll {
+            geometry,
+            dense_launch,
+            built_for: None,
+            pattern: Arc::new(Pattern::empty(0, 0)?),
+            src: Vec::new(),
+            values: Vec::new(),
+            bias: Vec::new(),
+            grad: Vec::new(),
+        }));
+        self.kernels = None;
+        self.dense_grad_kernel = None;
+        Ok(())
+    }
+
+    /// The pattern the kernels run on: the weights', or the unrolled convolution's.
+    pub fn kernel_pattern(&self) -> &Arc<Pattern> {
+        match &self.unroll {
+            Some(u) if u.built_for == Some(self.pattern.hash()) => &u.pattern,
+            _ => &self.pattern,
+        }
+    }
+
     /// Sets the plan to ask for at the next compilation (kernels already compiled stay until
     /// the pattern changes or [`invalidate_kernels`](Self::invalidate_kernels) is called).
     pub fn set_plan(&mut self, plan: LayerPlan) {
@@ -534,16 +663,27 @@ impl SparseWeights {
             ))
         })?;
         let start = std::time::Instant::now();
-        let pattern = self.pattern.clone();
-        let spec = |op: Op, pattern: Arc<Pattern>| {
+        let weight_hash = self.pattern.hash();
+        let pattern = match &mut self.unroll {
+            Some(u) => {
+                if u.built_for != Some(weight_hash) {
+                    u.build(&self.pattern)?;
+                }
+                u.pattern.clone()
+            }
+            None => self.pattern.clone(),
+        };
+        let dense_launch = self.unroll.as_ref().map_or(launch, |u| u.dense_launch);
+        let spec_at = |op: Op, pattern: Arc<Pattern>, l: Launch| {
             KernelSpec::new(
                 self.name.clone(),
                 op,
                 pattern,
-                Dim::Fixed(launch.batch),
-                Dim::Fixed(launch.ld),
+                Dim::Fixed(l.batch),
+                Dim::Fixed(l.ld),
             )
         };
+        let spec = |op: Op, pattern: Arc<Pattern>| spec_at(op, pattern, launch);
         let fwd = Op::Spmm {
             bias: true,
             relu: self.relu,
@@ -566,12 +706,12 @@ impl SparseWeights {
             let empty = Arc::new(Pattern::dense(self.rows, self.cols)?);
             self.dense_grad_kernel = Some(compile_with_fallback(
                 exec,
-                &spec(Op::DenseGrad, empty)?,
+                &spec_at(Op::DenseGrad, empty, dense_launch)?,
                 self.plan.dense_grad,
             )?);
         }
         self.kernels = Some(CompiledKernels {
-            pattern_hash: pattern.hash(),
+            pattern_hash: weight_hash,
             spmm,
             spmm_t,
             sddmm,
@@ -579,37 +719,48 @@ impl SparseWeights {
         Ok(start.elapsed())
     }
 
-    fn kernels(&self) -> Result<(&CompiledKernels, Launch)> {
-        match (&self.kernels, self.launch) {
-            (Some(k), Some(l)) if k.pattern_hash == self.pattern.hash() => Ok((k, l)),
-            _ => Err(RuntimeError::Config(format!(
-                "layer {}: kernels are not compiled for the current pattern",
-                self.name
-            ))),
-        }
-    }
-
-    /// `y = W·x + bias` (ReLU if fused), on `cols × ld` and `rows × ld` buffers.
-    pub(crate) fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
-        let (k, launch) = self.kernels()?;
+    /// `y = W·x + bias` (ReLU if fused), on `cols × ld` and `rows × ld` buffers (for an
+    /// unrolled convolution: `[C·H·W × ld]` and `[out·P × ld]`).
+    pub(crate) fn forward(&mut self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let (launch, hash) = (self.launch, self.pattern.hash());
+        let (k, launch) = match (&self.kernels, launch) {
+            (Some(k), Some(l)) if k.pattern_hash == hash => (k, l),
+            _ => return Err(self.not_compiled()),
+        };
+        let (values, bias) = match &mut self.unroll {
+            Some(u) => {
+                u.refresh(&self.values, &self.bias);
+                (&u.values, &u.bias)
+            }
+            None => (&self.values, &self.bias),
+        };
         k.spmm.run(
             launch,
             Args::Spmm {
-                values: &self.values,
+                values,
                 x,
-                bias: Some(&self.bias),
+                bias: Some(bias),
                 y,
             },
         )?;
         Ok(())
     }
 
+    fn not_compiled(&self) -> RuntimeError {
+        RuntimeError::Config(format!(
+            "layer {}: kernels are not compiled for the current pattern",
+            self.name
+        ))
+    }
+
     /// The backward pass given the upstream gradient `dy` (of the layer's output, after the
     /// fused ReLU): masks `dy` by the ReLU (in place), computes the bias gradient, the weight
-    /// gradient by `mode`, and `dx = Wᵀ·dy` if asked for.
+    /// gradient by `mode`, and `dx = Wᵀ·dy` if asked for. An unrolled convolution needs the
+    /// im2col matrix `xcol` for the dense gradient.
     pub(crate) fn backward(
         &mut self,
         x: &[f32],
+        xcol: Option<&[f32]>,
         y: &[f32],
         dy: &mut [f32],
         dx: Option<&mut [f32]>,
@@ -618,12 +769,7 @@ impl SparseWeights {
         let (launch, hash) = (self.launch, self.pattern.hash());
         let (k, launch) = match (&self.kernels, launch) {
             (Some(k), Some(l)) if k.pattern_hash == hash => (k, l),
-            _ => {
-                return Err(RuntimeError::Config(format!(
-                    "layer {}: kernels are not compiled for the current pattern",
-                    self.name
-                )))
-            }
+            _ => return Err(self.not_compiled()),
         };
         if self.relu {
             // Branch-free (a select the compiler vectorises): NaN or ≤ 0 means inactive.
@@ -631,27 +777,66 @@ impl SparseWeights {
                 *d = if out > 0.0 { *d } else { 0.0 };
             }
         }
-        for (r, g) in self.bias_grad.iter_mut().enumerate() {
-            *g = row_sum(&dy[r * launch.ld..r * launch.ld + launch.batch]);
+        let row = |r: usize| &dy[r * launch.ld..r * launch.ld + launch.batch];
+        match &self.unroll {
+            Some(u) => {
+                let p = u.positions();
+                for (o, g) in self.bias_grad.iter_mut().enumerate() {
+                    *g = (o * p..(o + 1) * p).map(|r| row_sum(row(r))).sum();
+                }
+            }
+            None => {
+                for (r, g) in self.bias_grad.iter_mut().enumerate() {
+                    *g = row_sum(row(r));
+                }
+            }
         }
         match mode {
             WeightGradMode::Active => {
-                k.sddmm.run(
-                    launch,
-                    Args::Sddmm {
-                        dy,
-                        x,
-                        dw: &mut self.grad,
-                    },
-                )?;
+                match &mut self.unroll {
+                    Some(u) => {
+                        k.sddmm.run(
+                            launch,
+                            Args::Sddmm {
+                                dy,
+                                x,
+                                dw: &mut u.grad,
+                            },
+                        )?;
+                        self.grad.fill(0.0);
+                        for (&g, &w) in u.grad.iter().zip(&u.src) {
+                            self.grad[w as usize] += g;
+                        }
+                    }
+                    None => k.sddmm.run(
+                        launch,
+                        Args::Sddmm {
+                            dy,
+                            x,
+                            dw: &mut self.grad,
+                        },
+                    )?,
+                }
                 self.dense_grad_fresh = false;
             }
             WeightGradMode::Dense => {
                 let kernel = self.dense_grad_kernel.as_ref().ok_or_else(|| {
                     RuntimeError::Config(format!("layer {}: dense_grad not compiled", self.name))
                 })?;
+                let (x, dense_launch) = match &self.unroll {
+                    Some(u) => (
+                        xcol.ok_or_else(|| {
+                            RuntimeError::Config(format!(
+                                "layer {}: the dense gradient needs the im2col matrix",
+                                self.name
+                            ))
+                        })?,
+                        u.dense_launch,
+                    ),
+                    None => (x, launch),
+                };
                 kernel.run(
-                    launch,
+                    dense_launch,
                     Args::DenseGrad {
                         dy,
                         x,
@@ -671,14 +856,11 @@ impl SparseWeights {
                     self.name
                 ))
             })?;
-            t.run(
-                launch,
-                Args::SpmmT {
-                    values: &self.values,
-                    dy,
-                    dx,
-                },
-            )?;
+            let values = match &self.unroll {
+                Some(u) => &u.values,
+                None => &self.values,
+            };
+            t.run(launch, Args::SpmmT { values, dy, dx })?;
         }
         Ok(())
     }

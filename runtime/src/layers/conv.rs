@@ -6,18 +6,21 @@ use sparse_ir::Launch;
 use super::{batch_of, check_matrix, Layer, Shape};
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Matrix;
-use crate::weights::{SparseWeights, WeightGradMode};
+use crate::weights::{ConvGeometry, SparseWeights, WeightGradMode};
 
 /// A 2-D convolution with a masked `[out, in, k, k]` weight, flattened to the
-/// `[out × in·k·k]` matrix the kernels see.
+/// `[out × in·k·k]` mask the masking sees.
 ///
-/// The input `[C·H·W × ld]` is unfolded (im2col) into `Xc = [C·k·k × P·ld]`, `P = OH·OW`,
-/// whose column `p·ld + b` holds the receptive field of output position `p` of sample `b`.
-/// Then `Y = W·Xc (+ bias)(ReLU)` is `[out × P·ld]`, which is exactly the feature-major
-/// output `[out·P × ld]`: one `spmm` with batch `P·ld` computes the whole layer, the bias
-/// being per output channel. The backward pass is `sddmm`/`dense_grad` on `(dY, Xc)` and
-/// `dXc = Wᵀ·dY` folded back (col2im). Padding columns of `Xc` and `dY` are kept at zero so
-/// they never reach a gradient.
+/// The kernels run a direct sparse convolution: the weights unrolled over the `P = OH·OW`
+/// output positions into one sparse `[out·P × C·H·W]` matrix (built again whenever the mask
+/// changes), so `Y = U·X (+ bias)(ReLU)` is a single `spmm` on the feature-major input and
+/// output, `dX = Uᵀ·dY` a single `spmm_t`, and the weight gradient of active entries the
+/// `sddmm` on `U` summed over positions. Only the dense gradient of every entry (needed in the
+/// steps before a mask update) unfolds the input (im2col) into `Xc = [C·k·k × P·ld]`, whose
+/// column `p·ld + b` holds the receptive field of position `p` of sample `b`, and runs
+/// `dense_grad` on `(dY, Xc)` with `P·ld` columns: `dY` `[out·P × ld]` is `[out × P·ld]` in
+/// memory. Padding columns of `Xc` and `dY` are kept at zero there so they never reach a
+/// gradient.
 #[derive(Debug)]
 pub struct Conv2d {
     w: SparseWeights,
@@ -26,10 +29,8 @@ pub struct Conv2d {
     k: usize,
     stride: usize,
     padding: usize,
-    needs_dx: bool,
     dims: Option<(usize, usize)>,
     xcol: Option<Matrix>,
-    dxcol: Option<Matrix>,
 }
 
 impl Conv2d {
@@ -58,10 +59,8 @@ impl Conv2d {
             k,
             stride,
             padding,
-            needs_dx: true,
             dims: None,
             xcol: None,
-            dxcol: None,
         })
     }
 
@@ -120,49 +119,34 @@ impl Layer for Conv2d {
         let width = self.positions() * ld;
         self.dims = Some((batch, ld));
         self.xcol = Some(Matrix::with_ld(self.w.cols(), width, width));
-        self.dxcol = self
-            .needs_dx
-            .then(|| Matrix::with_ld(self.w.cols(), width, width));
-        self.w.set_launch(Launch::new(width, width));
-        Ok(())
+        self.w.set_launch(Launch::new(batch, ld));
+        let geometry = ConvGeometry {
+            channels: self.input.channels,
+            height: self.input.height,
+            width: self.input.width,
+            k: self.k,
+            stride: self.stride,
+            padding: self.padding,
+            out_h: self.output.height,
+            out_w: self.output.width,
+        };
+        self.w.set_unroll(geometry, Launch::new(width, width))
     }
 
     fn set_needs_input_grad(&mut self, needs: bool) {
-        self.needs_dx = needs;
         self.w.set_needs_dx(needs);
-        if !needs {
-            self.dxcol = None;
-        } else if self.dxcol.is_none() {
-            if let Some(x) = &self.xcol {
-                self.dxcol = Some(Matrix::with_ld(x.rows(), x.batch(), x.ld()));
-            }
-        }
     }
 
     fn forward(&mut self, x: &Matrix, y: &mut Matrix) -> Result<()> {
         let (batch, ld) = batch_of(self.name(), self.dims)?;
         check_matrix(self.name(), "input", x, self.input.features(), batch, ld)?;
         check_matrix(self.name(), "output", y, self.output.features(), batch, ld)?;
-        let mut xcol = self.xcol.take().expect("set_batch allocates xcol");
-        let width = xcol.ld();
-        {
-            // Out-of-bounds taps (zero padding) and padding columns stay zero: they are
-            // never written after the buffer is allocated.
-            let xc = xcol.as_mut_slice();
-            let xs = x.as_slice();
-            self.for_each_tap(|q, p, row| {
-                let dst = q * width + p * ld;
-                xc[dst..dst + batch].copy_from_slice(&xs[row * ld..row * ld + batch]);
-            });
-        }
-        let result = self.w.forward(xcol.as_slice(), y.as_mut_slice());
-        self.xcol = Some(xcol);
-        result
+        self.w.forward(x.as_slice(), y.as_mut_slice())
     }
 
     fn backward(
         &mut self,
-        _x: &Matrix,
+        x: &Matrix,
         y: &Matrix,
         dy: &mut Matrix,
         dx: Option<&mut Matrix>,
@@ -170,6 +154,7 @@ impl Layer for Conv2d {
     ) -> Result<()> {
         let (batch, ld) = batch_of(self.name(), self.dims)?;
         let n_out = self.output.features();
+        check_matrix(self.name(), "input", x, self.input.features(), batch, ld)?;
         check_matrix(self.name(), "output", y, n_out, batch, ld)?;
         check_matrix(self.name(), "output gradient", dy, n_out, batch, ld)?;
         if let Some(dx) = &dx {
@@ -182,42 +167,34 @@ impl Layer for Conv2d {
                 ld,
             )?;
         }
-        dy.zero_columns_from(batch);
-        let xcol = self.xcol.take().expect("set_batch allocates xcol");
-        let mut dxcol = self.dxcol.take();
-        let want_dx = dx.is_some();
-        if want_dx && dxcol.is_none() {
-            self.xcol = Some(xcol);
-            return Err(RuntimeError::Config(format!(
-                "layer {}: asked for the input gradient of a layer built without it",
-                self.name()
-            )));
+        let mut xcol = None;
+        if mode == WeightGradMode::Dense {
+            // im2col, for the dense gradient only. Out-of-bounds taps (zero padding) and
+            // padding columns stay zero: they are never written after allocation.
+            let mut xc = self.xcol.take().expect("set_batch allocates xcol");
+            let width = xc.ld();
+            {
+                let xcs = xc.as_mut_slice();
+                let xs = x.as_slice();
+                self.for_each_tap(|q, p, row| {
+                    let dst = q * width + p * ld;
+                    xcs[dst..dst + batch].copy_from_slice(&xs[row * ld..row * ld + batch]);
+                });
+            }
+            dy.zero_columns_from(batch);
+            xcol = Some(xc);
         }
         let result = self.w.backward(
-            xcol.as_slice(),
+            x.as_slice(),
+            xcol.as_ref().map(Matrix::as_slice),
             y.as_slice(),
             dy.as_mut_slice(),
-            if want_dx {
-                dxcol.as_mut().map(|m| m.as_mut_slice())
-            } else {
-                None
-            },
+            dx.map(|m| m.as_mut_slice()),
             mode,
         );
-        self.xcol = Some(xcol);
-        if let (Some(dx), Some(dc), Ok(())) = (dx, &dxcol, &result) {
-            dx.fill_zero();
-            let width = dc.ld();
-            let dcs = dc.as_slice();
-            let dxs = dx.as_mut_slice();
-            self.for_each_tap(|q, p, row| {
-                let src = &dcs[q * width + p * ld..q * width + p * ld + batch];
-                for (d, &s) in dxs[row * ld..row * ld + batch].iter_mut().zip(src) {
-                    *d += s;
-                }
-            });
+        if let Some(xc) = xcol {
+            self.xcol = Some(xc);
         }
-        self.dxcol = dxcol;
         result
     }
 

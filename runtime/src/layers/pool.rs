@@ -7,6 +7,9 @@ use crate::weights::WeightGradMode;
 
 /// Max pooling over `k × k` windows with stride `k` (PyTorch's `max_pool2d(x, k)`: the
 /// output is `⌊H/k⌋ × ⌊W/k⌋`; ties go to the first maximum in row-major window order).
+///
+/// No argmax is stored: the backward pass finds, per output, the first window position whose
+/// input equals the output (both loops are branch-free selects that vectorise).
 #[derive(Debug)]
 pub struct MaxPool2d {
     name: String,
@@ -14,7 +17,10 @@ pub struct MaxPool2d {
     output: Shape,
     k: usize,
     dims: Option<(usize, usize)>,
-    argmax: Vec<u8>,
+    /// Scratch of the backward pass: the gradient not yet routed, per column.
+    pending: Vec<f32>,
+    /// Input rows outside every window (when `k` does not divide the height or width).
+    uncovered: Vec<u32>,
     /// `taps[o·k² + w]`: the input row of window position `w` of output row `o`.
     taps: Vec<u32>,
 }
@@ -41,13 +47,21 @@ impl MaxPool2d {
                 }
             }
         }
+        let mut covered = vec![false; input.features()];
+        for &t in &taps {
+            covered[t as usize] = true;
+        }
+        let uncovered = (0..input.features() as u32)
+            .filter(|&r| !covered[r as usize])
+            .collect();
         Ok(MaxPool2d {
             name: name.to_string(),
             input,
             output,
             k,
             dims: None,
-            argmax: Vec::new(),
+            pending: Vec::new(),
+            uncovered,
             taps,
         })
     }
@@ -68,7 +82,7 @@ impl Layer for MaxPool2d {
 
     fn set_batch(&mut self, batch: usize, ld: usize) -> Result<()> {
         self.dims = Some((batch, ld));
-        self.argmax = vec![0; self.output.features() * ld];
+        self.pending = vec![0.0; batch];
         Ok(())
     }
 
@@ -80,16 +94,10 @@ impl Layer for MaxPool2d {
         for o in 0..self.output.features() {
             let taps = &self.taps[o * kk..(o + 1) * kk];
             let yr = &mut y.as_mut_slice()[o * ld..(o + 1) * ld];
-            let ar = &mut self.argmax[o * ld..(o + 1) * ld];
             yr[..batch].copy_from_slice(&x.row(taps[0] as usize)[..batch]);
-            ar[..batch].fill(0);
-            for (w, &tap) in taps.iter().enumerate().skip(1) {
-                let xr = &x.row(tap as usize)[..batch];
-                for ((out, arg), &v) in yr[..batch].iter_mut().zip(ar[..batch].iter_mut()).zip(xr) {
-                    if v > *out {
-                        *out = v;
-                        *arg = w as u8;
-                    }
+            for &tap in &taps[1..] {
+                for (out, &v) in yr[..batch].iter_mut().zip(&x.row(tap as usize)[..batch]) {
+                    *out = if v > *out { v } else { *out };
                 }
             }
             yr[batch..].fill(0.0);
@@ -99,13 +107,15 @@ impl Layer for MaxPool2d {
 
     fn backward(
         &mut self,
-        _x: &Matrix,
-        _y: &Matrix,
+        x: &Matrix,
+        y: &Matrix,
         dy: &mut Matrix,
         dx: Option<&mut Matrix>,
         _mode: WeightGradMode,
     ) -> Result<()> {
         let (batch, ld) = batch_of(&self.name, self.dims)?;
+        check_matrix(&self.name, "input", x, self.input.features(), batch, ld)?;
+        check_matrix(&self.name, "output", y, self.output.features(), batch, ld)?;
         check_matrix(
             &self.name,
             "output gradient",
@@ -123,15 +133,31 @@ impl Layer for MaxPool2d {
             batch,
             ld,
         )?;
-        dx.fill_zero();
-        let dxs = dx.as_mut_slice();
+        for &r in &self.uncovered {
+            dx.row_mut(r as usize).fill(0.0);
+        }
         let kk = self.k * self.k;
+        let pending = &mut self.pending[..batch];
         for o in 0..self.output.features() {
             let taps = &self.taps[o * kk..(o + 1) * kk];
-            let dyr = &dy.row(o)[..batch];
-            let ar = &self.argmax[o * ld..o * ld + batch];
-            for (b, (&g, &w)) in dyr.iter().zip(ar).enumerate() {
-                dxs[taps[w as usize] as usize * ld + b] += g;
+            let yr = &y.row(o)[..batch];
+            pending.copy_from_slice(&dy.row(o)[..batch]);
+            for &tap in taps {
+                let xr = &x.row(tap as usize)[..batch];
+                let dxr = dx.row_mut(tap as usize);
+                // Windows do not overlap: each input row belongs to one window and is
+                // written once. The first input equal to the maximum takes the gradient.
+                for ((d, p), (&v, &m)) in dxr[..batch]
+                    .iter_mut()
+                    .zip(pending.iter_mut())
+                    .zip(xr.iter().zip(yr))
+                {
+                    // Arithmetic rather than selects, so that it vectorises.
+                    let hit = f32::from(u8::from(v == m));
+                    *d = *p * hit;
+                    *p -= *d;
+                }
+                dxr[batch..].fill(0.0);
             }
         }
         Ok(())
