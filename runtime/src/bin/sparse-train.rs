@@ -308,6 +308,9 @@ fn run() -> Result<()> {
     );
 
     if cli.eval_only {
+        if cli.resume.is_none() && cli.init_from.is_none() {
+            bail!("--eval-only evaluates a checkpoint (--resume) or weights (--init-from)");
+        }
         let val = trainer.evaluate(Split::Validation)?;
         let test = trainer.evaluate(Split::Test)?;
         let layers: Vec<String> = trainer
