@@ -304,12 +304,69 @@ impl DenseKernel {
         }
     }
 
-    /// Copies rows `which` of `src` (stride `ld`) into `dst` (stride `batch`).
-    fn gather(src: &[f32], which: &[u32], batch: usize, ld: usize, dst: &mut Vec<f32>) {
-        dst.clear();
-        for &r in which {
-            let s = r as usize * ld;
-            dst.extend_from_slice(&src[s..s + batch]);
+    /// Rows `live` of the feature-major matrix `src` (row stride `ld`), as a `live × batch`
+    /// view (`transposed`: the `batch × live` view of the same numbers). `src` itself when every
+    /// row is live (`all`), else the rows gathered into `scratch`.
+    fn live_operand<'a>(
+        src: &'a [f32],
+        live: &[u32],
+        all: bool,
+        (batch, ld): (usize, usize),
+        scratch: &'a mut Vec<f32>,
+        transposed: bool,
+    ) -> View<'a> {
+        let (data, stride) = if all {
+            (src, ld)
+        } else {
+            scratch.clear();
+            for &r in live {
+                let s = r as usize * ld;
+                scratch.extend_from_slice(&src[s..s + batch]);
+            }
+            (&scratch[..], batch)
+        };
+        let rows = live.len();
+        if transposed {
+            View {
+                data,
+                rows: batch,
+                cols: rows,
+                rs: 1,
+                cs: stride,
+            }
+        } else {
+            View {
+                data,
+                rows,
+                cols: batch,
+                rs: stride,
+                cs: 1,
+            }
+        }
+    }
+
+    /// Scatters a compact `live × batch` result back into the `total`-row matrix `dst` (row
+    /// stride `ld`): row `live[i]` gets `fin` of compact row `i`, every other row `other(r)`.
+    fn scatter_rows(
+        dst: &mut [f32],
+        (batch, ld): (usize, usize),
+        total: usize,
+        live: &[u32],
+        compact: &[f32],
+        fin: impl Fn(f32) -> f32,
+        other: impl Fn(usize) -> f32,
+    ) {
+        let mut next = live.iter().enumerate().peekable();
+        for r in 0..total {
+            let out = &mut dst[r * ld..r * ld + batch];
+            match next.next_if(|(_, &lr)| lr as usize == r) {
+                Some((i, _)) => {
+                    for (o, v) in out.iter_mut().zip(&compact[i * batch..(i + 1) * batch]) {
+                        *o = fin(*v);
+                    }
+                }
+                None => out.fill(other(r)),
+            }
         }
     }
 
@@ -324,6 +381,7 @@ impl DenseKernel {
         let (nr, nc) = self.live();
         let all_rows = nr == self.rows;
         let all_cols = nc == self.cols;
+        let shape = (batch, ld);
         match args {
             DenseArgs::Spmm {
                 values,
@@ -340,24 +398,7 @@ impl DenseKernel {
                     rs: nc,
                     cs: 1,
                 };
-                let rhs = if all_cols {
-                    View {
-                        data: x,
-                        rows: nc,
-                        cols: batch,
-                        rs: ld,
-                        cs: 1,
-                    }
-                } else {
-                    Self::gather(x, &self.live_cols, batch, ld, &mut s.a);
-                    View {
-                        data: &s.a,
-                        rows: nc,
-                        cols: batch,
-                        rs: batch,
-                        cs: 1,
-                    }
-                };
+                let rhs = Self::live_operand(x, &self.live_cols, all_cols, shape, &mut s.a, false);
                 let fin = |v: f32| if relu { v.max(0.0) } else { v };
                 if all_rows {
                     if let Some(bias) = bias {
@@ -384,19 +425,8 @@ impl DenseKernel {
                         None => s.b.resize(nr * batch, 0.0),
                     }
                     gemm_par(par, &mut s.b, batch, lhs, rhs, bias.is_some());
-                    let mut live = self.live_rows.iter().peekable();
-                    for r in 0..self.rows {
-                        let out = &mut y[r * ld..r * ld + batch];
-                        if live.peek().is_some_and(|&&lr| lr as usize == r) {
-                            let i = nr - live.len();
-                            live.next();
-                            for (o, v) in out.iter_mut().zip(&s.b[i * batch..(i + 1) * batch]) {
-                                *o = fin(*v);
-                            }
-                        } else {
-                            out.fill(fin(bias.map_or(0.0, |b| b[r])));
-                        }
-                    }
+                    let other = |r: usize| fin(bias.map_or(0.0, |b| b[r]));
+                    Self::scatter_rows(y, shape, self.rows, &self.live_rows, &s.b, fin, other);
                 }
             }
             DenseArgs::SpmmT { values, dy, dx } => {
@@ -409,80 +439,20 @@ impl DenseKernel {
                     rs: 1,
                     cs: nc,
                 };
-                let rhs = if all_rows {
-                    View {
-                        data: dy,
-                        rows: nr,
-                        cols: batch,
-                        rs: ld,
-                        cs: 1,
-                    }
-                } else {
-                    Self::gather(dy, &self.live_rows, batch, ld, &mut s.a);
-                    View {
-                        data: &s.a,
-                        rows: nr,
-                        cols: batch,
-                        rs: batch,
-                        cs: 1,
-                    }
-                };
+                let rhs = Self::live_operand(dy, &self.live_rows, all_rows, shape, &mut s.a, false);
                 if all_cols {
                     gemm_par(par, dx, ld, lhs, rhs, false);
                 } else {
                     s.b.clear();
                     s.b.resize(nc * batch, 0.0);
                     gemm_par(par, &mut s.b, batch, lhs, rhs, false);
-                    let mut live = self.live_cols.iter().peekable();
-                    for c in 0..self.cols {
-                        let out = &mut dx[c * ld..c * ld + batch];
-                        if live.peek().is_some_and(|&&lc| lc as usize == c) {
-                            let j = nc - live.len();
-                            live.next();
-                            out.copy_from_slice(&s.b[j * batch..(j + 1) * batch]);
-                        } else {
-                            out.fill(0.0);
-                        }
-                    }
+                    let (keep, zero) = (|v: f32| v, |_: usize| 0.0);
+                    Self::scatter_rows(dx, shape, self.cols, &self.live_cols, &s.b, keep, zero);
                 }
             }
             DenseArgs::Sddmm { dy, x, dw } => {
-                let lhs = if all_rows {
-                    View {
-                        data: dy,
-                        rows: nr,
-                        cols: batch,
-                        rs: ld,
-                        cs: 1,
-                    }
-                } else {
-                    Self::gather(dy, &self.live_rows, batch, ld, &mut s.a);
-                    View {
-                        data: &s.a,
-                        rows: nr,
-                        cols: batch,
-                        rs: batch,
-                        cs: 1,
-                    }
-                };
-                let rhs = if all_cols {
-                    View {
-                        data: x,
-                        rows: batch,
-                        cols: nc,
-                        rs: 1,
-                        cs: ld,
-                    }
-                } else {
-                    Self::gather(x, &self.live_cols, batch, ld, &mut s.b);
-                    View {
-                        data: &s.b,
-                        rows: batch,
-                        cols: nc,
-                        rs: 1,
-                        cs: batch,
-                    }
-                };
+                let lhs = Self::live_operand(dy, &self.live_rows, all_rows, shape, &mut s.a, false);
+                let rhs = Self::live_operand(x, &self.live_cols, all_cols, shape, &mut s.b, true);
                 if s.w.len() != nr * nc {
                     s.w = vec![0.0; nr * nc];
                 }
