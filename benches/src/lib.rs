@@ -31,9 +31,14 @@ pub struct Case {
 }
 
 impl Case {
-    /// The row stride the runtime would use: the batch padded to 16 floats.
+    /// The row stride the runtime uses (`runtime::padded_ld`): the batch padded to 16
+    /// floats, or 1 at batch 1 (a plain vector).
     pub fn ld(&self) -> usize {
-        self.batch.div_ceil(16) * 16
+        if self.batch <= 1 {
+            1
+        } else {
+            self.batch.div_ceil(16) * 16
+        }
     }
 
     /// `op rows×cols b=batch d=density`, for tables.

@@ -8,8 +8,8 @@
 //!
 //! Every variant of a case is timed in rounds, interleaved (one sample of each variant per
 //! round), and the median sample is reported, with the useful GFLOP/s `2·nnz·batch / time`.
-//! Patterns are uniformly random; `ld` is the batch rounded up to 16 floats (as the runtime
-//! allocates), buffers are plain `Vec<f32>` (not specially aligned).
+//! Patterns are uniformly random; `ld` is the batch rounded up to 16 floats, or 1 at batch 1
+//! (as the runtime allocates), buffers are plain `Vec<f32>` (not specially aligned).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,7 +88,11 @@ fn bench_case(
     x_offset: usize,
 ) {
     let p = Arc::new(pattern(rows, cols, density, 42));
-    let ld = batch.next_multiple_of(16);
+    let ld = if batch == 1 {
+        1
+    } else {
+        batch.next_multiple_of(16)
+    };
     let launch = Launch::new(batch, ld);
     let spec = KernelSpec::new(
         "bench",

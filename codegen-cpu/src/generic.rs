@@ -244,8 +244,10 @@ pub(crate) fn mat_part(level: IsaLevel, job: &MatJob<'_>, rows: Range<usize>, ou
         #[cfg(target_arch = "x86_64")]
         IsaLevel::Avx512 => unsafe {
             match (gather_ok, ind) {
-                (true, false) => spmv_avx512::<false>(job, rows, out),
-                (true, true) => spmv_avx512::<true>(job, rows, out),
+                // 8-wide gathers: 1.2–1.4× faster than 16-wide ones at batch 1 on the
+                // AVX-512 development machine (Emerald Rapids; `examples/spmm_bench.rs --all`).
+                (true, false) => spmv_avx2::<false>(job, rows, out),
+                (true, true) => spmv_avx2::<true>(job, rows, out),
                 (false, false) => mat_avx512::<false>(job, rows, out),
                 (false, true) => mat_avx512::<true>(job, rows, out),
             }
@@ -654,73 +656,11 @@ unsafe fn spmv_scalar<const IND: bool>(job: &MatJob<'_>, rows: Range<usize>, out
     }
 }
 
-/// Batch 1 with AVX-512 gathers, 16 nonzeros a step.
-///
-/// # Safety
-///
-/// As [`mat_body`], and `in_rows · ld` and the values' length fit in `i32`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn spmv_avx512<const IND: bool>(job: &MatJob<'_>, rows: Range<usize>, out: *mut f32) {
-    use std::arch::x86_64::*;
-    let ld = job.ld;
-    let idx = job.walk.idx.as_ptr();
-    let vidx = job.walk.vidx.map_or(std::ptr::null(), |v| v.as_ptr());
-    let vals = job.values.as_ptr();
-    let x = job.x.as_ptr();
-    let ldv = _mm512_set1_epi32(ld as i32);
-    let row0 = rows.start;
-    for r in rows {
-        let nz = job.walk.nnz_range(r..r + 1);
-        let mut acc = _mm512_setzero_ps();
-        let mut k = nz.start;
-        // SAFETY: positions `k..k+16` (or the masked tail) lie in this row's nonzeros; the
-        // gathered offsets `c·ld` and value positions are in range and fit in `i32`.
-        unsafe {
-            let offsets = |ci: __m512i| {
-                if ld == 1 {
-                    ci
-                } else {
-                    _mm512_mullo_epi32(ci, ldv)
-                }
-            };
-            while k + 16 <= nz.end {
-                let ci = _mm512_loadu_si512(idx.add(k) as *const __m512i);
-                let xv = _mm512_i32gather_ps::<4>(offsets(ci), x);
-                let wv = if IND {
-                    let vi = _mm512_loadu_si512(vidx.add(k) as *const __m512i);
-                    _mm512_i32gather_ps::<4>(vi, vals)
-                } else {
-                    _mm512_loadu_ps(vals.add(k))
-                };
-                acc = _mm512_fmadd_ps(wv, xv, acc);
-                k += 16;
-            }
-            if k < nz.end {
-                let m: __mmask16 = ((1u32 << (nz.end - k)) - 1) as __mmask16;
-                let ci = _mm512_maskz_loadu_epi32(m, idx.add(k) as *const i32);
-                let zero = _mm512_setzero_ps();
-                let xv = _mm512_mask_i32gather_ps::<4>(zero, m, offsets(ci), x);
-                let wv = if IND {
-                    let vi = _mm512_maskz_loadu_epi32(m, vidx.add(k) as *const i32);
-                    _mm512_mask_i32gather_ps::<4>(zero, m, vi, vals)
-                } else {
-                    _mm512_maskz_loadu_ps(m, vals.add(k))
-                };
-                acc = _mm512_fmadd_ps(wv, xv, acc);
-            }
-            let o = out.add((r - row0) * ld);
-            let v = _mm512_reduce_add_ps(acc) + if job.acc_in { *o } else { 0.0 };
-            *o = epilogue(v, job.bias, r, job.relu);
-        }
-    }
-}
-
 /// Batch 1 with AVX2 gathers, 8 nonzeros a step.
 ///
 /// # Safety
 ///
-/// As [`spmv_avx512`].
+/// As [`mat_body`], and `in_rows · ld` and the values' length fit in `i32`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn spmv_avx2<const IND: bool>(job: &MatJob<'_>, rows: Range<usize>, out: *mut f32) {
@@ -736,7 +676,8 @@ unsafe fn spmv_avx2<const IND: bool>(job: &MatJob<'_>, rows: Range<usize>, out: 
         let nz = job.walk.nnz_range(r..r + 1);
         let mut acc = _mm256_setzero_ps();
         let mut k = nz.start;
-        // SAFETY: as in `spmv_avx512`.
+        // SAFETY: positions `k..k+8` (or the masked tail) lie in this row's nonzeros; the
+        // gathered offsets `c·ld` and value positions are in range and fit in `i32`.
         unsafe {
             let offsets = |ci: __m256i| {
                 if ld == 1 {

@@ -26,7 +26,11 @@ impl IsaLevel {
     pub fn detect() -> IsaLevel {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            // The AVX-512 level also runs the AVX2+FMA batch-1 kernels.
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return IsaLevel::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2")

@@ -2,7 +2,7 @@
 //!
 //! Element `(f, b)` sits at `f · ld + b`. The row stride `ld` is the batch rounded up to a
 //! multiple of [`LD_ALIGN`] (16 floats, 64 bytes), and the first element is 64-byte aligned,
-//! so every row starts on a cache line. The padding columns `batch..ld` are kept at zero by
+//! so every row starts on a cache line. Batch 1 is the exception: a plain vector (`ld = 1`). The padding columns `batch..ld` are kept at zero by
 //! every layer of this crate that writes them (kernels may leave them unspecified).
 
 use std::fmt;
@@ -10,9 +10,16 @@ use std::fmt;
 /// Row strides are padded to a multiple of this many `f32` (64 bytes).
 pub const LD_ALIGN: usize = 16;
 
-/// The row stride the runtime uses for a batch: `batch` rounded up to [`LD_ALIGN`].
+/// The row stride the runtime uses for a batch: `batch` rounded up to [`LD_ALIGN`], except
+/// that batch 1 is a plain vector (`ld = 1`): padding one column to 16 puts every feature on
+/// a cache line of its own, and the batch-1 kernels ran 1.2× slower that way (300×784 at 5 %,
+/// `codegen-cpu/examples/spmm_bench.rs`).
 pub fn padded_ld(batch: usize) -> usize {
-    batch.div_ceil(LD_ALIGN).max(1) * LD_ALIGN
+    if batch <= 1 {
+        1
+    } else {
+        batch.div_ceil(LD_ALIGN) * LD_ALIGN
+    }
 }
 
 /// A feature-major `[rows × batch]` matrix of `f32` with row stride `ld`, 64-byte aligned.
@@ -159,7 +166,8 @@ mod tests {
     fn layout_and_alignment() {
         assert_eq!(padded_ld(100), 112);
         assert_eq!(padded_ld(16), 16);
-        assert_eq!(padded_ld(1), 16);
+        assert_eq!(padded_ld(1), 1);
+        assert_eq!(padded_ld(2), 16);
         for rows in [1, 3, 7] {
             let m = Matrix::zeros(rows, 100);
             assert_eq!(m.as_slice().as_ptr() as usize % 64, 0);
