@@ -219,6 +219,46 @@ impl WorkGroups {
     }
 }
 
+/// The environment variable naming the device `OpenClBackend::preferred` (feature `opencl`) opens: an index
+/// into `probe`'s list.
+pub const DEVICE_ENV: &str = "SPARSEJIT_OPENCL_DEVICE";
+
+/// The device `OpenClBackend::preferred` (feature `opencl`) opens among `devices`: index `choice` when given
+/// (an error naming the valid range otherwise), else the first GPU-like device, else the
+/// first one.
+pub fn select_device<'a>(
+    devices: &'a [DeviceInfo],
+    choice: Option<&str>,
+) -> Result<&'a DeviceInfo, sparse_ir::BackendError> {
+    if devices.is_empty() {
+        return Err(sparse_ir::BackendError::NoPlatform);
+    }
+    if let Some(text) = choice {
+        let index: usize = text.trim().parse().map_err(|_| {
+            sparse_ir::BackendError::Device(format!(
+                "{DEVICE_ENV}={text:?} is not a device index (0..{})",
+                devices.len()
+            ))
+        })?;
+        return devices.get(index).ok_or_else(|| {
+            sparse_ir::BackendError::Device(format!(
+                "{DEVICE_ENV}={index}, but there are only {} OpenCL device(s): {}",
+                devices.len(),
+                devices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| format!("{i}: {}", d.describe()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        });
+    }
+    Ok(devices
+        .iter()
+        .find(|d| d.kind.is_gpu_like())
+        .unwrap_or(&devices[0]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +280,46 @@ mod tests {
         assert!(tiny.sddmm_lanes * tiny.sddmm_items <= 8);
         assert!(tiny.dense[0] * tiny.dense[1] <= 8);
         assert!(tiny.rows.iter().chain(&tiny.dense).all(|&d| d >= 1));
+    }
+
+    fn info(kind: DeviceKind, name: &str) -> DeviceInfo {
+        DeviceInfo {
+            platform_index: 0,
+            device_index: 0,
+            platform: "p".into(),
+            name: name.into(),
+            vendor: "v".into(),
+            version: "OpenCL 3.0".into(),
+            kind,
+            compute_units: 1,
+            max_work_group_size: 256,
+            max_constant_buffer_size: 64 << 10,
+            global_mem_size: 0,
+        }
+    }
+
+    #[test]
+    fn select_device_prefers_a_gpu_and_honours_an_index() {
+        let devices = [info(DeviceKind::Cpu, "pocl"), info(DeviceKind::Gpu, "h100")];
+        assert_eq!(select_device(&devices, None).unwrap().name, "h100");
+        assert_eq!(select_device(&devices, Some("0")).unwrap().name, "pocl");
+        assert_eq!(select_device(&devices[..1], None).unwrap().name, "pocl");
+        let e = select_device(&devices, Some("2")).unwrap_err().to_string();
+        assert!(
+            e.contains("only 2 OpenCL device(s)") && e.contains("1: opencl/gpu/p/h100"),
+            "{e}"
+        );
+        let e = select_device(&devices, Some("gpu"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SPARSEJIT_OPENCL_DEVICE") && e.contains("not a device index"),
+            "{e}"
+        );
+        assert!(matches!(
+            select_device(&[], None),
+            Err(sparse_ir::BackendError::NoPlatform)
+        ));
     }
 
     #[test]

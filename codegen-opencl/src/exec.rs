@@ -19,7 +19,7 @@ use ocl::{Buffer, Context, Device, Event, Platform, Program, Queue};
 use sparse_ir::backend::{Args, Backend, BackendError, BufferLen, CacheKey, Kernel, Launch};
 use sparse_ir::{KernelSpec, Op, Strategy};
 
-use crate::device::{DeviceInfo, DeviceKind, DeviceProfile};
+use crate::device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, DEVICE_ENV};
 use crate::emit::{csr_library, emit, EmitOptions, KernelArg, KernelEntry, Operand};
 use crate::plan::plan;
 
@@ -258,6 +258,18 @@ impl OpenClBackend {
     pub fn first() -> Result<Self, BackendError> {
         let devices = probe()?;
         Self::new(&devices[0])
+    }
+
+    /// A backend on the device a program should use by default: the one at index
+    /// `SPARSEJIT_OPENCL_DEVICE` of [`probe`]'s list when that variable is set, otherwise the
+    /// first GPU (or other non-CPU device), otherwise the first device. On a machine with
+    /// both PoCL and a GPU driver this picks the GPU.
+    pub fn preferred() -> Result<Self, BackendError> {
+        let devices = probe()?;
+        Self::new(select_device(
+            &devices,
+            std::env::var(DEVICE_ENV).ok().as_deref(),
+        )?)
     }
 
     /// A backend on a device that [`probe`] listed.

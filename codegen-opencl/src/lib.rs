@@ -20,7 +20,7 @@ pub mod plan;
 #[cfg(feature = "opencl")]
 mod exec;
 
-pub use device::{DeviceInfo, DeviceKind, DeviceProfile, WorkGroups};
+pub use device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, WorkGroups, DEVICE_ENV};
 pub use emit::{emit, EmitOptions, Emitted};
 pub use plan::{plan, Plan};
 
