@@ -23,7 +23,7 @@
 //! mask and values, or a mask with more than `sparse_ir::rust_emit::MAX_UNROLLED_NNZ`
 //! (65,536) nonzeros.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
@@ -286,6 +286,24 @@ fn error_span(
     }
 }
 
+/// The reader's message with the file named as written in the macro (relative to
+/// `CARGO_MANIFEST_DIR`) rather than by its absolute path, so that the message does not depend
+/// on where the crate is built.
+fn file_error(error: &sparse_ir::mask_io::MaskIoError, path: &Path, file: &LitStr) -> String {
+    use sparse_ir::mask_io::MaskIoError;
+    let message = error.to_string();
+    let absolute = path.display().to_string();
+    let Some(rest) = message.strip_prefix(&absolute) else {
+        return message;
+    };
+    let hint = if matches!(error, MaskIoError::NotFound { .. }) {
+        " (the path is relative to the crate's CARGO_MANIFEST_DIR)"
+    } else {
+        ""
+    };
+    format!("{}{rest}{hint}", file.value())
+}
+
 fn manifest_path(file: &LitStr) -> syn::Result<PathBuf> {
     let dir = std::env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| {
         syn::Error::new(
@@ -304,7 +322,10 @@ fn expand(args: KernelArgs) -> syn::Result<TokenStream> {
             let path = manifest_path(file)?;
             let tensor = args.tensor.as_ref().map(LitStr::value);
             let loaded = sparse_ir::mask_io::read_mask(&path, tensor.as_deref()).map_err(|e| {
-                syn::Error::new(error_span(&e, file, args.tensor.as_ref()), e.to_string())
+                syn::Error::new(
+                    error_span(&e, file, args.tensor.as_ref()),
+                    file_error(&e, &path, file),
+                )
             })?;
             tracked.push(path);
             (loaded.pattern, Some(loaded.shape))
@@ -319,7 +340,7 @@ fn expand(args: KernelArgs) -> syn::Result<TokenStream> {
                 sparse_ir::mask_io::read_f32_tensor(&path, tensor.as_deref()).map_err(|e| {
                     syn::Error::new(
                         error_span(&e, file, args.values_tensor.as_ref()),
-                        e.to_string(),
+                        file_error(&e, &path, file),
                     )
                 })?;
             let numel: usize = dense.shape.iter().product();

@@ -73,6 +73,67 @@ sparse_kernel! {
     mask = [[0, 0, 0, 0], [0, 0, 1, 0]],
 }
 
+// The code shape's edge cases: rows of 0, 1, 2, 3, 4, 5 and 9 nonzeros (the batch-1
+// accumulators are filled round robin), batch 1 through the unrolled code and every width of
+// the batch loop (full blocks, the block that reads padding, 8/4/1-column tails).
+sparse_kernel! {
+    name = row_lengths,
+    op = spmm(bias, relu),
+    batch = any,
+    mask = [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1],
+    ],
+}
+
+sparse_kernel! {
+    name = row_lengths_b1,
+    op = spmm,
+    batch = 1,
+    mask = [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1],
+    ],
+}
+
+sparse_kernel! {
+    name = one_nonzero_any,
+    op = spmm(bias),
+    batch = any,
+    mask = [[0, 0, 0], [0, 1, 0]],
+}
+
+sparse_kernel! {
+    name = edge_b100,
+    op = spmm(bias, relu),
+    batch = 100,
+    mask_file = "tests/masks/edge_7x96.npy",
+}
+
+sparse_kernel! {
+    name = wide_any,
+    op = spmm(relu),
+    batch = any,
+    mask_file = "tests/masks/wide_3x5000.npy",
+}
+
+sparse_kernel! {
+    name = wide_b1,
+    op = spmm(bias),
+    batch = 1,
+    mask_file = "tests/masks/wide_3x5000.npy",
+}
+
 fn masks_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/masks")
 }
@@ -106,7 +167,13 @@ fn check(
     ld: usize,
     seed: u64,
 ) {
-    let x = values(seed, pattern.cols() * ld);
+    let mut x = values(seed, pattern.cols() * ld);
+    // Padding columns of `x` hold NaN: a kernel may read them but must not let them into `y`.
+    for c in 0..pattern.cols() {
+        for b in batch..ld {
+            x[c * ld + b] = f32::NAN;
+        }
+    }
     let bias = values(seed + 1, pattern.rows());
     let has_bias = matches!(op, Op::Spmm { bias: true, .. });
     let spec = KernelSpec::new("k", op, pattern.clone(), Dim::Any, Dim::Any).unwrap();
@@ -322,6 +389,137 @@ fn bad_arguments_are_errors() {
     assert_eq!(e.to_string(), "bias has 2 elements, needs 3");
 }
 
+/// Every (batch, ld) the new code shape treats differently: batch 1 contiguous and gathered;
+/// batches below, at and above one block; tails of 8, 4 and 1–3 columns; with `ld == batch`
+/// (narrow tails) and `ld` with room for the padding-reading last block.
+const SHAPE_CASES: [(usize, usize); 14] = [
+    (1, 1),
+    (1, 2),
+    (1, 16),
+    (3, 3),
+    (3, 16),
+    (16, 16),
+    (17, 17),
+    (17, 32),
+    (29, 29),
+    (31, 31),
+    (100, 100),
+    (100, 112),
+    (128, 128),
+    (130, 133),
+];
+
+#[test]
+fn code_shape_edge_cases() {
+    let p = pattern_of(&row_lengths::ROW_PTR, &row_lengths::COL_IDX, 7, 12);
+    let counts: Vec<usize> = p.row_counts().collect();
+    assert_eq!(counts, [0, 1, 2, 3, 4, 5, 9]);
+    let v = values(21, p.nnz());
+    let bias_relu = Op::Spmm {
+        bias: true,
+        relu: true,
+    };
+    for (batch, ld) in SHAPE_CASES {
+        check(
+            p.clone(),
+            bias_relu,
+            &v,
+            runner!(row_lengths, bias),
+            batch,
+            ld,
+            batch as u64,
+        );
+    }
+    for ld in [1, 2, 5] {
+        check(
+            p.clone(),
+            Op::SPMM,
+            &v,
+            runner!(row_lengths_b1),
+            1,
+            ld,
+            30 + ld as u64,
+        );
+    }
+
+    let p = pattern_of(&one_nonzero_any::ROW_PTR, &one_nonzero_any::COL_IDX, 2, 3);
+    assert_eq!(p.nnz(), 1);
+    for (batch, ld) in SHAPE_CASES {
+        check(
+            p.clone(),
+            Op::Spmm {
+                bias: true,
+                relu: false,
+            },
+            &[-1.5],
+            runner!(one_nonzero_any, bias),
+            batch,
+            ld,
+            40 + batch as u64,
+        );
+    }
+
+    let p = pattern_of(&edge_b100::ROW_PTR, &edge_b100::COL_IDX, 7, 96);
+    let v = values(22, p.nnz());
+    for ld in [100, 101, 112, 116] {
+        check(
+            p.clone(),
+            bias_relu,
+            &v,
+            runner!(edge_b100, bias),
+            100,
+            ld,
+            50 + ld as u64,
+        );
+    }
+
+    let p = pattern_of(&wide_any::ROW_PTR, &wide_any::COL_IDX, 3, 5000);
+    let counts: Vec<usize> = p.row_counts().collect();
+    assert!(
+        counts[0] > 10 && counts[1] == 0 && counts[2] == 1,
+        "{counts:?}"
+    );
+    let v = values(23, p.nnz());
+    for (batch, ld) in [(1, 1), (1, 3), (3, 3), (17, 20)] {
+        check(
+            p.clone(),
+            Op::Spmm {
+                bias: false,
+                relu: true,
+            },
+            &v,
+            runner!(wide_any),
+            batch,
+            ld,
+            60 + ld as u64,
+        );
+    }
+    for ld in [1, 4] {
+        check(
+            p.clone(),
+            Op::Spmm {
+                bias: true,
+                relu: false,
+            },
+            &v,
+            runner!(wide_b1, bias),
+            1,
+            ld,
+            70 + ld as u64,
+        );
+    }
+}
+
+#[test]
+fn huge_ld_is_an_error_not_an_overflow() {
+    let mut y = [0.0; 4];
+    let e = tiny::run(&[1.0; 3], &[0.0; 6], &mut y, 1, usize::MAX / 2).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("x has 6 elements, needs {}", usize::MAX)
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
@@ -329,5 +527,12 @@ proptest! {
         let p = pattern_of(&fc2_any::ROW_PTR, &fc2_any::COL_IDX, 100, 300);
         let v = values(seed, p.nnz());
         check(p, Op::Spmm { bias: true, relu: true }, &v, runner!(fc2_any, bias), batch, batch + pad, seed ^ 1);
+    }
+
+    #[test]
+    fn row_lengths_any_batch_and_stride(batch in 1usize..=140, pad in 0usize..40, seed in any::<u64>()) {
+        let p = pattern_of(&row_lengths::ROW_PTR, &row_lengths::COL_IDX, 7, 12);
+        let v = values(seed, p.nnz());
+        check(p, Op::Spmm { bias: true, relu: true }, &v, runner!(row_lengths, bias), batch, batch + pad, seed ^ 2);
     }
 }

@@ -20,25 +20,47 @@
 //!
 //! `run` computes `Y = W·X (+ bias) (ReLU)` in the layout of CONTRACTS.md (feature-major,
 //! row stride `ld`), with `W`'s nonzeros in CSR order in `values`. It checks every length
-//! first and then runs straight-line code: every nonzero is a statement with its column offset
-//! and value index as constants. Rows are grouped into functions of about
-//! [`NNZ_PER_FUNCTION`] nonzeros; the batch is processed in blocks of [`BATCH_BLOCK`] columns
-//! held in a local array, which rustc vectorises, with a scalar tail. Batch 1 gets its own
-//! shape (one scalar accumulator per row, and constant indices into `x` when `ld == 1`).
+//! first; the code behind it has two shapes, chosen by measurement (see
+//! `inference-example/RESULTS.md`):
+//!
+//! - **Batch 1** is unrolled: one short statement per nonzero, `sJ += v[K] * x[C];`, with the
+//!   value index and the column as constants into fixed-size arrays (`&[f32; NNZ]`,
+//!   `&[f32; COLS]`), so there is no bounds check and no index load. The nonzeros of a row
+//!   feed [`CodeShape::accumulators`] chains round robin, combined at the end of the row (odd
+//!   chains hold negated sums, which keeps LLVM's SLP vectoriser from packing the chains into
+//!   vectors with shuffled `x` lanes). Rows are grouped into functions of about
+//!   [`CodeShape::nnz_per_function`] nonzeros, which keeps rustc's time linear in the
+//!   nonzeros. With `ld > 1` the input column is first gathered into a local array (when
+//!   `COLS` and `ROWS` are at most [`GATHER_MAX`]), so the same code runs; outputs are stored
+//!   at `y[r·ld]`.
+//! - **Batch ≥ 2** is one loop over the static `ROW_PTR`/`COL_IDX` tables (no code per
+//!   nonzero): for each row, fixed-size blocks of [`CodeShape::block`] batch columns are
+//!   accumulated in a local `[f32; BLOCK]`, which rustc keeps in vector registers; each
+//!   nonzero costs one bounds check per block (`x[o..o + BLOCK]`, then a fixed-size array).
+//!   The remaining columns run as one more full block when `ld` leaves room (it reads padding
+//!   columns of `x` and writes only columns `< batch` of `y`), else in blocks of 8, 4 and 1.
+//!   Padding columns of `y` are never written.
+//!
+//! The generated code vectorises with the target features the *using* crate is compiled
+//! with (SSE2 on plain `x86_64`; `-C target-cpu=native` gives it AVX2/AVX-512).
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::quote;
 
 use crate::pattern::Pattern;
 
-/// The largest pattern [`emit_spmm`] unrolls; larger ones are rejected.
+/// The largest pattern [`emit_spmm`] accepts; larger ones are rejected.
 pub const MAX_UNROLLED_NNZ: usize = 65_536;
 
-/// Nonzeros per generated function (rows are never split).
-pub const NNZ_PER_FUNCTION: usize = 512;
+/// Nonzeros per generated batch-1 function by default (rows are never split).
+pub const NNZ_PER_FUNCTION: usize = 64;
 
-/// Batch columns per register block in the generated code.
-pub const BATCH_BLOCK: usize = 8;
+/// Batch columns per block of the batch loop by default.
+pub const BATCH_BLOCK: usize = 16;
+
+/// The largest `COLS` (and `ROWS`) for which batch 1 with `ld > 1` gathers the input column
+/// into a local array and runs the unrolled code; larger layers use the batch loop.
+pub const GATHER_MAX: usize = 4096;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -55,6 +77,38 @@ pub struct RustKernel<'a> {
     pub batch: Option<usize>,
     /// Weight values baked in (CSR order, `nnz` of them), for pure inference.
     pub values: Option<&'a [f32]>,
+}
+
+/// The knobs of the generated code's shape. [`CodeShape::default`] is the measured choice;
+/// the others exist so that benchmarks can compare shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeShape {
+    /// Batch columns per block of the batch loop (1 to 256).
+    pub block: usize,
+    /// Unroll the batch-1 code (one statement per nonzero); `false` runs batch 1 through a
+    /// loop over the tables too (no code per nonzero at all).
+    pub unroll_batch1: bool,
+    /// Accumulators per row in the batch-1 code (1 to 8).
+    pub accumulators: usize,
+    /// Nonzeros per generated batch-1 function (at least 1; rows are never split).
+    pub nnz_per_function: usize,
+    /// Rows whose batch-1 statements are interleaved (1 to 8).
+    pub interleave: usize,
+    /// Pass `v` and `x` through `core::hint::black_box` before each group of rows.
+    pub barrier: bool,
+}
+
+impl Default for CodeShape {
+    fn default() -> Self {
+        CodeShape {
+            block: BATCH_BLOCK,
+            unroll_batch1: true,
+            accumulators: 2,
+            nnz_per_function: NNZ_PER_FUNCTION,
+            interleave: 1,
+            barrier: true,
+        }
+    }
 }
 
 /// Why code could not be generated.
@@ -82,14 +136,36 @@ pub enum EmitError {
     /// A fixed batch of zero.
     #[error("batch must be at least 1")]
     ZeroBatch,
+    /// A [`CodeShape`] knob outside its range.
+    #[error("invalid code shape: {0}")]
+    BadShape(&'static str),
 }
 
 fn usize_lit(v: usize) -> Literal {
     Literal::usize_unsuffixed(v)
 }
 
-/// Generates the module described in the module doc.
+/// An `f32` constant: a literal when finite, `f32::from_bits(..)` otherwise (NaN, ±∞).
+fn f32_tokens(v: f32) -> TokenStream {
+    if v.is_finite() {
+        let lit = Literal::f32_suffixed(v);
+        quote!(#lit)
+    } else {
+        let bits = Literal::u32_suffixed(v.to_bits());
+        quote!(f32::from_bits(#bits))
+    }
+}
+
+/// Generates the module described in the module doc, in the default [`CodeShape`].
 pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
+    emit_spmm_with(kernel, &CodeShape::default())
+}
+
+/// Generates the module described in the module doc, in the given [`CodeShape`].
+pub fn emit_spmm_with(
+    kernel: &RustKernel<'_>,
+    shape: &CodeShape,
+) -> Result<TokenStream, EmitError> {
     let p = kernel.pattern;
     if p.nnz() > MAX_UNROLLED_NNZ {
         return Err(EmitError::TooLarge {
@@ -111,10 +187,23 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
     if kernel.batch == Some(0) {
         return Err(EmitError::ZeroBatch);
     }
+    if !(1..=256).contains(&shape.block) {
+        return Err(EmitError::BadShape("block must be 1 to 256"));
+    }
+    if !(1..=8).contains(&shape.accumulators) {
+        return Err(EmitError::BadShape("accumulators must be 1 to 8"));
+    }
+    if !(1..=8).contains(&shape.interleave) {
+        return Err(EmitError::BadShape("interleave must be 1 to 8"));
+    }
+    if shape.nnz_per_function == 0 {
+        return Err(EmitError::BadShape("nnz_per_function must be at least 1"));
+    }
     let name = Ident::new(kernel.name, Span::call_site());
     let (rows, cols, nnz) = (usize_lit(p.rows()), usize_lit(p.cols()), usize_lit(p.nnz()));
     let row_ptr = p.row_ptr().iter().map(|&v| Literal::u32_unsuffixed(v));
     let col_idx = p.col_idx().iter().map(|&v| Literal::u32_unsuffixed(v));
+    let block = usize_lit(shape.block);
     let batch_const = match kernel.batch {
         Some(b) => {
             let b = usize_lit(b);
@@ -144,113 +233,205 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
     } else {
         quote!()
     };
+    // The start of a row's sum: its bias, or -0.0 (the identity of `+`, so rustc folds it).
+    let row_init = if kernel.bias {
+        quote!(bias[r])
+    } else {
+        quote!(-0.0f32)
+    };
+    let relu_scalar = if kernel.relu {
+        quote!(if t < 0.0 {
+            t = 0.0;
+        })
+    } else {
+        quote!()
+    };
+    let relu_block = if kernel.relu {
+        quote!(for a in acc.iter_mut() {
+            if *a < 0.0 {
+                *a = 0.0;
+            }
+        })
+    } else {
+        quote!()
+    };
 
-    // One function per group of rows.
-    let groups = p.chunks(NNZ_PER_FUNCTION);
-    let mut fns = Vec::new();
-    let mut calls_general = Vec::new();
-    let mut calls_one = Vec::new();
-    let mut calls_one_contig = Vec::new();
-    for (g, chunk) in groups.iter().enumerate() {
-        let general = Ident::new(&format!("rows_{g}"), Span::call_site());
-        let one = Ident::new(&format!("rows_{g}_b1"), Span::call_site());
-        let one_contig = Ident::new(&format!("rows_{g}_b1_contig"), Span::call_site());
-        let mut block_rows = Vec::new();
-        let mut one_rows = Vec::new();
-        let mut contig_rows = Vec::new();
-        for r in chunk.rows.clone() {
-            let rl = usize_lit(r);
-            let init_block = if kernel.bias {
-                quote!([bias[#rl]; BLOCK])
-            } else {
-                quote!([0.0f32; BLOCK])
-            };
-            let init_scalar = if kernel.bias {
-                quote!(bias[#rl])
-            } else {
-                quote!(0.0f32)
-            };
-            let relu_block = if kernel.relu {
-                quote!(for a in acc.iter_mut() {
-                    if *a < 0.0 {
-                        *a = 0.0;
-                    }
-                })
-            } else {
-                quote!()
-            };
-            let relu_scalar = if kernel.relu {
-                quote!(if acc < 0.0 {
-                    acc = 0.0;
-                })
-            } else {
-                quote!()
-            };
-            let mut block_terms = Vec::new();
-            let mut scalar_terms = Vec::new();
-            let mut contig_terms = Vec::new();
-            for k in p.row_range(r) {
-                let c = usize_lit(p.col_idx()[k] as usize);
-                let kl = usize_lit(k);
-                block_terms.push(quote! {
-                    let xs: &[f32; BLOCK] = match x[#c * ld + b0..#c * ld + b0 + BLOCK].try_into() { Ok(s) => s, Err(_) => unreachable!() };
-                    for i in 0..BLOCK { acc[i] += values[#kl] * xs[i]; }
-                });
-                scalar_terms.push(quote!(acc += values[#kl] * x[#c * ld + b];));
-                contig_terms.push(quote!(acc += values[#kl] * x[#c];));
-            }
-            block_rows.push(quote! {
-                let mut b0 = 0;
-                while b0 + BLOCK <= batch {
-                    let mut acc = #init_block;
-                    #(#block_terms)*
-                    #relu_block
-                    y[#rl * ld + b0..#rl * ld + b0 + BLOCK].copy_from_slice(&acc);
-                    b0 += BLOCK;
-                }
-                for b in b0..batch {
-                    let mut acc = #init_scalar;
-                    #(#scalar_terms)*
-                    #relu_scalar
-                    y[#rl * ld + b] = acc;
-                }
-            });
-            one_rows.push(quote! {
-                {
-                    let b = 0;
-                    let mut acc = #init_scalar;
-                    #(#scalar_terms)*
-                    #relu_scalar
-                    y[#rl * ld] = acc;
-                }
-            });
-            contig_rows.push(quote! {
-                {
-                    let mut acc = #init_scalar;
-                    #(#contig_terms)*
-                    #relu_scalar
-                    y[#rl] = acc;
-                }
-            });
+    let wants_batch1 = matches!(kernel.batch, Some(1) | None);
+    // Batch 1 with `ld > 1` gathers the input column into a stack array of `COLS` floats.
+    let gather_ok = p.cols() <= GATHER_MAX && p.rows() <= GATHER_MAX;
+    let wants_blocks = kernel.batch != Some(1) || !shape.unroll_batch1 || !gather_ok;
+    let fixed_batch = match kernel.batch {
+        Some(b) => {
+            let b = usize_lit(b);
+            quote!(let batch: usize = #b;)
         }
-        fns.push(quote! {
-            #[inline(never)]
-            fn #general(values: &[f32; NNZ], x: &[f32], #bias_fn_param y: &mut [f32], batch: usize, ld: usize) {
-                #(#block_rows)*
+        None => quote!(),
+    };
+
+    // The batch loop over the tables (no code per nonzero).
+    let mut widths = vec![shape.block];
+    widths.extend([8, 4, 1].into_iter().filter(|&w| w < shape.block));
+    let width_loops = widths.iter().map(|&w| {
+        let w = usize_lit(w);
+        quote! {
+            while b0 + #w <= batch {
+                let acc = block::<#w>(cols, vals, x, ld, b0, init);
+                yr[b0..b0 + #w].copy_from_slice(&acc);
+                b0 += #w;
             }
-            #[inline(never)]
-            fn #one(values: &[f32; NNZ], x: &[f32], #bias_fn_param y: &mut [f32], ld: usize) {
-                #(#one_rows)*
+        }
+    });
+    let blocks_fn = if wants_blocks {
+        quote! {
+            /// One row's block of `W` batch columns from `b0`: `init + Σ_k v_k·x[c_k·ld + b0..][..W]`
+            /// (with ReLU when the kernel has it).
+            #[inline(always)]
+            fn block<const W: usize>(cols: &[u32], vals: &[f32], x: &[f32], ld: usize, b0: usize, init: f32) -> [f32; W] {
+                let mut acc = [init; W];
+                for (&c, &v) in cols.iter().zip(vals) {
+                    let o = c as usize * ld + b0;
+                    let xs: &[f32; W] = match x[o..o + W].try_into() { Ok(s) => s, Err(_) => unreachable!() };
+                    for i in 0..W {
+                        acc[i] += v * xs[i];
+                    }
+                }
+                #relu_block
+                acc
             }
+
+            /// Rows over the CSR tables, `BLOCK` batch columns at a time; the last columns in a
+            /// block that reads (never writes) padding when `ld` leaves room, else in narrower
+            /// blocks.
             #[inline(never)]
-            fn #one_contig(values: &[f32; NNZ], x: &[f32; COLS], #bias_fn_param y: &mut [f32; ROWS]) {
-                #(#contig_rows)*
+            fn blocks(values: &[f32; NNZ], x: &[f32], #bias_fn_param y: &mut [f32], batch: usize, ld: usize) {
+                #fixed_batch
+                for r in 0..ROWS {
+                    let (lo, hi) = (ROW_PTR[r] as usize, ROW_PTR[r + 1] as usize);
+                    let cols = &COL_IDX[lo..hi];
+                    let vals = &values[lo..hi];
+                    let init: f32 = #row_init;
+                    let yr = &mut y[r * ld..r * ld + batch];
+                    let mut b0 = 0;
+                    while b0 + BLOCK <= batch {
+                        let acc = block::<BLOCK>(cols, vals, x, ld, b0, init);
+                        yr[b0..b0 + BLOCK].copy_from_slice(&acc);
+                        b0 += BLOCK;
+                    }
+                    if b0 < batch && b0 + BLOCK <= ld {
+                        let acc = block::<BLOCK>(cols, vals, x, ld, b0, init);
+                        yr[b0..].copy_from_slice(&acc[..batch - b0]);
+                        continue;
+                    }
+                    #(#width_loops)*
+                }
             }
-        });
-        calls_general.push(quote!(#general(values, x, #bias_arg y, batch, ld);));
-        calls_one.push(quote!(#one(values, x, #bias_arg y, ld);));
-        calls_one_contig.push(quote!(#one_contig(values, x, #bias_arg y);));
+        }
+    } else {
+        quote!()
+    };
+
+    // Batch 1: unrolled, one statement per nonzero, or the table loop.
+    let mut fns = Vec::new();
+    let mut calls = Vec::new();
+    if wants_batch1 && shape.unroll_batch1 {
+        for (g, chunk) in p.chunks(shape.nnz_per_function).iter().enumerate() {
+            let f = Ident::new(&format!("b1_{g}"), Span::call_site());
+            let rows: Vec<usize> = chunk.rows.clone().collect();
+            let mut body = Vec::new();
+            for group in rows.chunks(shape.interleave) {
+                body.push(batch1_rows(
+                    p,
+                    group,
+                    shape.accumulators,
+                    kernel.bias,
+                    shape.barrier,
+                ));
+            }
+            fns.push(quote! {
+                #[inline(never)]
+                fn #f(v: &[f32; NNZ], x: &[f32; COLS], #bias_fn_param y: &mut [f32], ld: usize) {
+                    #(#body)*
+                }
+            });
+            calls.push(quote!(#f(values, x, #bias_arg y, ld);));
+        }
     }
+    let one_path = if !wants_batch1 {
+        quote!()
+    } else if shape.unroll_batch1 {
+        let gather = if gather_ok {
+            quote! {
+                let mut xl = [0.0f32; COLS];
+                for (d, s) in xl.iter_mut().zip(x.chunks(ld)) {
+                    *d = s[0];
+                }
+                let x = &xl;
+                #(#calls)*
+                return Ok(());
+            }
+        } else {
+            quote!()
+        };
+        quote! {
+            if batch == 1 {
+                if ld == 1 {
+                    let x: &[f32; COLS] = match x[..COLS].try_into() { Ok(s) => s, Err(_) => unreachable!() };
+                    #(#calls)*
+                    return Ok(());
+                }
+                #gather
+            }
+        }
+    } else {
+        quote! {
+            if batch == 1 {
+                one(values, x, #bias_arg y, ld);
+                return Ok(());
+            }
+        }
+    };
+    let one_table_fn = if wants_batch1 && !shape.unroll_batch1 {
+        quote! {
+            /// Batch 1 over the CSR tables, four accumulators per row.
+            #[inline(never)]
+            fn one(values: &[f32; NNZ], x: &[f32], #bias_fn_param y: &mut [f32], ld: usize) {
+                for r in 0..ROWS {
+                    let (lo, hi) = (ROW_PTR[r] as usize, ROW_PTR[r + 1] as usize);
+                    let cols = &COL_IDX[lo..hi];
+                    let vals = &values[lo..hi];
+                    let mut s = [-0.0f32; 4];
+                    let mut cc = cols.chunks_exact(4);
+                    let mut vc = vals.chunks_exact(4);
+                    for (c4, v4) in (&mut cc).zip(&mut vc) {
+                        for i in 0..4 {
+                            s[i] += v4[i] * x[c4[i] as usize * ld];
+                        }
+                    }
+                    for (i, (&c, &v)) in cc.remainder().iter().zip(vc.remainder()).enumerate() {
+                        s[i] += v * x[c as usize * ld];
+                    }
+                    let init: f32 = #row_init;
+                    let mut t = (s[0] + s[1]) + (s[2] + s[3]) + init;
+                    #relu_scalar
+                    y[r * ld] = t;
+                }
+            }
+        }
+    } else {
+        quote!()
+    };
+    let fin_fn = if wants_batch1 && shape.unroll_batch1 {
+        quote! {
+            /// The end of a batch-1 row: ReLU when the kernel has it.
+            #[inline(always)]
+            fn fin(mut t: f32) -> f32 {
+                #relu_scalar
+                t
+            }
+        }
+    } else {
+        quote!()
+    };
 
     let batch_check = match kernel.batch {
         Some(_) => quote! {
@@ -264,31 +445,15 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
             }
         },
     };
-    let one_path = if matches!(kernel.batch, Some(1) | None) {
-        quote! {
-            if batch == 1 {
-                if ld == 1 {
-                    let x: &[f32; COLS] = match x[..COLS].try_into() { Ok(s) => s, Err(_) => unreachable!() };
-                    let y: &mut [f32; ROWS] = match (&mut y[..ROWS]).try_into() { Ok(s) => s, Err(_) => unreachable!() };
-                    #(#calls_one_contig)*
-                } else {
-                    #(#calls_one)*
-                }
-                return Ok(());
-            }
-        }
+    let general_path = if wants_blocks {
+        quote!(blocks(values, x, #bias_arg y, batch, ld);)
     } else {
         quote!()
-    };
-    let general_path = if kernel.batch == Some(1) {
-        quote!()
-    } else {
-        quote!(#(#calls_general)*)
     };
 
     let values_items = match kernel.values {
         Some(values) => {
-            let vals = values.iter().map(|&v| Literal::f32_suffixed(v));
+            let vals = values.iter().map(|&v| f32_tokens(v));
             quote! {
                 /// The weight values baked in, in CSR order.
                 pub static VALUES: [f32; NNZ] = [#(#vals),*];
@@ -311,7 +476,7 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
 
     Ok(quote! {
         #[doc = #doc]
-        #[allow(clippy::all, clippy::pedantic, unused_variables, unused_mut, unused_assignments, non_upper_case_globals, unreachable_code)]
+        #[allow(clippy::all, clippy::pedantic, unused_variables, unused_mut, unused_assignments, non_upper_case_globals, unreachable_code, dead_code, unused_parens)]
         pub mod #name {
             /// Output features (rows of the mask).
             pub const ROWS: usize = #rows;
@@ -325,7 +490,7 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
             pub static ROW_PTR: [u32; ROWS + 1] = [#(#row_ptr),*];
             /// CSR column indices of the mask.
             pub static COL_IDX: [u32; NNZ] = [#(#col_idx),*];
-            const BLOCK: usize = 8;
+            const BLOCK: usize = #block;
 
             /// Why [`run`] refused its arguments.
             #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,11 +542,13 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
                     return Err(KernelError::Length { operand: "values", expected: NNZ, got: values.len() });
                 }
                 let values: &[f32; NNZ] = match values.try_into() { Ok(v) => v, Err(_) => unreachable!() };
-                if x.len() < COLS * ld {
-                    return Err(KernelError::Length { operand: "x", expected: COLS * ld, got: x.len() });
+                let need_x = COLS.saturating_mul(ld);
+                if x.len() < need_x {
+                    return Err(KernelError::Length { operand: "x", expected: need_x, got: x.len() });
                 }
-                if y.len() < ROWS * ld {
-                    return Err(KernelError::Length { operand: "y", expected: ROWS * ld, got: y.len() });
+                let need_y = ROWS.saturating_mul(ld);
+                if y.len() < need_y {
+                    return Err(KernelError::Length { operand: "y", expected: need_y, got: y.len() });
                 }
                 #bias_check
                 #one_path
@@ -391,9 +558,104 @@ pub fn emit_spmm(kernel: &RustKernel<'_>) -> Result<TokenStream, EmitError> {
 
             #values_items
 
+            #blocks_fn
+            #one_table_fn
+            #fin_fn
             #(#fns)*
         }
     })
+}
+
+/// The batch-1 code of a few rows: the nonzeros of a row feed `accumulators` chains round
+/// robin (independent add chains), combined at the end of the row; the statements of the rows
+/// given are interleaved.
+///
+/// Odd chains subtract their products and hold the negated sum (`s0 - s1`): with all chains
+/// alike, LLVM's SLP vectoriser packs them into SSE vectors whose `x` lanes it gathers with
+/// shuffles, which measured slower than this plain scalar code (`mulss` with a memory operand
+/// and `addss`/`subss` per nonzero). With `barrier`, `x` passes through
+/// `core::hint::black_box` first, so that rustc does not keep `x` elements loaded for earlier
+/// rows in registers for later ones (and spill them).
+fn batch1_rows(
+    p: &Pattern,
+    rows: &[usize],
+    accumulators: usize,
+    bias: bool,
+    barrier: bool,
+) -> TokenStream {
+    let mut per_row: Vec<Vec<TokenStream>> = Vec::new();
+    let mut ends = Vec::new();
+    for (slot, &r) in rows.iter().enumerate() {
+        let rl = usize_lit(r);
+        let range = p.row_range(r);
+        let used = range.len().min(accumulators);
+        let accs: Vec<Ident> = (0..used)
+            .map(|j| Ident::new(&format!("s{slot}_{j}"), Span::call_site()))
+            .collect();
+        let terms = range
+            .enumerate()
+            .map(|(j, k)| {
+                let a = &accs[j % accumulators];
+                let kl = usize_lit(k);
+                let c = usize_lit(p.col_idx()[k] as usize);
+                // odd chains hold the negated sum (see the function doc)
+                match (j < used, j % accumulators % 2 == 1) {
+                    (true, false) => quote!(let mut #a = v[#kl] * x[#c];),
+                    (true, true) => quote!(let mut #a = -(v[#kl] * x[#c]);),
+                    (false, false) => quote!(#a += v[#kl] * x[#c];),
+                    (false, true) => quote!(#a -= v[#kl] * x[#c];),
+                }
+            })
+            .collect();
+        per_row.push(terms);
+        let sum = match (used, bias) {
+            (0, true) => quote!(bias[#rl]),
+            (0, false) => quote!(0.0f32),
+            (_, true) => {
+                let t = signed_sum(&accs);
+                quote!(#t + bias[#rl])
+            }
+            (_, false) => signed_sum(&accs),
+        };
+        ends.push(quote!(y[#rl * ld] = fin(#sum);));
+    }
+    let longest = per_row.iter().map(Vec::len).max().unwrap_or(0);
+    let mut terms = Vec::new();
+    for i in 0..longest {
+        for row in &per_row {
+            if let Some(t) = row.get(i) {
+                terms.push(t.clone());
+            }
+        }
+    }
+    let fence = if barrier {
+        quote!(let x = core::hint::black_box(x);)
+    } else {
+        quote!()
+    };
+    quote! {
+        {
+            #fence
+            #(#terms)*
+            #(#ends)*
+        }
+    }
+}
+
+/// `(s0 - s1) + (s2 - s3)`: the sum of the chains, odd ones holding negated sums.
+fn signed_sum(accs: &[Ident]) -> TokenStream {
+    let pairs: Vec<TokenStream> = accs
+        .chunks(2)
+        .map(|pair| match pair {
+            [a, b] => quote!((#a - #b)),
+            [a] => quote!(#a),
+            _ => unreachable!(),
+        })
+        .collect();
+    pairs
+        .into_iter()
+        .reduce(|a, b| quote!((#a + #b)))
+        .unwrap_or_else(|| quote!(0.0f32))
 }
 
 /// `Some(())` when `name` is a plain Rust identifier (ASCII letters, digits, `_`; not a digit
@@ -408,4 +670,116 @@ fn syn_like_ident(name: &str) -> Option<()> {
     }
     const KEYWORDS: [&str; 8] = ["fn", "mod", "pub", "self", "super", "crate", "_", "Self"];
     (!KEYWORDS.contains(&name)).then_some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel<'a>(
+        p: &'a Pattern,
+        batch: Option<usize>,
+        values: Option<&'a [f32]>,
+    ) -> RustKernel<'a> {
+        RustKernel {
+            name: "k",
+            pattern: p,
+            bias: true,
+            relu: true,
+            batch,
+            values,
+        }
+    }
+
+    #[test]
+    fn code_size_is_about_one_statement_per_nonzero() {
+        let p = Pattern::random(200, 400, 0.05, 3).unwrap();
+        let nnz = p.nnz();
+        let any = emit_spmm(&kernel(&p, None, None)).unwrap().to_string();
+        // one `sJ += v [K] * x [C] ;` (~25 bytes) plus a COL_IDX entry per nonzero
+        assert!(
+            any.len() < 60 * nnz,
+            "{} bytes for {nnz} nonzeros",
+            any.len()
+        );
+        assert_eq!(any.matches("* x [").count(), nnz, "one product per nonzero");
+        // a fixed batch above 1 has no code per nonzero, only the tables
+        let b100 = emit_spmm(&kernel(&p, Some(100), None)).unwrap().to_string();
+        assert!(b100.len() < 12 * nnz + 8000, "{} bytes", b100.len());
+        assert_eq!(b100.matches("* x [").count(), 0);
+        // batch 1 only: the unrolled code and no batch loop
+        let b1 = emit_spmm(&kernel(&p, Some(1), None)).unwrap().to_string();
+        assert!(!b1.contains("fn blocks"));
+        assert!(any.contains("fn blocks"));
+    }
+
+    #[test]
+    fn wide_layers_fall_back_to_the_batch_loop_at_batch_one() {
+        let p = Pattern::random(2, GATHER_MAX + 1, 0.01, 4).unwrap();
+        let b1 = emit_spmm(&kernel(&p, Some(1), None)).unwrap().to_string();
+        assert!(b1.contains("fn blocks"), "ld > 1 needs the batch loop");
+        assert!(!b1.contains("xl"), "no stack copy of a wide input");
+    }
+
+    #[test]
+    fn non_finite_values_are_emitted_as_bits() {
+        let p = Pattern::from_dense_mask(1, 3, &[1u8, 1, 1]).unwrap();
+        let vals = [f32::NAN, f32::INFINITY, 0.5];
+        let code = emit_spmm(&kernel(&p, None, Some(&vals)))
+            .unwrap()
+            .to_string();
+        assert!(code.contains(&format!("f32 :: from_bits ({}u32)", f32::NAN.to_bits())));
+        assert!(code.contains(&format!(
+            "f32 :: from_bits ({}u32)",
+            f32::INFINITY.to_bits()
+        )));
+        assert!(code.contains("0.5f32"));
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        let p = Pattern::from_dense_mask(1, 2, &[1u8, 0]).unwrap();
+        assert_eq!(
+            emit_spmm(&kernel(&p, Some(0), None)).unwrap_err(),
+            EmitError::ZeroBatch
+        );
+        assert_eq!(
+            emit_spmm(&kernel(&p, None, Some(&[1.0, 2.0]))).unwrap_err(),
+            EmitError::ValueCount { nnz: 1, got: 2 }
+        );
+        let mut k = kernel(&p, None, None);
+        k.name = "fn";
+        assert_eq!(emit_spmm(&k).unwrap_err(), EmitError::BadName("fn".into()));
+        for shape in [
+            CodeShape {
+                block: 0,
+                ..CodeShape::default()
+            },
+            CodeShape {
+                accumulators: 9,
+                ..CodeShape::default()
+            },
+            CodeShape {
+                nnz_per_function: 0,
+                ..CodeShape::default()
+            },
+            CodeShape {
+                interleave: 0,
+                ..CodeShape::default()
+            },
+        ] {
+            assert!(matches!(
+                emit_spmm_with(&kernel(&p, None, None), &shape),
+                Err(EmitError::BadShape(_))
+            ));
+        }
+        let big = Pattern::dense(300, 300).unwrap();
+        assert_eq!(
+            emit_spmm(&kernel(&big, None, None)).unwrap_err(),
+            EmitError::TooLarge {
+                nnz: 90_000,
+                max: MAX_UNROLLED_NNZ
+            }
+        );
+    }
 }

@@ -33,3 +33,10 @@ np.save("value_two_3x3.npy", bad)
 # A file that is not .npy at all.
 with open("garbage.npy", "wb") as f:
     f.write(b"this is not a numpy file")
+# Wider than rust_emit::GATHER_MAX (4096) columns, so batch 1 with ld > 1 takes the batch
+# loop: 3x5000 with an empty row and a row of one nonzero, as bool .npy.
+wide = mask(3, 5000, 0.01).astype(bool)
+wide[1, :] = False
+wide[2, :] = False
+wide[2, 4999] = True
+np.save("wide_3x5000.npy", wide)

@@ -2,6 +2,6 @@ macros::sparse_kernel! {
     name = k,
     op = spmm,
     batch = any,
-    mask_file = "../../../../macros/tests/masks/garbage.npy",
+    mask_file = "masks/garbage.npy",
 }
 fn main() {}

@@ -2,6 +2,6 @@ macros::sparse_kernel! {
     name = k,
     op = spmm,
     batch = any,
-    mask_file = "../../../../macros/tests/masks/does_not_exist.npy",
+    mask_file = "masks/does_not_exist.npy",
 }
 fn main() {}

@@ -2,6 +2,6 @@ macros::sparse_kernel! {
     name = k,
     op = spmm,
     batch = any,
-    mask_file = "../../../../macros/tests/masks/value_two_3x3.npy",
+    mask_file = "masks/value_two_3x3.npy",
 }
 fn main() {}

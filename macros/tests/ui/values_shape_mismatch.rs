@@ -2,8 +2,8 @@ macros::sparse_kernel! {
     name = k,
     op = spmm,
     batch = any,
-    mask_file = "../../../../macros/tests/masks/fc2_100x300_5pct.npy",
-    values_file = "../../../../macros/tests/masks/conv_4x2x3x3.safetensors",
+    mask_file = "masks/fc2_100x300_5pct.npy",
+    values_file = "masks/conv_4x2x3x3.safetensors",
     values_tensor = "conv.weight",
 }
 fn main() {}
