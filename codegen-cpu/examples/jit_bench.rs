@@ -3,6 +3,9 @@
 //!
 //! ```sh
 //! cargo run --release -p codegen-cpu --example jit_bench -- compile   # µs per nonzero
+//! cargo run --release -p codegen-cpu --example jit_bench -- compile-options
+//! cargo run --release -p codegen-cpu --example jit_bench -- incremental  # chunks recompiled
+//! cargo run --release -p codegen-cpu --example jit_bench -- regalloc  # kernel speed bt vs sp
 //! cargo run --release -p codegen-cpu --example jit_bench -- kernel    # JIT vs generic
 //! cargo run --release -p codegen-cpu --example jit_bench -- shapes    # code-shape options
 //! ```
@@ -71,7 +74,50 @@ fn compile_us_per_nnz(spec: &KernelSpec, options: &JitOptions, reps: usize) -> (
     (median(&mut times), cpu_us, bytes)
 }
 
+/// `compile`: the acceptance matrix — µs per nonzero for `spmm`, `spmm_t` and `sddmm` on
+/// 300x784 and 1024x1024 at 5 %, batch 1 and 8, with the backtracking and the single-pass
+/// register allocators on 1 and 2 threads (verifier off, `opt_level` none, no cache).
 fn compile() {
+    let shapes = [(300, 784), (1024, 1024)];
+    println!(
+        "compile time, µs per nonzero: median wall time of 3+ compiles, and CPU time of all \
+         threads over them (load average now {})",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    for (rows, cols) in shapes {
+        let p = Arc::new(random_pattern(rows, cols, 0.05, 1));
+        for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+            for batch in [1, 8] {
+                let s = spec(&p, op, batch, 16);
+                let mut line = format!(
+                    "{rows:4}x{cols:<4} nnz {:5} {:7} b{batch}:",
+                    p.nnz(),
+                    op.to_string()
+                );
+                for (name, regalloc) in
+                    [("bt", Regalloc::Backtracking), ("sp", Regalloc::SinglePass)]
+                {
+                    for threads in [1, 2] {
+                        let o = JitOptions {
+                            threads,
+                            regalloc,
+                            ..JitOptions::default()
+                        };
+                        let (us, cpu, _) = compile_us_per_nnz(&s, &o, 3);
+                        line += &format!("  {name} {threads}t {us:5.2} (cpu {cpu:5.2})");
+                    }
+                }
+                println!("{line}");
+            }
+        }
+    }
+}
+
+/// `compile-options`: compile time of other code generator options (verifier, `opt_level`,
+/// chunk size) on 300x784 at 5 %.
+fn compile_options() {
     let p = Arc::new(random_pattern(300, 784, 0.05, 1));
     println!(
         "compile time, 300x784 at 5 % ({} nonzeros), µs per nonzero: median wall time of 5+ \
@@ -337,6 +383,27 @@ fn kernel() {
     }
 }
 
+/// `regalloc`: kernel time with the backtracking (default) and the single-pass allocator.
+fn regalloc() {
+    let variants = [
+        ("backtracking", JitOptions::default()),
+        (
+            "single_pass",
+            JitOptions {
+                regalloc: Regalloc::SinglePass,
+                ..JitOptions::default()
+            },
+        ),
+    ];
+    for (rows, cols) in [(100, 300), (300, 784), (1024, 1024)] {
+        for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+            for batch in [1, 8] {
+                kernel_case(op, rows, cols, batch, 16, &variants);
+            }
+        }
+    }
+}
+
 fn shapes() {
     let base = JitOptions::default();
     let mut variants: Vec<(String, JitOptions)> = vec![("defaults".into(), base.clone())];
@@ -417,6 +484,103 @@ fn compile_loop() {
     println!("{op} batch {batch}: median {:.2} µs/nnz", median(&mut t));
 }
 
+/// A chunk's structure (local row pointers, columns): equal structure means reusable code.
+fn chunk_content(p: &Pattern, rows: std::ops::Range<usize>) -> Vec<u32> {
+    let rp = &p.row_ptr()[rows.start..=rows.end];
+    let mut c: Vec<u32> = rp.iter().map(|&x| x - rp[0]).collect();
+    c.extend_from_slice(&p.col_idx()[rp[0] as usize..rp[rp.len() - 1] as usize]);
+    c
+}
+
+/// `incremental`: how many chunks an update gives new content (and so compiles), with the
+/// JIT's content-defined chunking (`jit::chunk_rows`) and with greedy chunking by count
+/// (`Pattern::chunks`), over random updates that change `k` rows (each loses 2 nonzeros and
+/// gains 3) or prune and regrow a fraction of the whole layer (as sparse momentum does).
+fn incremental() {
+    use std::collections::HashSet;
+    let target = JitOptions::default().chunk_nnz;
+    let new_chunks = |old: &Pattern, new: &Pattern, greedy: bool| -> (usize, usize) {
+        let ranges = |p: &Pattern| -> Vec<std::ops::Range<usize>> {
+            if greedy {
+                p.chunks(target).into_iter().map(|c| c.rows).collect()
+            } else {
+                codegen_cpu::jit::chunk_rows(p, target)
+            }
+        };
+        let seen: HashSet<Vec<u32>> = ranges(old)
+            .into_iter()
+            .map(|r| chunk_content(old, r))
+            .collect();
+        let now = ranges(new);
+        let n = now.len();
+        (
+            now.into_iter()
+                .filter(|r| !seen.contains(&chunk_content(new, r.clone())))
+                .count(),
+            n,
+        )
+    };
+    for (rows, cols) in [(300, 784), (1024, 1024)] {
+        for change in ["1 row", "4 rows", "16 rows", "prune 1 %", "prune 20 %"] {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let (mut worst, mut sum_c, mut sum_g, mut chunks) = (0, 0, 0, 0);
+            let trials = 100;
+            for _ in 0..trials {
+                let mut mask: Vec<u8> = (0..rows * cols)
+                    .map(|_| u8::from(rng.random_bool(0.05)))
+                    .collect();
+                let old = Pattern::from_dense_mask(rows, cols, &mask).unwrap();
+                let flip = |mask: &mut [u8],
+                            rng: &mut ChaCha8Rng,
+                            lo: usize,
+                            hi: usize,
+                            from: u8,
+                            n: usize| {
+                    let mut left = n;
+                    while left > 0 {
+                        let i = rng.random_range(lo..hi);
+                        if mask[i] == from {
+                            mask[i] = 1 - from;
+                            left -= 1;
+                        }
+                    }
+                };
+                let rows_changed = match change {
+                    "1 row" => 1,
+                    "4 rows" => 4,
+                    "16 rows" => 16,
+                    _ => 0,
+                };
+                if rows_changed > 0 {
+                    for _ in 0..rows_changed {
+                        let r = rng.random_range(0..rows);
+                        flip(&mut mask, &mut rng, r * cols, (r + 1) * cols, 1, 2);
+                        flip(&mut mask, &mut rng, r * cols, (r + 1) * cols, 0, 3);
+                    }
+                } else {
+                    let frac = if change == "prune 1 %" { 0.01 } else { 0.2 };
+                    let n = (old.nnz() as f64 * frac) as usize;
+                    flip(&mut mask, &mut rng, 0, rows * cols, 1, n);
+                    flip(&mut mask, &mut rng, 0, rows * cols, 0, n);
+                }
+                let new = Pattern::from_dense_mask(rows, cols, &mask).unwrap();
+                let (c, n) = new_chunks(&old, &new, false);
+                let (g, _) = new_chunks(&old, &new, true);
+                worst = worst.max(c);
+                sum_c += c;
+                sum_g += g;
+                chunks += n;
+            }
+            println!(
+                "{rows}x{cols} 5 %, {change:10}: content-defined {:5.1} of {:5.1} chunks compile (worst {worst}), greedy {:5.1}",
+                sum_c as f64 / trials as f64,
+                chunks as f64 / trials as f64,
+                sum_g as f64 / trials as f64
+            );
+        }
+    }
+}
+
 /// `sizes`: machine code bytes per row and per nonzero of every op and batch class, fitted
 /// by least squares over a few random layers (the constants of `jit::estimate`).
 fn sizes() {
@@ -467,10 +631,13 @@ fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     match what.as_str() {
         "compile" => compile(),
+        "compile-options" => compile_options(),
+        "regalloc" => regalloc(),
         "kernel" => kernel(),
         "shapes" => shapes(),
         "compile-loop" => compile_loop(),
         "sizes" => sizes(),
+        "incremental" => incremental(),
         "case" => {
             // case OP ROWS COLS BATCH LD
             let a: Vec<String> = std::env::args().skip(2).collect();

@@ -22,6 +22,7 @@ pub mod jit;
 pub mod planner;
 mod pool;
 mod simd;
+pub mod swap;
 
 pub use backend::{CpuBackend, CpuError, CpuKernel, CpuOptions};
 pub use isa::{IsaLevel, ISA_ENV};

@@ -33,7 +33,7 @@ mod emit;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -223,6 +223,55 @@ pub fn estimate(spec: &KernelSpec) -> Option<JitEstimate> {
     })
 }
 
+/// A chunk's rows and the positions of its nonzeros.
+struct ChunkRange {
+    rows: Range<usize>,
+    nnz: Range<usize>,
+}
+
+/// Splits the rows of `pattern` into the chunks the JIT compiles one function each for:
+/// runs of consecutive rows of about `target_nnz` nonzeros on average, whose boundaries are
+/// chosen by the rows' content, so that a change to a few rows moves no boundary elsewhere.
+///
+/// A chunk ends after row `r` when a hash of that row's columns falls below the fraction
+/// `nnz(r) / target` of the hash range (so a chunk ends, on average, every `target`
+/// nonzeros whatever the row lengths, and a row of `target` nonzeros or more always ends
+/// its chunk); a chunk that reaches `4·target` nonzeros ends anyway (about 2 % of chunks). A
+/// row is never split. Whether a row ends a chunk depends on that row alone (except for the
+/// size cap), so after an update that changes a few rows the chunking agrees with the old
+/// one from the first boundary after each changed row on: only the chunk holding a changed
+/// row gets new content (two chunks where the row's own boundary appeared, one where it
+/// went), and the rest of the kernel's code is reused. Greedy chunking by count
+/// ([`Pattern::chunks`]), by contrast, moves every later boundary once a row gains or loses
+/// enough nonzeros to move one.
+pub fn chunk_rows(pattern: &Pattern, target_nnz: usize) -> Vec<Range<usize>> {
+    let target = target_nnz.max(1) as u128;
+    let max = 4 * target;
+    let row_ptr = pattern.row_ptr();
+    let col_idx = pattern.col_idx();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for r in 0..pattern.rows() {
+        let (a, b) = (row_ptr[r] as usize, row_ptr[r + 1] as usize);
+        let len = (b - a) as u128;
+        let end_here = if len >= target || (b - row_ptr[start] as usize) as u128 >= max {
+            true
+        } else if len == 0 {
+            false
+        } else {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            col_idx[a..b].hash(&mut h);
+            // P(end) = len / target, in 64-bit fixed point
+            (h.finish() as u128) < (len << 64) / target
+        };
+        if end_here || r + 1 == pattern.rows() {
+            chunks.push(start..r + 1);
+            start = r + 1;
+        }
+    }
+    chunks
+}
+
 /// One chunk function of a kernel, for dumps.
 #[derive(Debug, Clone)]
 pub struct FunctionInfo<'a> {
@@ -291,218 +340,7 @@ impl JitKernel {
         spec: &KernelSpec,
         options: &JitOptions,
     ) -> Result<JitKernel, BackendError> {
-        let start = Instant::now();
-        let layer = spec.layer().to_string();
-        let op_name = spec.op().name();
-        let unsupported = |reason: String| BackendError::Unsupported {
-            layer: layer.clone(),
-            op: op_name,
-            strategy: Strategy::Jit,
-            reason,
-        };
-        let compile_err = |message: String| BackendError::Compile {
-            layer: layer.clone(),
-            op: op_name,
-            message,
-        };
-        let op = match spec.op() {
-            Op::Spmm { bias, relu } => ChunkOp::Spmm { bias, relu },
-            Op::SpmmT => ChunkOp::SpmmT,
-            Op::Sddmm => ChunkOp::Sddmm,
-            Op::DenseGrad => {
-                return Err(unsupported(
-                    "dense_grad covers every entry, so there is no pattern to bake in \
-                     (use the generic or dense strategy)"
-                        .into(),
-                ))
-            }
-        };
-        let (batch, ld) = match (spec.batch(), spec.ld()) {
-            (Dim::Fixed(b), Dim::Fixed(l)) => (b, l),
-            (b, l) => {
-                return Err(unsupported(format!(
-                    "the code bakes in the batch and row stride, so both must be fixed \
-                     (got batch {b}, ld {l})"
-                )))
-            }
-        };
-        check_options(options).map_err(compile_err)?;
-        let config = CodegenConfig {
-            opt_level: options.opt_level,
-            regalloc: options.regalloc,
-            verifier: options.verifier,
-        };
-        let isa = code::isa_for(config).map_err(compile_err)?;
-        let shape = Shape {
-            batch,
-            ld,
-            accumulators: options.accumulators,
-            block_vectors: options.block_vectors,
-            fma: code::has_fma(&*isa),
-        };
-
-        let transposed;
-        let (pattern, value_index): (&Pattern, Option<&[u32]>) = if op == ChunkOp::SpmmT {
-            transposed = spec.pattern().transpose();
-            (&transposed.pattern, Some(&transposed.value_index))
-        } else {
-            (spec.pattern(), None)
-        };
-        let out_rows = match op {
-            ChunkOp::Sddmm => 0,
-            _ => pattern.rows(),
-        };
-
-        // Describe every chunk.
-        let chunks = pattern.chunks(options.chunk_nnz);
-        let mut jobs = Vec::with_capacity(chunks.len());
-        let mut runs = Vec::with_capacity(chunks.len());
-        for ch in &chunks {
-            let src = ChunkSource {
-                row_ptr: &pattern.row_ptr()[ch.rows.start..=ch.rows.end],
-                col_idx: &pattern.col_idx()[ch.nnz.clone()],
-                value_pos: value_index.map(|vi| &vi[ch.nnz.clone()]),
-                cols: pattern.cols(),
-            };
-            if !emit::offsets_fit(&src, &shape, out_rows.max(pattern.rows())) {
-                return Err(unsupported(format!(
-                    "offsets of a {}x{} pattern with ld {ld} do not fit 32-bit immediates",
-                    pattern.rows(),
-                    pattern.cols()
-                )));
-            }
-            let base = src.row_ptr[0];
-            let mut content: Vec<u32> = src.row_ptr.iter().map(|&p| p - base).collect();
-            content.extend_from_slice(src.col_idx);
-            let mut hash = ch.hash;
-            if let Some(pos) = src.value_pos {
-                content.extend_from_slice(pos);
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                ch.hash.hash(&mut h);
-                pos.hash(&mut h);
-                hash = h.finish();
-            }
-            let key = ChunkKey {
-                op,
-                shape,
-                opt_level: options.opt_level,
-                regalloc: options.regalloc,
-                hash,
-                rows: ch.rows.len(),
-                cols: pattern.cols(),
-                nnz: ch.nnz.len(),
-            };
-            let (a_off, out_off, bias_off) = match op {
-                ChunkOp::Spmm { .. } => (ch.nnz.start, ch.rows.start * ld, ch.rows.start),
-                ChunkOp::SpmmT => (0, ch.rows.start * ld, 0),
-                ChunkOp::Sddmm => (ch.rows.start * ld, ch.nnz.start, 0),
-            };
-            runs.push((ch.rows.clone(), ch.nnz.clone(), a_off, out_off, bias_off));
-            jobs.push(Job { key, content, src });
-        }
-
-        // Resolve from the global cache, and share identical chunks within the kernel.
-        let mut resolved: Vec<Option<Arc<ChunkCode>>> = Vec::with_capacity(jobs.len());
-        let mut reused = vec![false; jobs.len()];
-        let mut first_of: HashMap<&ChunkKey, usize> = HashMap::new();
-        let mut same_as: Vec<Option<usize>> = vec![None; jobs.len()];
-        let mut to_compile = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
-            let hit = if options.use_cache {
-                code::lookup(&job.key, &job.content)
-            } else {
-                None
-            };
-            if hit.is_some() {
-                reused[i] = true;
-            } else if let Some(&j) = first_of.get(&job.key) {
-                if jobs[j].content == job.content {
-                    same_as[i] = Some(j);
-                } else {
-                    to_compile.push(i);
-                }
-            } else {
-                first_of.insert(&job.key, i);
-                to_compile.push(i);
-            }
-            resolved.push(hit);
-        }
-
-        let threads = options.threads.min(to_compile.len()).max(1);
-        let capture = code::Capture {
-            clif: options.capture_clif,
-            disasm: options.capture_disasm,
-        };
-        let results = parallel_map(&to_compile, threads, |fctx, ctx, i| {
-            code::compile_job(&*isa, fctx, ctx, i as u32, &jobs[i], capture)
-        });
-        for (&i, result) in to_compile.iter().zip(results) {
-            let chunk = result.map_err(|m| compile_err(format!("chunk {i}: {m}")))?;
-            resolved[i] = Some(if options.use_cache {
-                code::publish(chunk)
-            } else {
-                chunk
-            });
-        }
-        for i in 0..jobs.len() {
-            if let Some(j) = same_as[i] {
-                resolved[i] = resolved[j].clone();
-            }
-        }
-        let resolved: Vec<Arc<ChunkCode>> = resolved
-            .into_iter()
-            .map(|c| c.expect("every chunk resolved"))
-            .collect();
-
-        // Text for reused chunks compiled earlier without it.
-        if capture.clif || capture.disasm {
-            let missing: Vec<usize> = (0..jobs.len())
-                .filter(|&i| {
-                    (capture.clif && resolved[i].clif().is_none())
-                        || (capture.disasm && resolved[i].disasm().is_none())
-                })
-                .collect();
-            let results = parallel_map(&missing, threads, |fctx, ctx, i| {
-                code::fill_text(&*isa, fctx, ctx, i as u32, &jobs[i], &resolved[i], capture)
-            });
-            for (&i, r) in missing.iter().zip(results) {
-                r.map_err(|m| compile_err(format!("chunk {i}: {m}")))?;
-            }
-        }
-
-        let compiled_nnz = to_compile.iter().map(|&i| jobs[i].key.nnz).sum();
-        let chunks: Vec<ChunkRun> = runs
-            .into_iter()
-            .zip(resolved)
-            .zip(reused)
-            .map(
-                |(((rows, nnz, a_off, out_off, bias_off), code), reused)| ChunkRun {
-                    code,
-                    rows,
-                    nnz,
-                    a_off,
-                    out_off,
-                    bias_off,
-                    reused,
-                },
-            )
-            .collect();
-        let stats = CompileStats {
-            functions: chunks.len(),
-            compiled: to_compile.len(),
-            reused: chunks.iter().filter(|c| c.reused).count(),
-            shared: same_as.iter().flatten().count(),
-            nnz: pattern.nnz(),
-            compiled_nnz,
-            code_bytes: chunks.iter().map(|c| c.code.code_len()).sum(),
-            compile_ms: start.elapsed().as_secs_f64() * 1e3,
-            threads,
-        };
-        Ok(JitKernel {
-            spec: spec.clone(),
-            chunks,
-            stats,
-        })
+        compile_cancellable(spec, options, None)
     }
 
     /// The spec this kernel computes.
@@ -562,6 +400,238 @@ impl JitKernel {
         }
         Ok(())
     }
+}
+
+/// [`JitKernel::compile_with`], stopping with a `Compile` error before the next chunk once
+/// `cancel` is set (the background compilation of a hot-swap kernel nobody waits for).
+pub(crate) fn compile_cancellable(
+    spec: &KernelSpec,
+    options: &JitOptions,
+    cancel: Option<&AtomicBool>,
+) -> Result<JitKernel, BackendError> {
+    let start = Instant::now();
+    let layer = spec.layer().to_string();
+    let op_name = spec.op().name();
+    let unsupported = |reason: String| BackendError::Unsupported {
+        layer: layer.clone(),
+        op: op_name,
+        strategy: Strategy::Jit,
+        reason,
+    };
+    let compile_err = |message: String| BackendError::Compile {
+        layer: layer.clone(),
+        op: op_name,
+        message,
+    };
+    let op = match spec.op() {
+        Op::Spmm { bias, relu } => ChunkOp::Spmm { bias, relu },
+        Op::SpmmT => ChunkOp::SpmmT,
+        Op::Sddmm => ChunkOp::Sddmm,
+        Op::DenseGrad => {
+            return Err(unsupported(
+                "dense_grad covers every entry, so there is no pattern to bake in \
+                 (use the generic or dense strategy)"
+                    .into(),
+            ))
+        }
+    };
+    let (batch, ld) = match (spec.batch(), spec.ld()) {
+        (Dim::Fixed(b), Dim::Fixed(l)) => (b, l),
+        (b, l) => {
+            return Err(unsupported(format!(
+                "the code bakes in the batch and row stride, so both must be fixed \
+                 (got batch {b}, ld {l})"
+            )))
+        }
+    };
+    check_options(options).map_err(compile_err)?;
+    let config = CodegenConfig {
+        opt_level: options.opt_level,
+        regalloc: options.regalloc,
+        verifier: options.verifier,
+    };
+    let isa = code::isa_for(config).map_err(compile_err)?;
+    let shape = Shape {
+        batch,
+        ld,
+        accumulators: options.accumulators,
+        block_vectors: options.block_vectors,
+        fma: code::has_fma(&*isa),
+    };
+
+    let transposed;
+    let (pattern, value_index): (&Pattern, Option<&[u32]>) = if op == ChunkOp::SpmmT {
+        transposed = spec.pattern().transpose();
+        (&transposed.pattern, Some(&transposed.value_index))
+    } else {
+        (spec.pattern(), None)
+    };
+    let out_rows = match op {
+        ChunkOp::Sddmm => 0,
+        _ => pattern.rows(),
+    };
+
+    // Describe every chunk.
+    let chunks = chunk_rows(pattern, options.chunk_nnz);
+    let mut jobs = Vec::with_capacity(chunks.len());
+    let mut runs = Vec::with_capacity(chunks.len());
+    for rows in &chunks {
+        let nnz = pattern.row_ptr()[rows.start] as usize..pattern.row_ptr()[rows.end] as usize;
+        let ch = ChunkRange {
+            rows: rows.clone(),
+            nnz,
+        };
+        let src = ChunkSource {
+            row_ptr: &pattern.row_ptr()[ch.rows.start..=ch.rows.end],
+            col_idx: &pattern.col_idx()[ch.nnz.clone()],
+            value_pos: value_index.map(|vi| &vi[ch.nnz.clone()]),
+            cols: pattern.cols(),
+        };
+        if !emit::offsets_fit(&src, &shape, out_rows.max(pattern.rows())) {
+            return Err(unsupported(format!(
+                "offsets of a {}x{} pattern with ld {ld} do not fit 32-bit immediates",
+                pattern.rows(),
+                pattern.cols()
+            )));
+        }
+        // The chunk's own structure (local row pointers, columns, value positions): what
+        // its code depends on, whatever rows of the layer it sits at.
+        let base = src.row_ptr[0];
+        let mut content: Vec<u32> = src.row_ptr.iter().map(|&p| p - base).collect();
+        content.extend_from_slice(src.col_idx);
+        if let Some(pos) = src.value_pos {
+            content.extend_from_slice(pos);
+        }
+        let hash = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            pattern.cols().hash(&mut h);
+            content.hash(&mut h);
+            h.finish()
+        };
+        let key = ChunkKey {
+            op,
+            shape,
+            opt_level: options.opt_level,
+            regalloc: options.regalloc,
+            hash,
+            rows: ch.rows.len(),
+            cols: pattern.cols(),
+            nnz: ch.nnz.len(),
+        };
+        let (a_off, out_off, bias_off) = match op {
+            ChunkOp::Spmm { .. } => (ch.nnz.start, ch.rows.start * ld, ch.rows.start),
+            ChunkOp::SpmmT => (0, ch.rows.start * ld, 0),
+            ChunkOp::Sddmm => (ch.rows.start * ld, ch.nnz.start, 0),
+        };
+        runs.push((ch.rows.clone(), ch.nnz.clone(), a_off, out_off, bias_off));
+        jobs.push(Job { key, content, src });
+    }
+
+    // Resolve from the global cache, and share identical chunks within the kernel.
+    let mut resolved: Vec<Option<Arc<ChunkCode>>> = Vec::with_capacity(jobs.len());
+    let mut reused = vec![false; jobs.len()];
+    let mut first_of: HashMap<&ChunkKey, usize> = HashMap::new();
+    let mut same_as: Vec<Option<usize>> = vec![None; jobs.len()];
+    let mut to_compile = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let hit = if options.use_cache {
+            code::lookup(&job.key, &job.content)
+        } else {
+            None
+        };
+        if hit.is_some() {
+            reused[i] = true;
+        } else if let Some(&j) = first_of.get(&job.key) {
+            if jobs[j].content == job.content {
+                same_as[i] = Some(j);
+            } else {
+                to_compile.push(i);
+            }
+        } else {
+            first_of.insert(&job.key, i);
+            to_compile.push(i);
+        }
+        resolved.push(hit);
+    }
+
+    let threads = options.threads.min(to_compile.len()).max(1);
+    let capture = code::Capture {
+        clif: options.capture_clif,
+        disasm: options.capture_disasm,
+    };
+    let results = parallel_map(&to_compile, threads, |fctx, ctx, i| {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err("cancelled".to_string());
+        }
+        code::compile_job(&*isa, fctx, ctx, i as u32, &jobs[i], capture)
+    });
+    for (&i, result) in to_compile.iter().zip(results) {
+        let chunk = result.map_err(|m| compile_err(format!("chunk {i}: {m}")))?;
+        resolved[i] = Some(if options.use_cache {
+            code::publish(chunk)
+        } else {
+            chunk
+        });
+    }
+    for i in 0..jobs.len() {
+        if let Some(j) = same_as[i] {
+            resolved[i] = resolved[j].clone();
+        }
+    }
+    let resolved: Vec<Arc<ChunkCode>> = resolved
+        .into_iter()
+        .map(|c| c.expect("every chunk resolved"))
+        .collect();
+
+    // Text for reused chunks compiled earlier without it.
+    if capture.clif || capture.disasm {
+        let missing: Vec<usize> = (0..jobs.len())
+            .filter(|&i| {
+                (capture.clif && resolved[i].clif().is_none())
+                    || (capture.disasm && resolved[i].disasm().is_none())
+            })
+            .collect();
+        let results = parallel_map(&missing, threads, |fctx, ctx, i| {
+            code::fill_text(&*isa, fctx, ctx, i as u32, &jobs[i], &resolved[i], capture)
+        });
+        for (&i, r) in missing.iter().zip(results) {
+            r.map_err(|m| compile_err(format!("chunk {i}: {m}")))?;
+        }
+    }
+
+    let compiled_nnz = to_compile.iter().map(|&i| jobs[i].key.nnz).sum();
+    let chunks: Vec<ChunkRun> = runs
+        .into_iter()
+        .zip(resolved)
+        .zip(reused)
+        .map(
+            |(((rows, nnz, a_off, out_off, bias_off), code), reused)| ChunkRun {
+                code,
+                rows,
+                nnz,
+                a_off,
+                out_off,
+                bias_off,
+                reused,
+            },
+        )
+        .collect();
+    let stats = CompileStats {
+        functions: chunks.len(),
+        compiled: to_compile.len(),
+        reused: chunks.iter().filter(|c| c.reused).count(),
+        shared: same_as.iter().flatten().count(),
+        nnz: pattern.nnz(),
+        compiled_nnz,
+        code_bytes: chunks.iter().map(|c| c.code.code_len()).sum(),
+        compile_ms: start.elapsed().as_secs_f64() * 1e3,
+        threads,
+    };
+    Ok(JitKernel {
+        spec: spec.clone(),
+        chunks,
+        stats,
+    })
 }
 
 impl Kernel for JitKernel {

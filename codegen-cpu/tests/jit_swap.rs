@@ -1,0 +1,327 @@
+//! Hot swap: a [`SwapKernel`] is correct before, during and after its switch from the
+//! generic kernel to the JIT code compiled on a background thread (differential against the
+//! interpreter), and [`compile_hot`] swaps exactly where the planner's cost model picks the JIT.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use codegen_cpu::jit::JitOptions;
+use codegen_cpu::planner::{self, Features, Plan};
+use codegen_cpu::swap::{background_options, compile_hot, HotKernel, SwapKernel};
+use codegen_cpu::{CpuBackend, CpuOptions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sparse_ir::interp::{compare, reference};
+use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+
+/// The planner's cost-model choice (what `compile_hot` follows).
+fn predict(backend: &CpuBackend, spec: &KernelSpec) -> Plan {
+    planner::plan(&Features::of(spec, backend.threads(), backend.isa()))
+}
+
+fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mask: Vec<u8> = (0..rows * cols)
+        .map(|_| u8::from(rng.random_bool(density)))
+        .collect();
+    Arc::new(Pattern::from_dense_mask(rows, cols, &mask).unwrap())
+}
+
+fn spec(p: &Arc<Pattern>, op: Op, batch: usize, ld: usize) -> KernelSpec {
+    KernelSpec::new("fc", op, p.clone(), Dim::Fixed(batch), Dim::Fixed(ld)).unwrap()
+}
+
+/// Random inputs for `spec`, NaN in every output element and in the padding columns.
+struct Case {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    bias: Vec<f32>,
+    out_len: usize,
+}
+
+impl Case {
+    fn new(spec: &KernelSpec, rng: &mut ChaCha8Rng) -> Case {
+        let p = spec.pattern();
+        let (Dim::Fixed(batch), Dim::Fixed(ld)) = (spec.batch(), spec.ld()) else {
+            unreachable!()
+        };
+        let matrix = |rows: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            let mut m = vec![f32::NAN; rows * ld];
+            for r in 0..rows {
+                for c in 0..batch {
+                    m[r * ld + c] = rng.random_range(-1.0..1.0);
+                }
+            }
+            m
+        };
+        let values: Vec<f32> = (0..p.nnz()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (a, b, out_len) = match spec.op() {
+            Op::Spmm { .. } => (values, matrix(p.cols(), rng), p.rows() * ld),
+            Op::SpmmT => (values, matrix(p.rows(), rng), p.cols() * ld),
+            Op::Sddmm => (matrix(p.rows(), rng), matrix(p.cols(), rng), p.nnz()),
+            Op::DenseGrad => unreachable!(),
+        };
+        let bias = (0..p.rows()).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Case {
+            a,
+            b,
+            bias,
+            out_len,
+        }
+    }
+
+    fn args<'a>(&'a self, spec: &KernelSpec, out: &'a mut [f32]) -> Args<'a, [f32]> {
+        match spec.op() {
+            Op::Spmm { bias, .. } => Args::Spmm {
+                values: &self.a,
+                x: &self.b,
+                bias: bias.then_some(&self.bias[..]),
+                y: out,
+            },
+            Op::SpmmT => Args::SpmmT {
+                values: &self.a,
+                dy: &self.b,
+                dx: out,
+            },
+            _ => Args::Sddmm {
+                dy: &self.a,
+                x: &self.b,
+                dw: out,
+            },
+        }
+    }
+
+    /// Runs `run` and compares its output with the interpreter.
+    fn check(
+        &self,
+        spec: &KernelSpec,
+        run: impl FnOnce(Launch, Args<'_, [f32]>) -> Result<(), BackendError>,
+    ) {
+        let launch = match (spec.batch(), spec.ld()) {
+            (Dim::Fixed(b), Dim::Fixed(l)) => Launch::new(b, l),
+            _ => unreachable!(),
+        };
+        let mut scratch = vec![f32::NAN; self.out_len];
+        let want = reference(spec, launch, &self.args(spec, &mut scratch)).unwrap();
+        let mut out = vec![f32::NAN; self.out_len];
+        run(launch, self.args(spec, &mut out)).unwrap();
+        let stride = if spec.op() == Op::Sddmm {
+            self.out_len.max(1)
+        } else {
+            launch.ld
+        };
+        compare(&want, &out, stride).unwrap_or_else(|e| panic!("{}: {e}", spec.op()));
+    }
+}
+
+const OPS: [Op; 4] = [
+    Op::SPMM,
+    Op::Spmm {
+        bias: true,
+        relu: true,
+    },
+    Op::SpmmT,
+    Op::Sddmm,
+];
+
+/// Before the background compilation may start (held by a channel), the kernel runs the
+/// generic code; once released it swaps, and from then on runs the JIT code. Every run is
+/// compared with the interpreter.
+#[test]
+fn runs_generic_until_the_jit_code_is_ready_then_jit() {
+    let backend = CpuBackend::new(CpuOptions::default()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let patterns = [
+        random_pattern(100, 300, 0.05, 2),
+        random_pattern(7, 96, 0.2, 3),
+        Arc::new(Pattern::empty(5, 9).unwrap()),
+        Arc::new(Pattern::from_coo(4, 6, &[(2, 3)]).unwrap()),
+    ];
+    for p in &patterns {
+        for op in OPS {
+            for (batch, ld) in [(1, 1), (1, 16), (3, 16), (17, 32)] {
+                let s = spec(p, op, batch, ld);
+                let (release, gate) = mpsc::channel::<()>();
+                let k = SwapKernel::start_with(
+                    &backend,
+                    &s,
+                    predict(&backend, &s),
+                    background_options(),
+                    move || {
+                        let _ = gate.recv();
+                    },
+                )
+                .unwrap();
+                assert_eq!(k.active(), Strategy::Generic);
+                assert!(!k.is_swapped() && k.jit_stats().is_none() && k.error().is_none());
+                assert_eq!(sparse_ir::backend::Kernel::strategy(&k), Strategy::Jit);
+                for _ in 0..2 {
+                    Case::new(&s, &mut rng).check(&s, |l, a| k.run(l, a));
+                }
+                release.send(()).unwrap();
+                assert!(k.wait(), "{:?}", k.error());
+                assert_eq!(k.active(), Strategy::Jit);
+                let stats = k.jit_stats().unwrap();
+                assert_eq!(stats.nnz, p.nnz());
+                assert_eq!(stats.threads, 1);
+                for _ in 0..2 {
+                    Case::new(&s, &mut rng).check(&s, |l, a| k.run(l, a));
+                }
+            }
+        }
+    }
+}
+
+/// Runs from another thread while the swap happens are all correct (each run takes one
+/// kernel or the other, never a mix), and the swap is observed by that thread.
+#[test]
+fn runs_during_the_swap_are_correct() {
+    let backend = CpuBackend::new(CpuOptions::default()).unwrap();
+    let p = random_pattern(300, 784, 0.05, 5);
+    for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+        let s = spec(&p, op, 1, 16);
+        let (release, gate) = mpsc::channel::<()>();
+        let k = SwapKernel::start_with(
+            &backend,
+            &s,
+            predict(&backend, &s),
+            background_options(),
+            move || {
+                let _ = gate.recv();
+            },
+        )
+        .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let cases: Vec<Case> = (0..4).map(|_| Case::new(&s, &mut rng)).collect();
+        let seen = std::thread::scope(|scope| {
+            let runner = scope.spawn(|| {
+                let mut seen = Vec::new();
+                let mut i = 0;
+                loop {
+                    let before = k.active();
+                    cases[i % cases.len()].check(&s, |l, a| k.run(l, a));
+                    seen.push(before);
+                    i += 1;
+                    if before == Strategy::Jit && i > 8 {
+                        return seen;
+                    }
+                }
+            });
+            // let the runner use the generic kernel a while, then release the compilation
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            release.send(()).unwrap();
+            assert!(k.wait());
+            runner.join().unwrap()
+        });
+        assert_eq!(seen[0], Strategy::Generic, "{op}");
+        assert_eq!(*seen.last().unwrap(), Strategy::Jit, "{op}");
+        // once swapped, never back
+        let first_jit = seen.iter().position(|&s| s == Strategy::Jit).unwrap();
+        assert!(
+            seen[first_jit..].iter().all(|&s| s == Strategy::Jit),
+            "{op}"
+        );
+    }
+}
+
+/// A kernel dropped before its code is ready stops the compilation; a failing compilation
+/// leaves a correct generic kernel and says why; `dense_grad` cannot swap at all.
+#[test]
+fn drop_failure_and_unsupported() {
+    let backend = CpuBackend::new(CpuOptions::default()).unwrap();
+    let p = random_pattern(100, 300, 0.05, 6);
+    let s = spec(&p, Op::SPMM, 1, 16);
+    let (release, gate) = mpsc::channel::<()>();
+    let (done_tx, done) = mpsc::channel::<()>();
+    let k = SwapKernel::start_with(
+        &backend,
+        &s,
+        predict(&backend, &s),
+        background_options(),
+        move || {
+            let _ = gate.recv();
+            let _ = done_tx.send(());
+        },
+    )
+    .unwrap();
+    drop(k);
+    release.send(()).unwrap();
+    done.recv().unwrap(); // the thread went on after the drop without trouble
+
+    // invalid options make the JIT compilation fail: the kernel stays generic and correct
+    let bad = JitOptions {
+        accumulators: 9,
+        ..background_options()
+    };
+    let k = SwapKernel::start(&backend, &s, predict(&backend, &s), bad).unwrap();
+    assert!(!k.wait());
+    assert_eq!(k.active(), Strategy::Generic);
+    assert!(
+        k.error().unwrap().to_string().contains("accumulators"),
+        "{:?}",
+        k.error()
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    Case::new(&s, &mut rng).check(&s, |l, a| k.run(l, a));
+
+    let dense = KernelSpec::new(
+        "fc",
+        Op::DenseGrad,
+        p.clone(),
+        Dim::Fixed(1),
+        Dim::Fixed(16),
+    )
+    .unwrap();
+    let e = SwapKernel::start(
+        &backend,
+        &dense,
+        predict(&backend, &dense),
+        background_options(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
+
+    // a wrong launch is an error before and after the swap, never a crash
+    let k = SwapKernel::start(&backend, &s, predict(&backend, &s), background_options()).unwrap();
+    for _ in 0..2 {
+        let case = Case::new(&s, &mut rng);
+        let mut out = vec![0.0; case.out_len];
+        assert!(k.run(Launch::new(2, 16), case.args(&s, &mut out)).is_err());
+        let mut short = vec![0.0; case.out_len - 1];
+        assert!(k
+            .run(Launch::new(1, 16), case.args(&s, &mut short))
+            .is_err());
+        k.wait();
+    }
+}
+
+/// `compile_hot` swaps exactly where the cost model picks the JIT for `Auto` (at batch 1 on
+/// a small layer), compiles like `CpuBackend::compile` everywhere else, and every kernel it
+/// returns is correct.
+#[test]
+fn compile_hot_swaps_where_the_plan_is_jit() {
+    let backend = CpuBackend::new(CpuOptions::default()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let mut swaps = 0;
+    for (rows, cols) in [(10, 100), (100, 300), (300, 784)] {
+        let p = random_pattern(rows, cols, 0.05, 7);
+        for op in OPS {
+            for (batch, ld) in [(1, 16), (8, 16), (100, 112)] {
+                let s = spec(&p, op, batch, ld);
+                for strategy in [Strategy::Auto, Strategy::Generic] {
+                    let hot = compile_hot(&backend, &s, strategy).unwrap();
+                    let jit_planned = predict(&backend, &s).strategy == Strategy::Jit;
+                    let swapped = matches!(hot, HotKernel::Swap(_));
+                    assert_eq!(swapped, strategy == Strategy::Auto && jit_planned, "{s:?}");
+                    swaps += usize::from(swapped);
+                    if let HotKernel::Swap(k) = &hot {
+                        assert_eq!(k.plan().strategy, Strategy::Jit);
+                        assert!(k.wait(), "{:?}", k.error());
+                    }
+                    Case::new(&s, &mut rng).check(&s, |l, a| hot.run(l, a));
+                }
+            }
+        }
+    }
+    assert!(swaps > 0, "the planner picked the JIT nowhere");
+}
