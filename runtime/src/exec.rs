@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use codegen_cpu::swap::{HotKernel, SwapKernel};
 use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions};
 use sparse_ir::backend::{Backend, Kernel as _};
 use sparse_ir::{Args, BackendError, KernelSpec, Launch, Strategy};
@@ -60,6 +61,10 @@ pub struct ExecOptions {
     pub backend: BackendKind,
     /// Threads each kernel may use.
     pub threads: usize,
+    /// Hot swap (CPU): where `Auto`'s planner picks the JIT, the kernel runs the generic code
+    /// at once and the JIT code from when a background thread has compiled it
+    /// ([`codegen_cpu::swap`]); off, such a kernel compiles its JIT code before it returns.
+    pub hot_swap: bool,
 }
 
 impl Default for ExecOptions {
@@ -67,6 +72,7 @@ impl Default for ExecOptions {
         ExecOptions {
             backend: BackendKind::Cpu,
             threads: 1,
+            hot_swap: false,
         }
     }
 }
@@ -133,6 +139,12 @@ impl Executor {
     pub fn compile(&self, spec: &KernelSpec, strategy: Strategy) -> Result<Kernel, BackendError> {
         let start = Instant::now();
         let imp = match &self.inner {
+            Inner::Cpu(cpu) if self.options.hot_swap => {
+                match codegen_cpu::swap::compile_hot(cpu, spec, strategy)? {
+                    HotKernel::Ready(k) => Imp::Cpu(k),
+                    HotKernel::Swap(k) => Imp::Swap(k),
+                }
+            }
             Inner::Cpu(cpu) => Imp::Cpu(cpu.compile(spec, strategy)?),
             Inner::Reference => Imp::Reference(match strategy {
                 Strategy::Auto => Strategy::Generic,
@@ -167,6 +179,7 @@ pub struct Kernel {
 enum Imp {
     Reference(Strategy),
     Cpu(CpuKernel),
+    Swap(SwapKernel),
 }
 
 impl Kernel {
@@ -175,15 +188,35 @@ impl Kernel {
         &self.spec
     }
 
-    /// The strategy that runs it (never `Auto`).
+    /// The strategy that runs it (never `Auto`); `jit` for a hot-swap kernel even while it
+    /// still runs the generic code ([`Kernel::active_strategy`]).
     pub fn strategy(&self) -> Strategy {
         match &self.imp {
             Imp::Reference(s) => *s,
             Imp::Cpu(k) => k.strategy(),
+            Imp::Swap(k) => k.strategy(),
         }
     }
 
-    /// How long compiling it took.
+    /// The strategy running now: as [`Kernel::strategy`], except for a hot-swap kernel whose
+    /// JIT code is not ready yet (`generic`).
+    pub fn active_strategy(&self) -> Strategy {
+        match &self.imp {
+            Imp::Swap(k) => k.active(),
+            _ => self.strategy(),
+        }
+    }
+
+    /// A hot-swap kernel (see [`ExecOptions::hot_swap`]), if this is one.
+    pub fn swap(&self) -> Option<&SwapKernel> {
+        match &self.imp {
+            Imp::Swap(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// How long compiling it took (for a hot-swap kernel: the generic kernel and starting
+    /// the background compilation).
     pub fn compile_time(&self) -> Duration {
         self.compile_time
     }
@@ -193,6 +226,7 @@ impl Kernel {
         match &self.imp {
             Imp::Reference(_) => sparse_ir::interp::run(&self.spec, launch, args),
             Imp::Cpu(k) => k.run(launch, args),
+            Imp::Swap(k) => k.run(launch, args),
         }
     }
 }

@@ -154,6 +154,11 @@ pub struct TrainConfig {
     pub init: InitMode,
     /// Fixed plans within an epoch and bitwise-reproducible resumes.
     pub deterministic: bool,
+    /// Hot swap: a recompiled layer whose plan is the JIT runs the generic kernel until a
+    /// background thread has compiled its JIT code (`ExecOptions::hot_swap`); not with
+    /// `deterministic`, where the kernel that runs must not depend on timing.
+    #[serde(default)]
+    pub hot_swap: bool,
     /// Use only the first N training images (tests, quick runs).
     pub train_limit: Option<usize>,
     /// Use only the first N validation and test images.
@@ -186,6 +191,7 @@ impl Default for TrainConfig {
             update_frequency: UpdateFrequency::default(),
             init: InitMode::default(),
             deterministic: false,
+            hot_swap: false,
             train_limit: None,
             eval_limit: None,
         }
@@ -380,6 +386,7 @@ impl Trainer {
         let exec = Executor::new(ExecOptions {
             backend: config.backend,
             threads: config.threads,
+            hot_swap: config.hot_swap && !config.deterministic,
         })?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
         let model = config

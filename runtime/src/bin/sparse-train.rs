@@ -105,6 +105,11 @@ struct Cli {
     /// uninterrupted one bit for bit.
     #[arg(long)]
     deterministic: bool,
+    /// Hot swap (cpu): after a mask update, a layer whose plan is the JIT runs the generic
+    /// kernel until a background thread has compiled its JIT code (ignored with
+    /// --deterministic).
+    #[arg(long)]
+    hot_swap: bool,
     /// Draw accuracy and per-layer density over epochs into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
@@ -144,6 +149,7 @@ impl Cli {
             update_frequency: self.update_frequency.unwrap_or(d.update_frequency),
             init: self.init.unwrap_or(d.init),
             deterministic: self.deterministic,
+            hot_swap: self.hot_swap,
             train_limit: self.train_limit,
             eval_limit: self.eval_limit,
             ..d
