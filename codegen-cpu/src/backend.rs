@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use sparse_ir::backend::{Backend, CacheKey, Kernel};
 use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy, Transposed};
@@ -12,7 +14,7 @@ use thiserror::Error;
 use crate::dense::{self, DenseArgs, DenseKernel};
 use crate::generic::{self, MatJob, Panels, SddmmJob, Walk};
 use crate::isa::IsaLevel;
-use crate::planner::{self, Features, Plan, PARALLEL_MIN_FMAS};
+use crate::planner::{self, Features, Measurement, Plan, Timed, PARALLEL_MIN_FMAS};
 use crate::pool::Pool;
 
 /// Options of a [`CpuBackend`].
@@ -60,6 +62,42 @@ pub enum CpuError {
     },
 }
 
+/// Whether the planner confirms close predictions by timing (see [`CpuBackend::set_plan_timing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanTiming {
+    /// Plans come from the cost model alone: the same spec always gets the same strategy
+    /// (tests, and `--deterministic` training, where the plan must not depend on timing).
+    Off,
+    /// Where the model's best candidates are within [`planner::CONFIRM_RATIO`] (usually
+    /// two), build them and keep the measured fastest: a warm-up of each, then up to
+    /// [`TIMING_MAX_ROUNDS`] interleaved rounds (at least [`TIMING_MIN_ROUNDS`] when the
+    /// budget allows), within `budget` per decision.
+    On {
+        /// Wall time one decision may spend measuring.
+        budget: Duration,
+    },
+}
+
+/// The default timing budget of one planner decision.
+pub const DEFAULT_TIMING_BUDGET: Duration = Duration::from_millis(10);
+/// Most interleaved rounds (samples per candidate) of one decision.
+pub const TIMING_MAX_ROUNDS: usize = 15;
+/// Rounds a decision takes even over its budget (as long as the budget allows at least
+/// three); the median of fewer is too noisy on a shared machine.
+pub const TIMING_MIN_ROUNDS: usize = 9;
+/// Decisions kept per backend before the oldest are forgotten (a training run makes a few
+/// per mask update).
+const DECISIONS_MAX: usize = 4096;
+
+impl Default for PlanTiming {
+    /// On, with [`DEFAULT_TIMING_BUDGET`].
+    fn default() -> Self {
+        PlanTiming::On {
+            budget: DEFAULT_TIMING_BUDGET,
+        }
+    }
+}
+
 /// The CPU backend: generic kernels for every ISA level, dense GEMM, the Cranelift JIT, a
 /// planner, a thread pool shared by its kernels, and a kernel cache.
 pub struct CpuBackend {
@@ -67,6 +105,10 @@ pub struct CpuBackend {
     pool: Arc<Pool>,
     parallel_min_fmas: usize,
     cache: Mutex<HashMap<CacheKey, Weak<Compiled>>>,
+    timing: PlanTiming,
+    /// Measured decisions, keyed like the kernel cache with strategy `Auto`.
+    decisions: Mutex<HashMap<CacheKey, Vec<Measurement>>>,
+    timings_run: AtomicUsize,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -105,7 +147,27 @@ impl CpuBackend {
             pool: Arc::new(pool),
             parallel_min_fmas: PARALLEL_MIN_FMAS,
             cache: Mutex::new(HashMap::new()),
+            timing: PlanTiming::default(),
+            decisions: Mutex::new(HashMap::new()),
+            timings_run: AtomicUsize::new(0),
         })
+    }
+
+    /// Sets whether `Strategy::Auto` confirms close predictions by timing (on by default,
+    /// [`PlanTiming::default`]). [`PlanTiming::Off`] makes plans deterministic.
+    pub fn set_plan_timing(&mut self, timing: PlanTiming) {
+        self.timing = timing;
+    }
+
+    /// Whether `Strategy::Auto` confirms close predictions by timing.
+    pub fn plan_timing(&self) -> PlanTiming {
+        self.timing
+    }
+
+    /// How many planner decisions this backend has timed (decisions found in its cache of
+    /// measured decisions are not timed again).
+    pub fn plan_timings_run(&self) -> usize {
+        self.timings_run.load(Ordering::Relaxed)
     }
 
     /// The ISA level the generic kernels run at.
@@ -125,9 +187,148 @@ impl CpuBackend {
         self.parallel_min_fmas = fmas;
     }
 
-    /// What the planner would choose for `spec` (`Strategy::Auto`), and why.
-    pub fn plan(&self, spec: &KernelSpec) -> Plan {
+    /// What `Strategy::Auto` chooses for `spec`, and why: the cost model, confirmed by timing
+    /// where its two best candidates are close and timing is on (this compiles and runs
+    /// both). Errors only where compiling a timed candidate fails for another reason than
+    /// the JIT being unable to compile.
+    pub fn plan(&self, spec: &KernelSpec) -> Result<Plan, BackendError> {
+        self.decide(spec, &|_| Duration::ZERO).map(|(plan, _)| plan)
+    }
+
+    /// The cost model's plan for `spec`, without timing.
+    pub fn predict(&self, spec: &KernelSpec) -> Plan {
         planner::plan(&Features::of(spec, self.threads(), self.isa))
+    }
+
+    /// The `Auto` decision and, when timing built it, the chosen kernel. `delay` adds a wait
+    /// to every timed run of a strategy (tests make one candidate artificially slow).
+    fn decide(
+        &self,
+        spec: &KernelSpec,
+        delay: &dyn Fn(Strategy) -> Duration,
+    ) -> Result<(Plan, Option<Arc<Compiled>>), BackendError> {
+        let features = Features::of(spec, self.threads(), self.isa);
+        let mut plan = planner::plan(&features);
+        let Some(close) = plan.close_candidates() else {
+            return Ok((plan, None));
+        };
+        let budget = match self.timing {
+            PlanTiming::Off => {
+                let names: Vec<String> = close.iter().map(|s| s.to_string()).collect();
+                plan.reasons.push(format!(
+                    "{} predicted within {}x, but timing is off: kept the model's choice",
+                    names.join(" and "),
+                    planner::CONFIRM_RATIO
+                ));
+                return Ok((plan, None));
+            }
+            PlanTiming::On { budget } => budget,
+        };
+        let key = self.cache_key(spec, Strategy::Auto);
+        let known = self
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(measured) = known {
+            plan.confirm(measured, Timed::Cached);
+            return Ok((plan, None));
+        }
+        let mut candidates = Vec::with_capacity(close.len());
+        for strategy in close {
+            match self.compiled(spec, strategy) {
+                Ok(c) => candidates.push((strategy, c)),
+                Err(e) if strategy == Strategy::Jit => plan
+                    .reasons
+                    .push(format!("jit failed to compile ({e}): not timed")),
+                Err(e) => return Err(e),
+            }
+        }
+        if candidates.len() < 2 {
+            // Only one candidate compiled (the JIT failed): it is the choice.
+            return Ok(match candidates.pop() {
+                Some((s, c)) => {
+                    plan.strategy = s;
+                    (plan, Some(c))
+                }
+                None => (plan, None),
+            });
+        }
+        let (measured, rounds) = self.time_candidates(spec, &candidates, budget, delay)?;
+        self.timings_run.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+            if decisions.len() >= DECISIONS_MAX {
+                decisions.clear();
+            }
+            decisions.insert(key, measured.clone());
+        }
+        plan.confirm(measured, Timed::Now { rounds });
+        let chosen = candidates
+            .into_iter()
+            .find(|(s, _)| *s == plan.strategy)
+            .map(|(_, c)| c);
+        Ok((plan, chosen))
+    }
+
+    /// Times compiled candidates of `spec` on random operands of its shape (the spec's batch
+    /// and `ld`, or the nominal ones): warm-up runs, then interleaved rounds, each sample
+    /// long enough to read a clock against; returns the medians and the rounds taken.
+    fn time_candidates(
+        &self,
+        spec: &KernelSpec,
+        candidates: &[(Strategy, Arc<Compiled>)],
+        budget: Duration,
+        delay: &dyn Fn(Strategy) -> Duration,
+    ) -> Result<(Vec<Measurement>, usize), BackendError> {
+        let features = Features::of(spec, self.threads(), self.isa);
+        let launch = Launch::new(features.batch, features.ld);
+        let kernels: Vec<CpuKernel> = candidates
+            .iter()
+            .map(|(s, c)| self.kernel(spec, Plan::fixed(*s, &features), Arc::clone(c)))
+            .collect();
+        let mut operands: Vec<TimingOperands> = kernels
+            .iter()
+            .enumerate()
+            .map(|(i, _)| TimingOperands::new(spec, launch, 0x5eed + i as u64))
+            .collect();
+        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = kernels
+            .iter()
+            .zip(operands.iter_mut())
+            .map(|(k, ops)| {
+                let wait = delay(k.strategy());
+                Box::new(move || {
+                    let r = ops.run(k, launch);
+                    if !wait.is_zero() {
+                        spin(wait);
+                    }
+                    r
+                }) as Box<dyn FnMut() -> Result<(), BackendError> + '_>
+            })
+            .collect();
+        let (medians, rounds) = interleaved_medians(&mut runs, budget)?;
+        let measured = candidates
+            .iter()
+            .zip(medians)
+            .map(|((strategy, _), us)| Measurement {
+                strategy: *strategy,
+                us,
+            })
+            .collect();
+        Ok((measured, rounds))
+    }
+
+    fn kernel(&self, spec: &KernelSpec, plan: Plan, compiled: Arc<Compiled>) -> CpuKernel {
+        CpuKernel {
+            spec: spec.clone(),
+            strategy: plan.strategy,
+            plan,
+            compiled,
+            pool: Arc::clone(&self.pool),
+            isa: self.isa,
+            parallel_min_fmas: self.parallel_min_fmas,
+        }
     }
 
     /// Compiled kernels alive in the cache (held by at least one [`CpuKernel`]).
@@ -201,8 +402,8 @@ impl Backend for CpuBackend {
                 (plan, self.compiled(spec, strategy)?)
             }
             Strategy::Auto => {
-                let mut plan = planner::plan(&features);
-                match self.compiled(spec, plan.strategy) {
+                let (mut plan, built) = self.decide(spec, &|_| Duration::ZERO)?;
+                match built.map_or_else(|| self.compiled(spec, plan.strategy), Ok) {
                     Ok(c) => (plan, c),
                     Err(e) if plan.strategy == Strategy::Jit => {
                         plan.reasons
@@ -222,15 +423,166 @@ impl Backend for CpuBackend {
                 })
             }
         };
-        Ok(CpuKernel {
-            spec: spec.clone(),
-            strategy: plan.strategy,
-            plan,
-            compiled,
-            pool: Arc::clone(&self.pool),
-            isa: self.isa,
-            parallel_min_fmas: self.parallel_min_fmas,
+        Ok(self.kernel(spec, plan, compiled))
+    }
+}
+
+/// Busy-waits `d` (a sleep would give the core away and distort the neighbour's sample).
+fn spin(d: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+/// Runs shorter than this are repeated within one sample: the clock's resolution stays
+/// negligible, and so does the first run's refill of caches its competitors evicted (the
+/// time measured is the steady state of repeated calls, as benchmarks see it; with one run
+/// per sample, 720 KB of JIT code timed 1.4–1.7× slower than in `kernel-bench`).
+const SAMPLE_MIN: Duration = Duration::from_micros(250);
+
+/// Warm-up per competitor: at least two runs and [`WARMUP_MIN`], at most
+/// [`WARMUP_MAX_RUNS`] runs.
+const WARMUP_MIN: Duration = Duration::from_micros(300);
+const WARMUP_MAX_RUNS: usize = 20;
+
+/// Runs competitors in interleaved rounds (the order alternating between rounds) after a
+/// warm-up each: up to [`TIMING_MAX_ROUNDS`] rounds, stopping once `budget` is spent
+/// after [`TIMING_MIN_ROUNDS`] (or after 3 when even those would overrun it by far). Returns
+/// each competitor's time per run in µs (the first competitor's median; for the others, the
+/// median of their per-round ratio to the first, times that median) and the rounds taken.
+pub(crate) fn interleaved_medians(
+    runs: &mut [Box<dyn FnMut() -> Result<(), BackendError> + '_>],
+    budget: Duration,
+) -> Result<(Vec<f64>, usize), BackendError> {
+    let start = Instant::now();
+    let mut reps = Vec::with_capacity(runs.len());
+    let mut round_cost = Duration::ZERO;
+    for run in runs.iter_mut() {
+        // Warm-up: fresh JIT code and cold operands settle over the first runs.
+        let warm = Instant::now();
+        let mut n = 0;
+        while n < 2 || (n < WARMUP_MAX_RUNS && warm.elapsed() < WARMUP_MIN) {
+            run()?;
+            n += 1;
+        }
+        let t = Instant::now();
+        run()?;
+        let once = t.elapsed().max(Duration::from_nanos(20));
+        let n = (SAMPLE_MIN.as_nanos() / once.as_nanos()).clamp(1, 10_000) as u32;
+        reps.push(n);
+        round_cost += once * n;
+    }
+    // Rounds the budget allows beyond the warm-up, at least 3.
+    let left = budget.saturating_sub(start.elapsed());
+    let affordable = (left.as_nanos() / round_cost.as_nanos().max(1)) as usize;
+    let min_rounds = TIMING_MIN_ROUNDS.min(affordable).max(3);
+    let mut samples = vec![Vec::with_capacity(TIMING_MAX_ROUNDS); runs.len()];
+    let mut rounds = 0;
+    while rounds < TIMING_MAX_ROUNDS && (rounds < min_rounds || start.elapsed() < budget) {
+        let order: Vec<usize> = if rounds % 2 == 0 {
+            (0..runs.len()).collect()
+        } else {
+            (0..runs.len()).rev().collect()
+        };
+        for i in order {
+            let t = Instant::now();
+            for _ in 0..reps[i] {
+                (runs[i])()?;
+            }
+            samples[i].push(t.elapsed().as_secs_f64() * 1e6 / f64::from(reps[i]));
+        }
+        rounds += 1;
+    }
+    // Paired estimates: the median over rounds of each competitor's time relative to the
+    // first one's in the same round (neighbouring samples share the machine's load), scaled
+    // by the first one's median. On a loaded machine this ranks close competitors more
+    // consistently than comparing their medians.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let first = median(samples[0].clone());
+    let medians = samples
+        .iter()
+        .map(|v| {
+            let ratios = v
+                .iter()
+                .zip(&samples[0])
+                .map(|(t, t0)| t / t0.max(1e-9))
+                .collect();
+            first * median(ratios)
         })
+        .collect();
+    Ok((medians, rounds))
+}
+
+/// Random operands of one spec at one launch shape, for timing.
+struct TimingOperands {
+    values: Vec<f32>,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    out: Vec<f32>,
+}
+
+impl TimingOperands {
+    fn new(spec: &KernelSpec, launch: Launch, seed: u64) -> TimingOperands {
+        let p = spec.pattern();
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    // xorshift64*: uniform in [-1, 1)
+                    state ^= state >> 12;
+                    state ^= state << 25;
+                    state ^= state >> 27;
+                    let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                    bits as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        let ld = launch.ld;
+        let out_len = match spec.op() {
+            Op::Spmm { .. } => p.rows() * ld,
+            Op::SpmmT => p.cols() * ld,
+            Op::Sddmm => p.nnz(),
+            Op::DenseGrad => p.rows() * p.cols(),
+        };
+        TimingOperands {
+            values: random(p.nnz()),
+            x: random(p.cols() * ld),
+            dy: random(p.rows() * ld),
+            bias: matches!(spec.op(), Op::Spmm { bias: true, .. }).then(|| random(p.rows())),
+            out: vec![0.0; out_len],
+        }
+    }
+
+    fn run(&mut self, kernel: &CpuKernel, launch: Launch) -> Result<(), BackendError> {
+        let args: Args<'_, [f32]> = match kernel.spec.op() {
+            Op::Spmm { .. } => Args::Spmm {
+                values: &self.values[..],
+                x: &self.x[..],
+                bias: self.bias.as_deref(),
+                y: &mut self.out[..],
+            },
+            Op::SpmmT => Args::SpmmT {
+                values: &self.values[..],
+                dy: &self.dy[..],
+                dx: &mut self.out[..],
+            },
+            Op::Sddmm => Args::Sddmm {
+                dy: &self.dy[..],
+                x: &self.x[..],
+                dw: &mut self.out[..],
+            },
+            Op::DenseGrad => Args::DenseGrad {
+                dy: &self.dy[..],
+                x: &self.x[..],
+                grad: &mut self.out[..],
+            },
+        };
+        kernel.run(launch, args)
     }
 }
 
@@ -667,6 +1019,220 @@ impl Kernel for CpuKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sparse_ir::Dim;
+
+    fn spec(op: Op, rows: usize, cols: usize, density: f64, batch: usize) -> KernelSpec {
+        let p = Arc::new(Pattern::random(rows, cols, density, 11).unwrap());
+        let ld = if batch == 1 {
+            1
+        } else {
+            batch.div_ceil(16) * 16
+        };
+        KernelSpec::new("fc", op, p, Dim::Fixed(batch), Dim::Fixed(ld)).unwrap()
+    }
+
+    /// A small spec whose two best predictions are close (so `Auto` times them).
+    fn close_spec(backend: &CpuBackend) -> (KernelSpec, Vec<Strategy>) {
+        let candidates = [
+            (Op::SPMM, 30, 200, 0.2, 8),
+            (Op::SPMM, 30, 200, 0.2, 16),
+            (Op::SPMM, 30, 200, 0.02, 16),
+            (Op::Sddmm, 30, 200, 0.05, 32),
+            (Op::SpmmT, 30, 200, 0.05, 32),
+            (Op::SPMM, 10, 100, 0.2, 16),
+            (Op::SPMM, 100, 300, 0.2, 1),
+            (Op::Sddmm, 100, 300, 0.2, 1),
+        ];
+        candidates
+            .iter()
+            .map(|&(op, r, c, d, b)| spec(op, r, c, d, b))
+            .find_map(|s| backend.predict(&s).close_candidates().map(|c| (s, c)))
+            .expect("one of the small specs has close predictions")
+    }
+
+    fn backend(timing: PlanTiming) -> CpuBackend {
+        let mut b = CpuBackend::new(CpuOptions::default()).unwrap();
+        b.set_plan_timing(timing);
+        b
+    }
+
+    const GENEROUS: PlanTiming = PlanTiming::On {
+        budget: Duration::from_millis(60),
+    };
+
+    /// Timing picks the truly faster kernel: whichever close candidate is made 1 ms slower
+    /// per run loses, whatever the model predicted.
+    #[test]
+    fn timing_picks_the_measured_faster_kernel() {
+        let b = backend(GENEROUS);
+        let (spec, close) = close_spec(&b);
+        let model = b.predict(&spec).strategy;
+        assert_eq!(close[0], model);
+        for slow in [close[0], close[1]] {
+            let fresh = backend(GENEROUS);
+            let delay = |s: Strategy| {
+                if s == slow {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::ZERO
+                }
+            };
+            let (plan, built) = fresh.decide(&spec, &delay).unwrap();
+            assert_ne!(plan.strategy, slow, "{plan}");
+            assert!(close.contains(&plan.strategy), "{plan}");
+            assert_eq!(plan.measured_us.len(), close.len(), "{plan}");
+            let slow_us = plan.measured(slow).unwrap();
+            let chosen_us = plan.measured(plan.strategy).unwrap();
+            assert!(slow_us > 1000.0 && chosen_us < slow_us, "{plan}");
+            assert!(
+                plan.reasons.iter().any(|r| r.contains("interleaved rounds")),
+                "{plan}"
+            );
+            if slow == model {
+                assert!(
+                    plan.reasons.iter().any(|r| r.contains("overruled")),
+                    "{plan}"
+                );
+            } else {
+                assert!(
+                    plan.reasons.iter().any(|r| r.contains("confirmed")),
+                    "{plan}"
+                );
+            }
+            // The chosen kernel comes back compiled, and it computes the right thing.
+            let built = built.expect("timing built the chosen kernel");
+            let k = fresh.kernel(&spec, plan.clone(), built);
+            check_against_interp(&k);
+            assert_eq!(fresh.plan_timings_run(), 1);
+        }
+    }
+
+    fn check_against_interp(k: &CpuKernel) {
+        let spec = k.spec().clone();
+        let (Dim::Fixed(batch), Dim::Fixed(ld)) = (spec.batch(), spec.ld()) else {
+            unreachable!()
+        };
+        let launch = Launch::new(batch, ld);
+        let mut ops = TimingOperands::new(&spec, launch, 3);
+        ops.run(k, launch).unwrap();
+        let args: Args<'_, [f32]> = match spec.op() {
+            Op::Spmm { .. } => Args::Spmm {
+                values: &ops.values[..],
+                x: &ops.x[..],
+                bias: ops.bias.as_deref(),
+                y: &mut ops.out[..],
+            },
+            Op::SpmmT => Args::SpmmT {
+                values: &ops.values[..],
+                dy: &ops.dy[..],
+                dx: &mut ops.out[..],
+            },
+            Op::Sddmm => Args::Sddmm {
+                dy: &ops.dy[..],
+                x: &ops.x[..],
+                dw: &mut ops.out[..],
+            },
+            Op::DenseGrad => unreachable!(),
+        };
+        let got = match &args {
+            Args::Spmm { y, .. } => y.to_vec(),
+            Args::SpmmT { dx, .. } => dx.to_vec(),
+            Args::Sddmm { dw, .. } => dw.to_vec(),
+            Args::DenseGrad { grad, .. } => grad.to_vec(),
+        };
+        let want = sparse_ir::interp::reference(&spec, launch, &args).unwrap();
+        sparse_ir::interp::compare(&want, &got, ld)
+            .unwrap_or_else(|e| panic!("{} vs the interpreter: {e}", k.strategy()));
+    }
+
+    /// A measured decision is cached per cache key: compiling the same spec again does not
+    /// time again, and says so.
+    #[test]
+    fn measured_decisions_are_cached() {
+        let b = backend(GENEROUS);
+        let (spec, close) = close_spec(&b);
+        let first = b.compile(&spec, Strategy::Auto).unwrap();
+        assert_eq!(b.plan_timings_run(), 1);
+        assert_eq!(first.plan().measured_us.len(), close.len());
+        let again = b.compile(&spec, Strategy::Auto).unwrap();
+        assert_eq!(b.plan_timings_run(), 1, "{}", again.plan());
+        assert_eq!(again.strategy(), first.strategy());
+        assert_eq!(again.plan().measured_us, first.plan().measured_us);
+        assert!(
+            again.plan().reasons.iter().any(|r| r.contains("cached")),
+            "{}",
+            again.plan()
+        );
+        // A different batch is a different key.
+        let other = KernelSpec::new(
+            "fc",
+            spec.op(),
+            Arc::clone(spec.pattern()),
+            Dim::Fixed(3),
+            Dim::Fixed(16),
+        )
+        .unwrap();
+        let _ = b.compile(&other, Strategy::Auto).unwrap();
+        assert!(b.plan_timings_run() <= 2);
+    }
+
+    /// With timing off the plan is the cost model's, every time, and says why it was not
+    /// timed; explicit strategies are never timed.
+    #[test]
+    fn timing_off_gives_the_model_plan() {
+        let b = backend(PlanTiming::Off);
+        let (spec, _) = close_spec(&b);
+        let k = b.compile(&spec, Strategy::Auto).unwrap();
+        assert_eq!(k.strategy(), b.predict(&spec).strategy);
+        assert!(k.plan().measured_us.is_empty());
+        assert!(
+            k.plan().reasons.iter().any(|r| r.contains("timing is off")),
+            "{}",
+            k.plan()
+        );
+        assert_eq!(b.plan_timings_run(), 0);
+        let on = backend(GENEROUS);
+        let g = on.compile(&spec, Strategy::Generic).unwrap();
+        assert!(g.plan().measured_us.is_empty());
+        assert_eq!(on.plan_timings_run(), 0);
+        // A clear prediction is not timed either (and no JIT code is built for it).
+        let clear = spec_clear();
+        let k = on.compile(&clear, Strategy::Auto).unwrap();
+        assert!(k.plan().close_candidates().is_none(), "{}", k.plan());
+        assert!(k.plan().measured_us.is_empty());
+        assert_eq!(on.plan_timings_run(), 0);
+    }
+
+    /// 1024×1024 at 5 %, batch 128: generic by far (the JIT is not even a candidate).
+    fn spec_clear() -> KernelSpec {
+        spec(Op::SPMM, 1024, 1024, 0.05, 128)
+    }
+
+    #[test]
+    fn interleaved_medians_rank_a_slow_competitor_last() {
+        let mut fast = || -> Result<(), BackendError> { Ok(()) };
+        let mut slow = || -> Result<(), BackendError> {
+            spin(Duration::from_micros(300));
+            Ok(())
+        };
+        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> =
+            vec![Box::new(&mut slow), Box::new(&mut fast)];
+        let (medians, rounds) = interleaved_medians(&mut runs, Duration::from_millis(20)).unwrap();
+        assert!((3..=TIMING_MAX_ROUNDS).contains(&rounds), "{rounds}");
+        assert!(medians[0] >= 300.0, "{medians:?}");
+        assert!(medians[1] < medians[0], "{medians:?}");
+        // An error of a competitor stops the measurement.
+        let mut failing = || -> Result<(), BackendError> {
+            Err(BackendError::Launch {
+                layer: "fc".into(),
+                op: "spmm",
+                message: "boom".into(),
+            })
+        };
+        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> =
+            vec![Box::new(&mut failing)];
+        assert!(interleaved_medians(&mut runs, Duration::from_millis(1)).is_err());
+    }
 
     #[test]
     fn parts_cover_the_rows_in_order() {

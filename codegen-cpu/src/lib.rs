@@ -24,7 +24,10 @@ mod pool;
 mod simd;
 pub mod swap;
 
-pub use backend::{CpuBackend, CpuError, CpuKernel, CpuOptions};
+pub use backend::{
+    CpuBackend, CpuError, CpuKernel, CpuOptions, PlanTiming, DEFAULT_TIMING_BUDGET,
+    TIMING_MAX_ROUNDS, TIMING_MIN_ROUNDS,
+};
 pub use isa::{IsaLevel, ISA_ENV};
-pub use planner::{Features, Plan, Prediction};
+pub use planner::{Features, Measurement, Plan, Prediction, Timed};
 pub use pool::Pool;

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use codegen_cpu::jit::{JitKernel, JitOptions};
-use codegen_cpu::{CpuBackend, CpuOptions};
+use codegen_cpu::{CpuBackend, CpuOptions, PlanTiming};
 use codegen_opencl::{DeviceProfile, EmitOptions};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::rust_emit::{emit_spmm, RustKernel};
@@ -582,13 +582,19 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
             }
         }
         BackendArg::Cpu => {
-            let backend = CpuBackend::new(CpuOptions {
+            let mut backend = CpuBackend::new(CpuOptions {
                 threads: 1,
                 isa: None,
             })?;
+            if cli.no_measure {
+                // Predictions only: the planner does not time close candidates either.
+                backend.set_plan_timing(PlanTiming::Off);
+            }
             let _ = writeln!(text, "backend cpu, {}", backend.device());
             for spec in specs {
-                let plan = backend.plan(spec);
+                let plan = backend
+                    .plan(spec)
+                    .with_context(|| format!("planning {} batch {}", spec.op(), spec.batch()))?;
                 let _ = writeln!(
                     text,
                     "\n{} batch {} ld {}: {plan}",
@@ -604,7 +610,7 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
                     );
                 }
                 if !cli.no_measure {
-                    let _ = write!(text, "  measured:");
+                    let _ = write!(text, "  measured (every strategy, median of 21 runs):");
                     for strategy in [Strategy::Generic, Strategy::Dense, Strategy::Jit] {
                         match measure(&backend, spec, strategy) {
                             Ok(us) => {

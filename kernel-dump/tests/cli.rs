@@ -54,7 +54,18 @@ fn stats_and_plan_of_the_issue_example() {
     ]);
     assert!(out.contains("rows 300  cols 784"), "{out}");
     assert!(out.contains("row-length histogram"), "{out}");
-    assert!(out.contains("measured: generic"), "{out}");
+    assert!(
+        out.contains("measured (every strategy, median of 21 runs): generic"),
+        "{out}"
+    );
+    assert!(out.contains("  predicted: generic"), "{out}");
+    // Batch 100 by default: the row-blocked generic kernel, its ISA level named first.
+    assert!(
+        ["avx512", "avx2", "portable"]
+            .iter()
+            .any(|isa| out.contains(&format!("  generic variant: {isa} row-blocked"))),
+        "{out}"
+    );
     assert!(out.contains("code bytes"), "{out}");
 }
 

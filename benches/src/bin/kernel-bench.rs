@@ -2,6 +2,10 @@
 //! the same shape beside each, timed interleaved in one process; prints a table and the
 //! planner's standing, and optionally writes the JSON of CONTRACTS.md.
 //!
+//! The planner's choice is what `Strategy::Auto` gives a user (cost model, confirmed by
+//! timing where close); its ratio is the fastest strategy's median over the chosen one's,
+//! both from the same interleaved run. The JSON adds a `planner` object (CONTRACTS.md).
+//!
 //! ```text
 //! kernel-bench --suite quick|full [--json PATH] [--threads N] [--backend cpu]
 //! ```
@@ -17,6 +21,7 @@ use benches::{
 };
 use clap::{Parser, ValueEnum};
 use codegen_cpu::{CpuBackend, CpuOptions};
+use serde::Serialize;
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{BackendError, Launch, Pattern, Strategy};
 
@@ -91,6 +96,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut results = Vec::new();
     let mut pick_ratios = Vec::new();
+    let mut planner_cases = Vec::new();
     let mut worst: Option<(f64, String)> = None;
     let mut dense_rows_done = std::collections::HashSet::new();
     for (i, case) in cases.iter().enumerate() {
@@ -133,6 +139,24 @@ fn main() -> Result<()> {
         );
         if let Some(sel) = outcome.rows.iter().find(|r| r.selected) {
             let ratio = best / sel.median_us;
+            println!(
+                "{:<32} planner: {} ({}) {:.3}x the fastest",
+                case.label(),
+                sel.strategy,
+                outcome.how,
+                ratio
+            );
+            planner_cases.push(PlannerCase {
+                op: case.op.name().into(),
+                rows: case.rows,
+                cols: case.cols,
+                batch: case.batch,
+                density: case.density,
+                strategy: sel.strategy.clone(),
+                model_strategy: outcome.model.name().into(),
+                timed: outcome.timed,
+                ratio,
+            });
             pick_ratios.push(ratio);
             if worst.as_ref().is_none_or(|(w, _)| ratio < *w) {
                 worst = Some((ratio, case.label()));
@@ -156,9 +180,16 @@ fn main() -> Result<()> {
     }
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     if let Some(path) = &cli.json {
-        let report = BenchReport {
-            version: 1,
-            results,
+        let report = Report {
+            report: BenchReport {
+                version: 1,
+                results,
+            },
+            planner: (!pick_ratios.is_empty()).then(|| PlannerSummary {
+                geomean_ratio: geomean(&pick_ratios),
+                min_ratio: pick_ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                cases: planner_cases,
+            }),
         };
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -167,10 +198,52 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The JSON file: CONTRACTS.md's fields plus the planner's standing.
+#[derive(Serialize)]
+struct Report {
+    #[serde(flatten)]
+    report: BenchReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    planner: Option<PlannerSummary>,
+}
+
+/// How `Strategy::Auto` did over the suite.
+#[derive(Serialize)]
+struct PlannerSummary {
+    /// Geometric mean over the cases of `ratio`.
+    geomean_ratio: f64,
+    /// The smallest `ratio`.
+    min_ratio: f64,
+    /// One entry per case.
+    cases: Vec<PlannerCase>,
+}
+
+/// The planner's choice on one case.
+#[derive(Serialize)]
+struct PlannerCase {
+    op: String,
+    rows: usize,
+    cols: usize,
+    batch: usize,
+    density: f64,
+    /// What `Strategy::Auto` chose.
+    strategy: String,
+    /// What the cost model alone chose.
+    model_strategy: String,
+    /// Whether close predictions were confirmed by timing.
+    timed: bool,
+    /// Fastest strategy's median / the chosen strategy's median (same interleaved run).
+    ratio: f64,
+}
+
 struct CaseOutcome {
     rows: Vec<BenchResult>,
     gemm: BenchResult,
     notes: Vec<String>,
+    /// The cost model's pick, whether timing confirmed it, and in words.
+    model: Strategy,
+    timed: bool,
+    how: String,
 }
 
 fn result(
@@ -242,7 +315,24 @@ fn bench_case(
             }
         }
     }
-    let selected = backend.plan(&spec).strategy;
+    // What a user gets: the planner with timing, after the candidates above are compiled
+    // (it reuses their code through the kernel cache).
+    let auto = backend.compile(&spec, Strategy::Auto)?;
+    let selected = auto.strategy();
+    let plan = auto.plan();
+    let model = backend.predict(&spec).strategy;
+    let timed = !plan.measured_us.is_empty();
+    let how = if timed {
+        let m: Vec<String> = plan
+            .measured_us
+            .iter()
+            .map(|m| format!("{} {:.2}", m.strategy, m.us))
+            .collect();
+        format!("model {model}, timed {} µs", m.join(" / "))
+    } else {
+        format!("model {model}, clear")
+    };
+    drop(auto);
     let dense_pattern = Arc::new(Pattern::dense(case.rows, case.cols)?);
     let gemm = backend.compile(&case_spec(case, dense_pattern.clone()), Strategy::Dense)?;
 
@@ -298,5 +388,12 @@ fn bench_case(
         0.0,
         false,
     );
-    Ok(CaseOutcome { rows, gemm, notes })
+    Ok(CaseOutcome {
+        rows,
+        gemm,
+        notes,
+        model,
+        timed,
+        how,
+    })
 }
