@@ -25,6 +25,7 @@ train:
 test: deps
 	$(CARGO) test --workspace --locked
 	$(CARGO) test -p codegen-opencl --features opencl --locked
+	$(CARGO) test -p runtime --features opencl --locked --test opencl_training
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern};
 
+#[cfg(feature = "opencl")]
+pub mod opencl;
+
 /// One benchmark case: an op on a random pattern of a shape and density, at a batch size.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Case {
@@ -120,6 +123,24 @@ pub fn full_suite() -> Vec<Case> {
                     });
                 }
             }
+        }
+    }
+    cases
+}
+
+/// The `gpu` suite (the GPU acceptance table of the OpenCL backend): `spmm` on 1024×1024
+/// and 4096×4096 at 90 % and 95 % sparsity, batch 128.
+pub fn gpu_suite() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for n in [1024, 4096] {
+        for density in [0.1, 0.05] {
+            cases.push(Case {
+                op: Op::SPMM,
+                rows: n,
+                cols: n,
+                batch: 128,
+                density,
+            });
         }
     }
     cases
@@ -325,6 +346,10 @@ mod tests {
             density: 0.05
         }));
         assert_eq!(full_suite().len(), 5 * 3 * 6 * 3);
+        let gpu = gpu_suite();
+        assert_eq!(gpu.len(), 4);
+        assert!(gpu.iter().all(|c| c.op == Op::SPMM && c.batch == 128));
+        assert!(gpu.iter().any(|c| c.rows == 4096 && c.density == 0.05));
     }
 
     #[test]

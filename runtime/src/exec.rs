@@ -6,10 +6,22 @@
 //! [`Executor::reference`] runs the reference interpreter [`sparse_ir::interp`] instead, the
 //! oracle the tests compare whole training steps against (it reports the strategy it was
 //! asked for, `generic` for `auto`).
+//!
+//! `opencl` (cargo feature `opencl`) is `codegen-opencl`'s `OpenClBackend` on the device
+//! `OpenClBackend::preferred` picks (`SPARSEJIT_OPENCL_DEVICE=N`, else the first GPU, else
+//! the first device, PoCL here). The runtime keeps its tensors on the host, so each OpenCL
+//! kernel owns device buffers for its operands and every run copies its inputs to the device
+//! and its output back (the simplest correct adapter: weights and activations do not stay
+//! on the device across steps yet). [`Executor::device_stats`] says how the time splits
+//! between kernels and those copies. The thread count does not apply: the OpenCL platform
+//! has its own (PoCL: `POCL_MAX_PTHREAD_COUNT`).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+#[cfg(feature = "opencl")]
+use codegen_opencl::OpenClBackend;
 
 use codegen_cpu::swap::{HotKernel, SwapKernel};
 use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions};
@@ -88,10 +100,32 @@ pub struct Executor {
 enum Inner {
     Reference,
     Cpu(CpuBackend),
+    #[cfg(feature = "opencl")]
+    OpenCl(OpenClBackend),
+}
+
+/// Where a device backend's time went since the executor was created (OpenCL only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Kernel launches.
+    pub launches: u64,
+    /// Device time of the kernels (profiling events), without host transfers.
+    pub kernel: Duration,
+    /// Host time of the copies between host tensors and device buffers.
+    pub transfer: Duration,
+    /// Bytes copied to the device.
+    pub bytes_up: u64,
+    /// Bytes copied back.
+    pub bytes_down: u64,
+    /// Programs built.
+    pub programs_built: u64,
+    /// Host time of those builds.
+    pub build: Duration,
 }
 
 impl Executor {
-    /// Sets up the backend. `opencl` is an error until the OpenCL backend is built.
+    /// Sets up the backend. `opencl` needs the cargo feature `opencl` (an error saying how to
+    /// build with it otherwise) and an OpenCL platform (an error naming what to install).
     pub fn new(options: ExecOptions) -> Result<Self> {
         if options.threads == 0 {
             return Err(RuntimeError::Config("threads must be at least 1".into()));
@@ -108,10 +142,37 @@ impl Executor {
                     inner: Inner::Cpu(cpu),
                 })
             }
-            BackendKind::OpenCl => Err(RuntimeError::Config(
-                "backend opencl: not built yet (the OpenCL backend of codegen-opencl does not exist yet); use --backend cpu".into(),
-            )),
+            BackendKind::OpenCl => Self::opencl(options),
         }
+    }
+
+    #[cfg(not(feature = "opencl"))]
+    fn opencl(_options: ExecOptions) -> Result<Self> {
+        Err(RuntimeError::Config(
+            "backend opencl: this build has no OpenCL support; rebuild with the cargo feature \
+             `opencl`, e.g. `cargo build --release -p runtime --features opencl` (it links \
+             libOpenCL: Debian ocl-icd-opencl-dev, plus a platform such as pocl-opencl-icd or \
+             a GPU driver), or use --backend cpu"
+                .into(),
+        ))
+    }
+
+    #[cfg(feature = "opencl")]
+    fn opencl(options: ExecOptions) -> Result<Self> {
+        let backend = OpenClBackend::preferred().map_err(|e| match e {
+            BackendError::NoPlatform => RuntimeError::Config(
+                "backend opencl: no OpenCL platform found (install one, e.g. Debian \
+                 pocl-opencl-icd or a GPU driver's ICD in /etc/OpenCL/vendors), or use \
+                 --backend cpu"
+                    .into(),
+            ),
+            e => RuntimeError::Config(format!("backend opencl: {e}")),
+        })?;
+        tracing::info!(device = %backend.device(), "OpenCL backend");
+        Ok(Executor {
+            options,
+            inner: Inner::OpenCl(backend),
+        })
     }
 
     /// The reference interpreter as a backend: slow, accumulating in f64, the oracle.
@@ -132,6 +193,28 @@ impl Executor {
         match &self.inner {
             Inner::Reference => "reference/interp".into(),
             Inner::Cpu(cpu) => format!("cpu/{}", cpu.device()),
+            #[cfg(feature = "opencl")]
+            Inner::OpenCl(ocl) => ocl.device(),
+        }
+    }
+
+    /// Kernel and transfer times of a device backend (`None` for the CPU and the reference).
+    pub fn device_stats(&self) -> Option<DeviceStats> {
+        match &self.inner {
+            Inner::Reference | Inner::Cpu(_) => None,
+            #[cfg(feature = "opencl")]
+            Inner::OpenCl(ocl) => {
+                let s = ocl.stats();
+                Some(DeviceStats {
+                    launches: s.launches,
+                    kernel: Duration::from_nanos(s.kernel_ns),
+                    transfer: Duration::from_nanos(s.transfer_ns),
+                    bytes_up: s.bytes_up,
+                    bytes_down: s.bytes_down,
+                    programs_built: s.programs_built,
+                    build: Duration::from_nanos(s.build_ns),
+                })
+            }
         }
     }
 
@@ -146,6 +229,11 @@ impl Executor {
                 }
             }
             Inner::Cpu(cpu) => Imp::Cpu(cpu.compile(spec, strategy)?),
+            #[cfg(feature = "opencl")]
+            Inner::OpenCl(ocl) => Imp::OpenCl(Box::new(opencl::HostKernel::new(
+                ocl.clone(),
+                ocl.compile(spec, strategy)?,
+            ))),
             Inner::Reference => Imp::Reference(match strategy {
                 Strategy::Auto => Strategy::Generic,
                 Strategy::Jit | Strategy::Generic | Strategy::Dense => strategy,
@@ -175,11 +263,15 @@ pub struct Kernel {
     compile_time: Duration,
 }
 
+// A handful of kernels per layer: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Imp {
     Reference(Strategy),
     Cpu(CpuKernel),
     Swap(SwapKernel),
+    #[cfg(feature = "opencl")]
+    OpenCl(Box<opencl::HostKernel>),
 }
 
 impl Kernel {
@@ -195,6 +287,8 @@ impl Kernel {
             Imp::Reference(s) => *s,
             Imp::Cpu(k) => k.strategy(),
             Imp::Swap(k) => k.strategy(),
+            #[cfg(feature = "opencl")]
+            Imp::OpenCl(k) => k.strategy(),
         }
     }
 
@@ -221,12 +315,167 @@ impl Kernel {
         self.compile_time
     }
 
-    /// Runs the kernel on host slices; every length is checked first.
+    /// Runs the kernel on host slices; every length is checked first. On OpenCL the inputs
+    /// are copied to the device and the output back.
     pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
         match &self.imp {
             Imp::Reference(_) => sparse_ir::interp::run(&self.spec, launch, args),
             Imp::Cpu(k) => k.run(launch, args),
             Imp::Swap(k) => k.run(launch, args),
+            #[cfg(feature = "opencl")]
+            Imp::OpenCl(k) => k.run(launch, args),
         }
+    }
+}
+
+/// The OpenCL adapter: a compiled OpenCL kernel run on host slices through device buffers
+/// of its own.
+#[cfg(feature = "opencl")]
+mod opencl {
+    use std::sync::{Mutex, MutexGuard};
+
+    use codegen_opencl::{DeviceBuffer, OpenClBackend, OpenClKernel};
+    use sparse_ir::backend::{Backend as _, Kernel as _};
+    use sparse_ir::{Args, BackendError, Launch, Strategy};
+
+    /// A compiled OpenCL kernel and one device buffer per operand slot (in the order of
+    /// [`Args`]' fields), reallocated only when a host slice's length changes.
+    pub(super) struct HostKernel {
+        backend: OpenClBackend,
+        kernel: OpenClKernel,
+        slots: Mutex<[Option<DeviceBuffer>; 4]>,
+    }
+
+    impl std::fmt::Debug for HostKernel {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.kernel.fmt(f)
+        }
+    }
+
+    /// A device buffer of exactly `len` elements in `slot`.
+    fn sized<'a>(
+        backend: &OpenClBackend,
+        slot: &'a mut Option<DeviceBuffer>,
+        len: usize,
+    ) -> Result<&'a mut DeviceBuffer, BackendError> {
+        if slot.as_ref().is_none_or(|b| b.len() != len) {
+            *slot = Some(backend.alloc(len)?);
+        }
+        Ok(slot.as_mut().expect("just filled"))
+    }
+
+    /// `data` copied into the device buffer in `slot`.
+    fn filled<'a>(
+        backend: &OpenClBackend,
+        slot: &'a mut Option<DeviceBuffer>,
+        data: &[f32],
+    ) -> Result<&'a DeviceBuffer, BackendError> {
+        let buffer = sized(backend, slot, data.len())?;
+        backend.upload(data, buffer)?;
+        Ok(buffer)
+    }
+
+    impl HostKernel {
+        pub(super) fn new(backend: OpenClBackend, kernel: OpenClKernel) -> Self {
+            HostKernel {
+                backend,
+                kernel,
+                slots: Mutex::new([None, None, None, None]),
+            }
+        }
+
+        pub(super) fn strategy(&self) -> Strategy {
+            self.kernel.strategy()
+        }
+
+        fn slots(&self) -> MutexGuard<'_, [Option<DeviceBuffer>; 4]> {
+            // The slots are only ever replaced whole, so a poisoned lock is still usable.
+            self.slots.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Checks the host arguments, copies the inputs up, runs, copies the output back.
+        pub(super) fn run(
+            &self,
+            launch: Launch,
+            args: Args<'_, [f32]>,
+        ) -> Result<(), BackendError> {
+            // Checked on the host slices first, so errors name the caller's lengths.
+            args.check(self.kernel.spec(), launch)?;
+            let b = &self.backend;
+            let mut guard = self.slots();
+            let [s0, s1, s2, s3] = &mut *guard;
+            match args {
+                Args::Spmm { values, x, bias, y } => {
+                    let values = filled(b, s0, values)?;
+                    let x = filled(b, s1, x)?;
+                    let bias = match bias {
+                        Some(bias) => Some(filled(b, s2, bias)?),
+                        None => None,
+                    };
+                    let out = sized(b, s3, y.len())?;
+                    self.kernel.run(
+                        launch,
+                        Args::Spmm {
+                            values,
+                            x,
+                            bias,
+                            y: &mut *out,
+                        },
+                    )?;
+                    b.download(out, y)
+                }
+                Args::SpmmT { values, dy, dx } => {
+                    let values = filled(b, s0, values)?;
+                    let dy = filled(b, s1, dy)?;
+                    let out = sized(b, s3, dx.len())?;
+                    self.kernel.run(
+                        launch,
+                        Args::SpmmT {
+                            values,
+                            dy,
+                            dx: &mut *out,
+                        },
+                    )?;
+                    b.download(out, dx)
+                }
+                Args::Sddmm { dy, x, dw } => {
+                    let dy = filled(b, s0, dy)?;
+                    let x = filled(b, s1, x)?;
+                    let out = sized(b, s3, dw.len())?;
+                    self.kernel.run(
+                        launch,
+                        Args::Sddmm {
+                            dy,
+                            x,
+                            dw: &mut *out,
+                        },
+                    )?;
+                    b.download(out, dw)
+                }
+                Args::DenseGrad { dy, x, grad } => {
+                    let dy = filled(b, s0, dy)?;
+                    let x = filled(b, s1, x)?;
+                    let out = sized(b, s3, grad.len())?;
+                    self.kernel.run(
+                        launch,
+                        Args::DenseGrad {
+                            dy,
+                            x,
+                            grad: &mut *out,
+                        },
+                    )?;
+                    b.download(out, grad)
+                }
+            }
+        }
+    }
+}
+
+// Kept here rather than in train.rs: the trainer's one link to the executor.
+impl crate::train::Trainer {
+    /// The executor that compiles and runs this run's kernels (its device, and on OpenCL
+    /// its kernel and transfer times).
+    pub fn executor(&self) -> &Executor {
+        &self.exec
     }
 }

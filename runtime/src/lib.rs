@@ -33,7 +33,7 @@ pub mod weights;
 pub use checkpoint::{CheckpointWriter, ResumeOverrides, TrainState};
 pub use data::{Dataset, Split};
 pub use error::{Result, RuntimeError};
-pub use exec::{BackendKind, ExecOptions, Executor, Kernel};
+pub use exec::{BackendKind, DeviceStats, ExecOptions, Executor, Kernel};
 pub use layers::{Layer, Shape};
 pub use metrics::{EpochMetrics, LayerMetrics};
 pub use model::{CompileReport, Model, ModelBuilder, Sgd};

@@ -7,8 +7,14 @@
 //! both from the same interleaved run. The JSON adds a `planner` object (CONTRACTS.md).
 //!
 //! ```text
-//! kernel-bench --suite quick|full [--json PATH] [--threads N] [--backend cpu]
+//! kernel-bench --suite quick|full|gpu [--json PATH] [--threads N] [--backend cpu|opencl|all]
 //! ```
+//!
+//! `--backend opencl|all` (a build with the feature `opencl`) adds the OpenCL strategies
+//! `csr`, `table` and `unrolled` (up to `--unrolled-max-nnz`) on the device
+//! `SPARSEJIT_OPENCL_DEVICE` names (else the first GPU, else the first device): kernel
+//! times are device times from profiling events, without transfers; compile time is emit +
+//! build + first launch. A table of specialised vs `csr` ends the output.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,12 +35,16 @@ use sparse_ir::{BackendError, Launch, Pattern, Strategy};
 enum Suite {
     Quick,
     Full,
+    /// `spmm` on 1024² and 4096² at 5 % and 10 % density, batch 128 (the GPU table).
+    Gpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendName {
     Cpu,
     Opencl,
+    /// Both.
+    All,
 }
 
 /// Benchmarks sparsejit's kernels against each other and dense GEMM.
@@ -59,6 +69,10 @@ struct Cli {
     /// Measuring time per case, in milliseconds.
     #[arg(long, default_value_t = 400)]
     budget_ms: u64,
+    /// OpenCL: skip `unrolled` above this many nonzeros (its build time grows with them)
+    /// [default: 4000 on a CPU device, 60000 on a GPU].
+    #[arg(long)]
+    unrolled_max_nnz: Option<usize>,
 }
 
 /// JIT compile cost assumed when deciding to skip a case (µs per nonzero, measured upper end).
@@ -68,8 +82,12 @@ const MAX_COMPILE_S: f64 = 30.0;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if cli.backend == BackendName::Opencl {
-        bail!("the OpenCL backend is not available in kernel-bench yet (issue 5)");
+    if cli.backend != BackendName::Cpu && !cfg!(feature = "opencl") {
+        bail!(
+            "this kernel-bench was built without OpenCL; rebuild with \
+             `cargo build --release -p benches --features opencl` (links libOpenCL: Debian \
+             ocl-icd-opencl-dev) for --backend opencl|all"
+        );
     }
     let backend = CpuBackend::new(CpuOptions {
         threads: cli.threads,
@@ -79,9 +97,15 @@ fn main() -> Result<()> {
     let mut cases = match cli.suite {
         Suite::Quick => quick_suite(),
         Suite::Full => full_suite(),
+        Suite::Gpu => benches::gpu_suite(),
     };
     if let Some(filter) = &cli.filter {
         cases.retain(|c| c.label().contains(filter.as_str()));
+    }
+    #[cfg(feature = "opencl")]
+    let ocl_cases = cases.clone();
+    if cli.backend == BackendName::Opencl {
+        cases.clear(); // no CPU rows
     }
     println!(
         "kernel-bench: {} cases, backend cpu ({}), {} thread(s); medians of interleaved rounds",
@@ -177,6 +201,10 @@ fn main() -> Result<()> {
             label.trim(),
             pick_ratios.iter().filter(|&&r| r < 0.9).count()
         );
+    }
+    #[cfg(feature = "opencl")]
+    if cli.backend != BackendName::Cpu {
+        opencl::run(&cli, &ocl_cases, &mut results)?;
     }
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     if let Some(path) = &cli.json {
@@ -396,4 +424,103 @@ fn bench_case(
         timed,
         how,
     })
+}
+
+/// The OpenCL rows (`--backend opencl|all`).
+#[cfg(feature = "opencl")]
+mod opencl {
+    use anyhow::{Context, Result};
+    use benches::opencl::{bench_case, speedup_table, warm_up, Limits};
+    use benches::{geomean, BenchResult, Case};
+    use codegen_opencl::OpenClBackend;
+    use sparse_ir::backend::Backend;
+
+    /// Measures every case on the preferred OpenCL device, prints its rows, the planner's
+    /// standing and the specialised-vs-csr table, and adds the rows to `results`.
+    pub(super) fn run(
+        cli: &super::Cli,
+        cases: &[Case],
+        results: &mut Vec<BenchResult>,
+    ) -> Result<()> {
+        let backend = OpenClBackend::preferred().context("opening the OpenCL device")?;
+        warm_up(&backend).context("building the generic csr programs")?;
+        println!(
+            "opencl: {} cases on {} ({} compute units); device times of interleaved rounds, no transfers; POCL_KERNEL_CACHE={}",
+            cases.len(),
+            backend.device(),
+            backend.info().compute_units,
+            std::env::var("POCL_KERNEL_CACHE").unwrap_or_else(|_| "unset".into())
+        );
+        println!(
+            "{:<32} {:>8} {:>11} {:>9} {:>8} {:>10}  pick",
+            "case", "strategy", "median µs", "GFLOP/s", "% GEMM", "compile ms"
+        );
+        let limits = Limits {
+            unrolled_max_nnz: cli
+                .unrolled_max_nnz
+                .unwrap_or(Limits::default_unrolled_max_nnz(backend.info().kind)),
+            budget: std::time::Duration::from_millis(cli.budget_ms),
+            ..Limits::default()
+        };
+        let (mut ratios, mut worst) = (Vec::new(), None::<(f64, String)>);
+        let mut ocl_rows = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let outcome = bench_case(&backend, case, i as u64, &limits)
+                .with_context(|| format!("opencl {}", case.label()))?;
+            for line in &outcome.notes {
+                println!("{:<32} note: {line}", case.label());
+            }
+            // % of the CPU's dense GEMM on the same shape, when the CPU rows ran
+            let gemm = results.iter().find(|r| {
+                r.backend == "cpu"
+                    && r.density == 1.0
+                    && (r.op.as_str(), r.rows, r.cols, r.batch)
+                        == (case.op.name(), case.rows, case.cols, case.batch)
+            });
+            for row in &outcome.rows {
+                println!(
+                    "{:<32} {:>8} {:>11.2} {:>9.2} {:>8} {:>10.1}  {}",
+                    case.label(),
+                    row.strategy,
+                    row.median_us,
+                    row.gflops,
+                    gemm.map_or("-".into(), |g| format!(
+                        "{:.0}%",
+                        100.0 * g.median_us / row.median_us
+                    )),
+                    row.compile_ms,
+                    if row.selected { "<- auto" } else { "" }
+                );
+            }
+            let best = outcome
+                .rows
+                .iter()
+                .map(|r| r.median_us)
+                .fold(f64::INFINITY, f64::min);
+            if let Some(sel) = outcome.rows.iter().find(|r| r.selected) {
+                let ratio = best / sel.median_us;
+                ratios.push(ratio);
+                if worst.as_ref().is_none_or(|(w, _)| ratio < *w) {
+                    worst = Some((ratio, case.label()));
+                }
+            }
+            ocl_rows.extend(outcome.rows);
+        }
+        if let Some((w, label)) = worst {
+            println!(
+                "opencl planner: fastest/picked over {} cases: geomean {:.3}, worst {:.3} ({}), picks the fastest in {} (within 5 % in {}), {} cases below 0.9",
+                ratios.len(),
+                geomean(&ratios),
+                w,
+                label.trim(),
+                ratios.iter().filter(|&&r| r >= 1.0).count(),
+                ratios.iter().filter(|&&r| r >= 0.95).count(),
+                ratios.iter().filter(|&&r| r < 0.9).count()
+            );
+        }
+        println!("\nspecialised vs csr (×csr = csr time / its time; >1: faster than csr)");
+        print!("{}", speedup_table(&ocl_rows));
+        results.extend(ocl_rows);
+        Ok(())
+    }
 }

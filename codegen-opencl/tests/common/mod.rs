@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-use codegen_opencl::{probe, OpenClBackend};
+use codegen_opencl::{probe, select_device, OpenClBackend, DEVICE_ENV};
 use sparse_ir::BackendError;
 
 /// The message a test prints when it has no platform (CONTRACTS.md).
@@ -21,10 +21,16 @@ pub fn backend() -> Option<&'static OpenClBackend> {
     static BACKEND: OnceLock<Option<OpenClBackend>> = OnceLock::new();
     let backend = BACKEND
         .get_or_init(|| match probe() {
-            Ok(devices) => Some(
-                OpenClBackend::new(&devices[0])
-                    .unwrap_or_else(|e| panic!("opening {}: {e}", devices[0].describe())),
-            ),
+            Ok(devices) => {
+                // the device a program would use: SPARSEJIT_OPENCL_DEVICE, else a GPU
+                let choice = std::env::var(DEVICE_ENV).ok();
+                let info = select_device(&devices, choice.as_deref())
+                    .unwrap_or_else(|e| panic!("choosing an OpenCL device: {e}"));
+                let backend = OpenClBackend::new(info)
+                    .unwrap_or_else(|e| panic!("opening {}: {e}", info.describe()));
+                let _ = writeln!(std::io::stderr(), "OpenCL device: {}", info.describe());
+                Some(backend)
+            }
             Err(BackendError::NoPlatform) => None,
             Err(e) => panic!("probing OpenCL failed: {e}"),
         })

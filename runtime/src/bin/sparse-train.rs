@@ -50,10 +50,13 @@ struct Cli {
     /// Threads the kernels use [default: 2].
     #[arg(long)]
     threads: Option<usize>,
-    /// Where kernels run: cpu or opencl [default: cpu].
+    /// Where kernels run: cpu or opencl [default: cpu]. opencl needs a build with the cargo
+    /// feature `opencl` and an OpenCL platform; SPARSEJIT_OPENCL_DEVICE=N picks the device
+    /// (default: the first GPU, else the first device).
     #[arg(long)]
     backend: Option<BackendKind>,
-    /// How every op runs: auto (the planner chooses), generic, dense or jit [default: auto].
+    /// How every op runs: auto (the planner chooses); on cpu generic, dense or jit, on
+    /// opencl csr, table or unrolled [default: auto].
     #[arg(long)]
     strategy: Option<Strategy>,
     /// Momentum of inactive weights: exact (dense gradient every step) or window:K (only the
@@ -312,6 +315,9 @@ fn run() -> Result<()> {
         cfg.strategy,
         cfg.dense_momentum
     );
+    if cfg.backend == BackendKind::OpenCl {
+        println!("device {}", trainer.executor().device());
+    }
 
     if cli.eval_only {
         if cli.resume.is_none() && cli.init_from.is_none() {
@@ -504,4 +510,20 @@ fn summary(t: &Trainer, wall: f64) {
         compile / 1e3 / wall.max(1e-9) * 100.0,
         wall
     );
+    if let Some(d) = t.executor().device_stats() {
+        let train: f64 = h.iter().map(|m| m.epoch_seconds).sum();
+        println!(
+            "  {}: {} launches, kernels {:.2} s (device time), host<->device copies {:.2} s ({:.1}% of {:.1} s training; {:.0} MB up, {:.0} MB down), {} programs built in {:.0} ms",
+            t.executor().device(),
+            d.launches,
+            d.kernel.as_secs_f64(),
+            d.transfer.as_secs_f64(),
+            d.transfer.as_secs_f64() / train.max(1e-9) * 100.0,
+            train,
+            d.bytes_up as f64 / 1e6,
+            d.bytes_down as f64 / 1e6,
+            d.programs_built,
+            d.build.as_secs_f64() * 1e3
+        );
+    }
 }
