@@ -511,6 +511,20 @@ fn code_shape_edge_cases() {
 }
 
 #[test]
+fn empty_rows_give_positive_zero() {
+    // edge_7x96's row 2 is empty; without bias its outputs are exactly +0.0 on every path
+    let v = values(5, edge_relu::NNZ);
+    for (batch, ld) in [(1, 1), (1, 4), (3, 3), (17, 17), (100, 112)] {
+        let x = values(6, 96 * ld);
+        let mut y = vec![f32::NAN; 7 * ld];
+        edge_relu::run(&v, &x, &mut y, batch, ld).unwrap();
+        for b in 0..batch {
+            assert_eq!(y[2 * ld + b].to_bits(), 0, "batch {batch}, column {b}");
+        }
+    }
+}
+
+#[test]
 fn huge_ld_is_an_error_not_an_overflow() {
     let mut y = [0.0; 4];
     let e = tiny::run(&[1.0; 3], &[0.0; 6], &mut y, 1, usize::MAX / 2).unwrap_err();

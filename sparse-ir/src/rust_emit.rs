@@ -239,6 +239,13 @@ pub fn emit_spmm_with(
     } else {
         quote!(-0.0f32)
     };
+    // The start of a block's accumulators: +0.0 without bias, so that an empty row gives
+    // +0.0 like the interpreter.
+    let block_init = if kernel.bias {
+        quote!(bias[r])
+    } else {
+        quote!(0.0f32)
+    };
     let relu_scalar = if kernel.relu {
         quote!(if t < 0.0 {
             t = 0.0;
@@ -309,7 +316,7 @@ pub fn emit_spmm_with(
                     let (lo, hi) = (ROW_PTR[r] as usize, ROW_PTR[r + 1] as usize);
                     let cols = &COL_IDX[lo..hi];
                     let vals = &values[lo..hi];
-                    let init: f32 = #row_init;
+                    let init: f32 = #block_init;
                     let yr = &mut y[r * ld..r * ld + batch];
                     let mut b0 = 0;
                     while b0 + BLOCK <= batch {
