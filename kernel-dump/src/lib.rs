@@ -135,7 +135,8 @@ pub struct Cli {
     /// Write one file per artefact here instead of printing.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Don't time the candidates in `plan` (predictions only).
+    /// Don't time anything in `plan`: the planner's choice from its cost model alone (no
+    /// confirmation by timing), and no measured line.
     #[arg(long)]
     pub no_measure: bool,
 }
