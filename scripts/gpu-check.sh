@@ -139,6 +139,8 @@ setup_icd() {
     dir="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-icd.XXXXXX")"
     cp "${GPU_CHECK_VENDORS_DIR:-/etc/OpenCL/vendors}"/*.icd "$dir/" 2>/dev/null || true
     echo "$lib" >"$dir/nvidia.icd"
+    # shellcheck disable=SC2064 # expand $dir now
+    trap "rm -rf '$dir'" EXIT
     export OCL_ICD_VENDORS="$dir"
     echo "icd: not root (or $vendors not writable): OCL_ICD_VENDORS=$dir (nvidia.icd -> $lib)"
 }

@@ -107,16 +107,18 @@ fn main() -> Result<()> {
     if cli.backend == BackendName::Opencl {
         cases.clear(); // no CPU rows
     }
-    println!(
-        "kernel-bench: {} cases, backend cpu ({}), {} thread(s); medians of interleaved rounds",
-        cases.len(),
-        backend.device(),
-        cli.threads
-    );
-    println!(
-        "{:<32} {:>8} {:>11} {:>9} {:>8} {:>10}  pick",
-        "case", "strategy", "median µs", "GFLOP/s", "% GEMM", "compile ms"
-    );
+    if !cases.is_empty() {
+        println!(
+            "kernel-bench: {} cases, backend cpu ({}), {} thread(s); medians of interleaved rounds",
+            cases.len(),
+            backend.device(),
+            cli.threads
+        );
+        println!(
+            "{:<32} {:>8} {:>11} {:>9} {:>8} {:>10}  pick",
+            "case", "strategy", "median µs", "GFLOP/s", "% GEMM", "compile ms"
+        );
+    }
     let started = Instant::now();
     let mut results = Vec::new();
     let mut pick_ratios = Vec::new();
