@@ -26,6 +26,7 @@ test: deps
 	$(CARGO) test --workspace --locked
 	$(CARGO) test -p codegen-opencl --features opencl --locked
 	$(CARGO) test -p runtime --features opencl --locked --test opencl_training
+	$(CARGO) test -p benches --features opencl --locked --lib
 
 fmt:
 	$(CARGO) fmt --all -- --check
