@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use codegen_opencl::OpenClBackend;
 
 use codegen_cpu::swap::{HotKernel, SwapKernel};
-use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions};
+use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions, PlanTiming};
 use sparse_ir::backend::{Backend, Kernel as _};
 use sparse_ir::{Args, BackendError, KernelSpec, Launch, Strategy};
 
@@ -77,6 +77,10 @@ pub struct ExecOptions {
     /// at once and the JIT code from when a background thread has compiled it
     /// ([`codegen_cpu::swap`]); off, such a kernel compiles its JIT code before it returns.
     pub hot_swap: bool,
+    /// Let `Auto`'s planner (CPU) confirm close predictions by timing the candidates
+    /// ([`PlanTiming`]); off, plans come from the cost model alone and do not depend on the
+    /// machine's load (`--deterministic`).
+    pub plan_timing: bool,
 }
 
 impl Default for ExecOptions {
@@ -85,6 +89,7 @@ impl Default for ExecOptions {
             backend: BackendKind::Cpu,
             threads: 1,
             hot_swap: false,
+            plan_timing: true,
         }
     }
 }
@@ -132,11 +137,14 @@ impl Executor {
         }
         match options.backend {
             BackendKind::Cpu => {
-                let cpu = CpuBackend::new(CpuOptions {
+                let mut cpu = CpuBackend::new(CpuOptions {
                     threads: options.threads,
                     isa: None,
                 })
                 .map_err(|e| RuntimeError::Config(format!("backend cpu: {e}")))?;
+                if !options.plan_timing {
+                    cpu.set_plan_timing(PlanTiming::Off);
+                }
                 Ok(Executor {
                     options,
                     inner: Inner::Cpu(cpu),

@@ -387,6 +387,8 @@ impl Trainer {
             backend: config.backend,
             threads: config.threads,
             hot_swap: config.hot_swap && !config.deterministic,
+            // With --deterministic the plan must not depend on timing either.
+            plan_timing: !config.deterministic,
         })?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
         let model = config
