@@ -8,12 +8,18 @@
 //! ```
 //!
 //! With `all-ops`, each iteration compiles `spmm(bias,relu)` at batch 1, and `spmm_t` and
-//! `sddmm` at batch 8; otherwise only `spmm(bias,relu)` at batch 1.
+//! `sddmm` at batch 8; otherwise only `spmm(bias,relu)` at batch 1. With `swap`, each kernel
+//! is a hot-swap kernel ([`codegen_cpu::swap::SwapKernel`]): it runs once on the generic
+//! code at once, its JIT code compiles on a background thread, and it runs again once
+//! swapped (a thread and a generic kernel per iteration and op, on top of the JIT code).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use codegen_cpu::jit::{live_code, JitKernel};
+use codegen_cpu::planner::{self, Features};
+use codegen_cpu::swap::{background_options, SwapKernel};
+use codegen_cpu::{CpuBackend, CpuOptions};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,12 +35,21 @@ fn rss_mib() -> f64 {
     pages * 4096.0 / (1024.0 * 1024.0)
 }
 
+/// A kernel kept alive until the next generation exists.
+#[allow(dead_code)] // held only for its lifetime
+enum Compiled {
+    Jit(JitKernel),
+    Swap(Box<SwapKernel>),
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let iterations: usize = args
         .first()
         .map_or(1000, |s| s.parse().expect("ITERATIONS"));
     let all_ops = args.iter().any(|a| a == "all-ops");
+    let swap = args.iter().any(|a| a == "swap");
+    let backend = CpuBackend::new(CpuOptions::default()).unwrap();
     let (rows, cols) = (300, 784);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut mask: Vec<u8> = (0..rows * cols)
@@ -66,7 +81,7 @@ fn main() {
     let x = vec![0.5f32; cols * 16];
     let bias = vec![0.1f32; rows];
     let mut y = vec![0.0f32; rows * 16];
-    let mut previous: Vec<JitKernel> = Vec::new();
+    let mut previous: Vec<Compiled> = Vec::new();
     let start_rss = rss_mib();
     let start = Instant::now();
     let mut compile_ms = 0.0;
@@ -100,21 +115,37 @@ fn main() {
                 Dim::Fixed(ld),
             )
             .unwrap();
-            let k = JitKernel::compile(&spec).unwrap();
-            compile_ms += k.stats().compile_ms;
-            compiled_functions += k.stats().compiled;
-            if let Op::Spmm { .. } = op {
-                k.run(
-                    Launch::new(batch, ld),
-                    Args::Spmm {
-                        values: &values,
-                        x: &x,
-                        bias: Some(&bias),
-                        y: &mut y,
-                    },
-                )
-                .unwrap();
-            }
+            let launch = Launch::new(batch, ld);
+            let mut run = |k: &dyn Fn(Launch, Args<'_, [f32]>)| {
+                if let Op::Spmm { .. } = op {
+                    k(
+                        launch,
+                        Args::Spmm {
+                            values: &values,
+                            x: &x,
+                            bias: Some(&bias),
+                            y: &mut y,
+                        },
+                    );
+                }
+            };
+            let k = if swap {
+                let plan = planner::plan(&Features::of(&spec, 1, backend.isa()));
+                let k = SwapKernel::start(&backend, &spec, plan, background_options()).unwrap();
+                run(&|l, a| k.run(l, a).unwrap());
+                assert!(k.wait(), "{:?}", k.error());
+                run(&|l, a| k.run(l, a).unwrap());
+                let s = k.jit_stats().unwrap();
+                compile_ms += s.compile_ms;
+                compiled_functions += s.compiled;
+                Compiled::Swap(Box::new(k))
+            } else {
+                let k = JitKernel::compile(&spec).unwrap();
+                compile_ms += k.stats().compile_ms;
+                compiled_functions += k.stats().compiled;
+                run(&|l, a| k.run(l, a).unwrap());
+                Compiled::Jit(k)
+            };
             current.push(k);
         }
         // the previous generation is dropped only once the new one exists

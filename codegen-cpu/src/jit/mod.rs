@@ -2,7 +2,8 @@
 //!
 //! [`JitKernel::compile`] turns a [`KernelSpec`] (`spmm` with its epilogue, `spmm_t` or
 //! `sddmm`, with a fixed batch and row stride) into one function per row chunk
-//! ([`Pattern::chunks`], about [`JitOptions::chunk_nnz`] nonzeros each) in which the column
+//! ([`chunk_rows`]: boundaries chosen by the rows' content, about [`JitOptions::chunk_nnz`]
+//! nonzeros each on average) in which the column
 //! offsets are immediates; the weight values are read from the value array passed at run
 //! time. `spmm_t` compiles the transposed pattern ([`Pattern::transpose`]) with the value
 //! positions of its `value_index` baked in. `dense_grad` has no pattern to bake in and is left
@@ -10,8 +11,13 @@
 //!
 //! Code is owned per chunk: chunks compile in parallel, and a chunk whose code is alive in any
 //! kernel (same op, batch, `ld`, code shape and structure) is reused rather than compiled, so
-//! after a mask update only the chunks whose rows changed compile. A chunk's machine code is
-//! unmapped when the last kernel using it is dropped. [`CompileStats`] tells what happened.
+//! after a mask update only the chunks whose rows changed compile (for `spmm` and `sddmm`,
+//! whose code does not depend on where the chunk sits in the layer; `spmm_t` bakes in absolute
+//! value positions, which shift whenever an earlier row of `W` changes its nonzero count). A
+//! chunk's machine code is unmapped when the last kernel using it is dropped. [`CompileStats`]
+//! tells what happened. An update that prunes and regrows a share of the whole layer, as
+//! sparse momentum does, touches every chunk and recompiles everything; hot swap
+//! ([`crate::swap`]) takes that compilation off the training thread.
 //!
 //! The code shapes are described in the `emit` module. The defaults of [`JitOptions`] were
 //! chosen by measurement on the 2-core development machine (`examples/jit_bench.rs`, single
@@ -23,9 +29,16 @@
 //!   of two vectors, and code size is what decides (1.2–1.8× faster at batch 8);
 //! - four accumulator sets per row: one set is 1.2–1.4× slower, two are within noise of four;
 //! - chunks of ~1000 nonzeros: 250 or 4000 compile 10–30 % slower per nonzero;
-//! - the backtracking register allocator with the verifier off: about 3 µs per nonzero on one
-//!   thread for `spmm`/`spmm_t`; the verifier doubles that; `single_pass` halves it at a cost
-//!   of 0–8 % kernel speed and 5–10 % more code ([`Regalloc::SinglePass`]).
+//! - the backtracking register allocator with the verifier off: 3–4.5 µs of CPU per nonzero
+//!   for `spmm`/`spmm_t` and `sddmm` at batch 1, 11–16 for `sddmm` at batch 8 (`jit_bench
+//!   compile`); the verifier doubles that; `single_pass` halves it, at a cost of 1–10 % kernel
+//!   speed for `spmm`/`spmm_t` but 1.5–1.8× for `sddmm` (1.6× more code)
+//!   ([`Regalloc::SinglePass`], `jit_bench regalloc`).
+//!
+//! Compile time follows the machine instructions emitted, at about 1.7 µs each: `spmm` at
+//! batch 8 emits ~2.5 per nonzero (the batch blocks loop over one copy of the code), `sddmm`
+//! at batch 8 ~6.5 (the batch unrolled per nonzero, two loads and two multiplies, plus a
+//! quarter of a 4×4 transpose-and-add per nonzero), which is why it compiles 3–4× slower.
 
 mod code;
 mod emit;
@@ -87,7 +100,7 @@ impl Regalloc {
 pub struct JitOptions {
     /// Threads compiling chunks in parallel (at least 1).
     pub threads: usize,
-    /// Target nonzeros per chunk function (a row is never split).
+    /// Average nonzeros per chunk function (a row is never split; see [`chunk_rows`]).
     pub chunk_nnz: usize,
     /// Independent accumulator sets per row in `spmm`/`spmm_t` (1 to 4).
     pub accumulators: usize,
