@@ -541,10 +541,12 @@ impl Dataset {
                     }
                 }
                 std::hint::black_box(touch);
-                // Background everywhere, then the nonzero pixels of each sample.
+                // Background everywhere (and zero padding, in the same pass), then the
+                // nonzero pixels of each sample.
                 let background = self.lut[0];
                 for row in out.chunks_exact_mut(ld) {
                     row[..n].fill(background);
+                    row[n..].fill(0.0);
                 }
                 for (b, &i) in indices.iter().enumerate() {
                     let s = base + i as usize;
@@ -582,7 +584,7 @@ impl Dataset {
                 }
             }
         }
-        if n < ld {
+        if n < ld && self.nonzeros.is_none() {
             input.zero_columns_from(n);
         }
         Ok(n)

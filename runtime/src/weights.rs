@@ -771,26 +771,32 @@ impl SparseWeights {
             (Some(k), Some(l)) if k.pattern_hash == hash => (k, l),
             _ => return Err(self.not_compiled()),
         };
-        if self.relu {
-            // Branch-free (a select the compiler vectorises): NaN or ≤ 0 means inactive.
-            for (d, &out) in dy.iter_mut().zip(y) {
-                *d = if out > 0.0 { *d } else { 0.0 };
+        // The ReLU mask and the bias gradient in one pass, row by row (each row is still in
+        // L1 when it is summed). Branch-free select: NaN or ≤ 0 means inactive.
+        let (ld, batch, relu) = (launch.ld, launch.batch, self.relu);
+        let mut sums = dy.chunks_mut(ld).zip(y.chunks(ld)).map(|(d, out)| {
+            if relu {
+                for (d, &out) in d.iter_mut().zip(out) {
+                    *d = if out > 0.0 { *d } else { 0.0 };
+                }
             }
-        }
-        let row = |r: usize| &dy[r * launch.ld..r * launch.ld + launch.batch];
+            row_sum(&d[..batch.min(d.len())])
+        });
         match &self.unroll {
             Some(u) => {
                 let p = u.positions();
-                for (o, g) in self.bias_grad.iter_mut().enumerate() {
-                    *g = (o * p..(o + 1) * p).map(|r| row_sum(row(r))).sum();
+                for g in self.bias_grad.iter_mut() {
+                    *g = sums.by_ref().take(p).sum();
                 }
             }
             None => {
-                for (r, g) in self.bias_grad.iter_mut().enumerate() {
-                    *g = row_sum(row(r));
+                for g in self.bias_grad.iter_mut() {
+                    *g = sums.next().unwrap_or(0.0);
                 }
             }
         }
+        // Rows past the bias (none in a well-formed buffer) still get the ReLU mask.
+        sums.for_each(drop);
         match mode {
             WeightGradMode::Active => {
                 match &mut self.unroll {
