@@ -634,7 +634,7 @@ const JIT_ROW_BLOCK: f64 = 0.5;
 /// - batch 64–100: behind by 2–3× almost everywhere (the generic kernels use eight or nine
 ///   512-bit accumulators per row), so no candidate.
 pub fn jit_us(f: &Features) -> Option<f64> {
-    if !f.fixed_shape || f.op == Op::DenseGrad || f.nnz == 0 {
+    if !f.fixed_shape || f.op == Op::DenseGrad || f.nnz == 0 || jit_writes_padding(f) {
         return None;
     }
     let code = f.jit_code_bytes? as f64;
@@ -674,6 +674,16 @@ pub fn jit_us(f: &Features) -> Option<f64> {
 /// (beyond, the model has never been that wrong on the fit data).
 const JIT_HOPELESS: f64 = 2.0;
 
+/// Whether the JIT's `spmm`/`spmm_t` code would write the padding columns `batch..ld` of the
+/// output: it stores whole `f32x4` blocks, so a batch above 1 that is not a multiple of 4
+/// spills into the padding (measured: batch 3, `ld` 16 writes column 3; batch 17, `ld` 32
+/// columns 17–19), which buffers shared with other code must keep. Until the JIT masks its
+/// last block, the planner does not offer it there (an explicit `Strategy::Jit` still
+/// compiles it).
+fn jit_writes_padding(f: &Features) -> bool {
+    matches!(f.op, Op::Spmm { .. } | Op::SpmmT) && f.batch > 1 && !f.batch.is_multiple_of(4)
+}
+
 fn jit_note(f: &Features) -> Option<String> {
     if jit_us(f).is_some() {
         return None;
@@ -684,6 +694,12 @@ fn jit_note(f: &Features) -> Option<String> {
         "jit not considered for dense_grad: no pattern to bake in".to_string()
     } else if f.nnz == 0 {
         "jit not considered: no nonzeros".to_string()
+    } else if jit_writes_padding(f) {
+        format!(
+            "jit not considered: its 4-float blocks would write the padding columns {}..{} (batch not a multiple of 4)",
+            f.batch,
+            f.batch.next_multiple_of(4)
+        )
     } else {
         format!(
             "jit not considered (nothing compiled): predicted over {JIT_HOPELESS}x the generic time ({} B of code, batch {})",
@@ -878,6 +894,15 @@ mod tests {
         assert!(plan(&any).reasons.iter().any(|r| r.contains("not fixed")));
         let grad = features(Op::DenseGrad, 100, 300, 0.05, 1);
         assert!(jit_us(&grad).is_none());
+        // Batches whose JIT blocks would spill into the padding: not offered.
+        for batch in [3, 17] {
+            let p = pick(Op::SPMM, 10, 100, 0.05, batch);
+            assert!(p.predicted(Strategy::Jit).is_none(), "{p}");
+            assert!(p.reasons.iter().any(|r| r.contains("padding")), "{p}");
+        }
+        assert!(pick(Op::Sddmm, 10, 100, 0.05, 3)
+            .predicted(Strategy::Jit)
+            .is_some());
     }
 
     #[test]
