@@ -1085,7 +1085,9 @@ mod tests {
             let chosen_us = plan.measured(plan.strategy).unwrap();
             assert!(slow_us > 1000.0 && chosen_us < slow_us, "{plan}");
             assert!(
-                plan.reasons.iter().any(|r| r.contains("interleaved rounds")),
+                plan.reasons
+                    .iter()
+                    .any(|r| r.contains("interleaved rounds")),
                 "{plan}"
             );
             if slow == model {

@@ -10,9 +10,12 @@
 //!   columns;
 //! - `jit`: Cranelift code with the pattern baked in ([`jit`]).
 //!
-//! `Strategy::Auto` lets the [`planner`] choose from a cost model; every [`CpuKernel`]
-//! exposes the [`Plan`] and its reasons. Kernels run on the backend's thread pool, split over
-//! rows, with a fork-join cost well under a microsecond.
+//! `Strategy::Auto` lets the [`planner`] choose from a cost model; where its best candidates
+//! are close, the backend times them on the real shape and keeps the measured fastest
+//! ([`PlanTiming`]; off for deterministic plans), caching the decision per cache key. Every
+//! [`CpuKernel`] exposes the [`Plan`]: predicted and measured times, the generic kernel
+//! variant, and the reasons. Kernels run on the backend's thread pool, split over rows, with
+//! a fork-join cost well under a microsecond.
 
 mod backend;
 mod dense;

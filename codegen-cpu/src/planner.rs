@@ -1,7 +1,8 @@
 //! The planner: a cost model over `(op, nnz, rows, cols, batch, density, code size)` that
-//! predicts each strategy's run time, picks the fastest and records why; where the two best
-//! predictions are close ([`CONFIRM_RATIO`]) the backend confirms the choice by timing both
-//! kernels on the real shape ([`Plan::close_pair`], [`Plan::confirm`]), as libxsmm does.
+//! predicts each strategy's run time, picks the fastest and records why; where the best
+//! predictions are close ([`CONFIRM_RATIO`]) the backend confirms the choice by timing those
+//! kernels on the real shape ([`Plan::close_candidates`], [`Plan::confirm`]), as libxsmm
+//! does, and the measured fastest wins unless within [`TIE_MARGIN`] of the model's pick.
 //!
 //! The constants were fitted to medians measured on the 2-core AVX-512 development machine
 //! (`benches` binary `planner-fit`, single-threaded, interleaved rounds); they are per ISA
@@ -617,8 +618,8 @@ const JIT_ROW_BLOCK: f64 = 0.5;
 ///
 /// The JIT bakes the pattern into code, so it needs a fixed batch and `ld` and has nothing
 /// to offer `dense_grad`. Its code runs one `f32x4` batch block at a time (scalar at batch
-/// 1), so it does about [`JIT_NZ_BLOCK`] ns of work per nonzero and block, plus
-/// [`JIT_ROW_BLOCK`] per output row and block; its code (about 14–18 bytes per nonzero for
+/// 1), so it does about 0.27 ns of work per nonzero and block, plus 0.5 ns per output row
+/// and block; its code (about 14–18 bytes per nonzero for
 /// `spmm`/`spmm_t`, 13–120 for `sddmm`) streams from L2 once it outgrows L1i, at about 32
 /// bytes per ns, and at a third of that beyond 512 KiB; `spmm`/`spmm_t` stream it once per
 /// batch block.
