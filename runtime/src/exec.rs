@@ -325,13 +325,64 @@ impl Kernel {
 
     /// Runs the kernel on host slices; every length is checked first. On OpenCL the inputs
     /// are copied to the device and the output back.
+    ///
+    /// Kernels may leave the padding columns `batch..ld` of an output unspecified (the JIT runs
+    /// its last `f32x4` block over them; OpenCL copies whole device buffers back); the runtime
+    /// keeps them at zero, so after such a kernel the padding of the output is cleared.
     pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
+        let may_write_padding = match &self.imp {
+            Imp::Reference(_) => false,
+            Imp::Cpu(k) => k.strategy() == Strategy::Jit,
+            Imp::Swap(_) => true,
+            #[cfg(feature = "opencl")]
+            Imp::OpenCl(_) => true,
+        };
+        if launch.ld == launch.batch || !may_write_padding {
+            return self.run_unpadded(launch, args);
+        }
+        match args {
+            Args::Spmm { values, x, bias, y } => {
+                let y_args = Args::Spmm {
+                    values,
+                    x,
+                    bias,
+                    y: &mut *y,
+                };
+                self.run_unpadded(launch, y_args)?;
+                zero_padding(y, launch);
+            }
+            Args::SpmmT { values, dy, dx } => {
+                self.run_unpadded(
+                    launch,
+                    Args::SpmmT {
+                        values,
+                        dy,
+                        dx: &mut *dx,
+                    },
+                )?;
+                zero_padding(dx, launch);
+            }
+            other => self.run_unpadded(launch, other)?,
+        }
+        Ok(())
+    }
+
+    fn run_unpadded(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
         match &self.imp {
             Imp::Reference(_) => sparse_ir::interp::run(&self.spec, launch, args),
             Imp::Cpu(k) => k.run(launch, args),
             Imp::Swap(k) => k.run(launch, args),
             #[cfg(feature = "opencl")]
             Imp::OpenCl(k) => k.run(launch, args),
+        }
+    }
+}
+
+/// Sets columns `batch..ld` of every row of the feature-major matrix `m` to zero.
+fn zero_padding(m: &mut [f32], launch: Launch) {
+    for row in m.chunks_mut(launch.ld) {
+        if let Some(pad) = row.get_mut(launch.batch..) {
+            pad.fill(0.0);
         }
     }
 }

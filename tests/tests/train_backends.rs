@@ -131,13 +131,17 @@ fn lenet300_100_steps_match_the_interpreter() {
 
 #[test]
 fn odd_batches_match_the_interpreter() {
+    // The JIT's last f32x4 block runs over the padding columns at batches that are not a
+    // multiple of 4; the runtime clears them again (the comparison covers the padding).
     for batch in [1, 3, 17] {
-        check(
-            lenet300_100(Shape::image(1, 28, 28), 10),
-            batch,
-            0.1,
-            Strategy::Auto,
-        );
+        for strategy in [Strategy::Auto, Strategy::Jit] {
+            check(
+                lenet300_100(Shape::image(1, 28, 28), 10),
+                batch,
+                0.1,
+                strategy,
+            );
+        }
     }
 }
 
