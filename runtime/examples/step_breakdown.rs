@@ -86,6 +86,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     model.forward_backward(100, WeightGradMode::Active).unwrap();
     let sgd = runtime::Sgd::new(Default::default());
     let step = time(reps, || sgd.step(model, 1e-9));
+    // The whole step as the trainer runs it: a fresh batch each time, so the kernels read an
+    // input the gather has just written (on this core), not one cached everywhere.
+    let mut j = 0;
+    let full = time(reps, || {
+        let (input, labels) = model.batch_buffers_mut();
+        let lo = (j % 540) * 100;
+        data.gather(Split::Train, &order[lo..lo + 100], input, labels)
+            .unwrap();
+        model.forward_backward(100, WeightGradMode::Active).unwrap();
+        sgd.step(model, 1e-9);
+        j += 1;
+    });
     println!("threads {threads}, density {density}: nnz {}", model.nnz());
     println!("gather            {gather}");
     println!("forward           {fwd}");
@@ -97,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gather.0 + fb_active.0 + step.0,
         gather.1 + fb_active.1 + step.1
     );
+    println!("whole step        {full} (timed together, fresh batches)");
     for w in model.sparse_layers() {
         println!("  {} {:?}", w.name(), w.strategies());
     }
