@@ -148,8 +148,8 @@ pub enum Timed {
         /// Samples per candidate.
         rounds: usize,
     },
-    /// A decision measured earlier for the same cache key (same pattern, op, batch, `ld`,
-    /// backend and device).
+    /// A decision measured earlier on a pattern of the same shape and about the same size
+    /// (the same op, batch, `ld` and threads; nonzeros, live rows and columns within 5 %).
     Cached,
 }
 
@@ -247,7 +247,7 @@ impl Plan {
                     "{rounds} interleaved rounds on random operands of this shape, paired medians"
                 )
             }
-            Timed::Cached => "measured earlier for this pattern and shape (cached)".into(),
+            Timed::Cached => "measured earlier on a pattern of this shape and size (cached)".into(),
         };
         self.reasons.push(format!(
             "predictions within {CONFIRM_RATIO}x: timed {list} ({how})"
