@@ -127,6 +127,9 @@ impl PatternSize {
 /// 8.7 % of a 100-epoch LeNet-300-100 run's wall time (2 threads, 2.9 of 34 s).
 const SAME_SIZE: f64 = 0.15;
 
+/// Measured decisions by shape: the size of each pattern measured and its candidates' times.
+type Decisions = HashMap<DecisionKey, Vec<(PatternSize, Vec<Measurement>)>>;
+
 /// Most pattern sizes kept per shape (the oldest goes first).
 const SIZES_MAX: usize = 64;
 
@@ -159,7 +162,7 @@ pub struct CpuBackend {
     cache: Mutex<HashMap<CacheKey, Weak<Compiled>>>,
     timing: PlanTiming,
     /// Measured decisions, by shape, with the size of the pattern each was measured on.
-    decisions: Mutex<HashMap<DecisionKey, Vec<(PatternSize, Vec<Measurement>)>>>,
+    decisions: Mutex<Decisions>,
     timings_run: AtomicUsize,
 }
 
