@@ -21,21 +21,6 @@ const GUARD: usize = 37;
 const GUARD_VALUE: f32 = -7777.0;
 const GARBAGE: f32 = 1.0e30;
 
-const OPS: [Op; 6] = [
-    Op::SPMM,
-    Op::Spmm {
-        bias: true,
-        relu: false,
-    },
-    Op::Spmm {
-        bias: true,
-        relu: true,
-    },
-    Op::SpmmT,
-    Op::Sddmm,
-    Op::DenseGrad,
-];
-
 /// Every (ISA level, threads) backend, with parallel splitting on even for tiny launches.
 fn backends() -> Vec<CpuBackend> {
     let mut out = Vec::new();
@@ -249,7 +234,7 @@ fn check(pattern: Pattern, batch: usize, ld: usize, offset: usize, seed: u64) {
         offset,
         seed,
     };
-    if let Err(e) = case.run(&backends(), &OPS, &BOTH) {
+    if let Err(e) = case.run(&backends(), &Op::ALL, &BOTH) {
         panic!("{e}");
     }
 }
@@ -270,7 +255,7 @@ proptest! {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let p = random_pattern(&mut rng, rows, cols, density);
         let case = Case { pattern: Arc::new(p), batch, ld: batch + pad, offset, seed };
-        let r = case.run(&backends(), &OPS, &BOTH);
+        let r = case.run(&backends(), &Op::ALL, &BOTH);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     }
 }
@@ -372,7 +357,7 @@ fn largest_lenet_layer_300x784() {
     let p = Arc::new(random_pattern(&mut rng, 300, 784, 0.05));
     // The spmm-family ops on every batch; dense_grad (O(rows·cols·batch) in the oracle)
     // once.
-    let ops = &OPS[..5];
+    let ops = &Op::ALL[..6];
     for (batch, ld) in [(1, 1), (8, 16), (100, 112), (100, 100), (128, 128)] {
         let case = Case {
             pattern: Arc::clone(&p),
@@ -406,7 +391,7 @@ fn auto_plans_record_reasons_and_run_correctly() {
             offset: 0,
             seed: 12,
         };
-        case.run(&backends(), &OPS, &[Strategy::Auto]).unwrap();
+        case.run(&backends(), &Op::ALL, &[Strategy::Auto]).unwrap();
     }
     // At batch 1 with a fixed shape the planner may pick the JIT: still exact.
     let mut rng = ChaCha8Rng::seed_from_u64(7);
@@ -417,7 +402,7 @@ fn auto_plans_record_reasons_and_run_correctly() {
         offset: 0,
         seed: 13,
     };
-    case.run(&backends(), &OPS, &[Strategy::Auto]).unwrap();
+    case.run(&backends(), &Op::ALL, &[Strategy::Auto]).unwrap();
     let b = CpuBackend::new(CpuOptions::default()).unwrap();
     let p = Arc::new(Pattern::dense(48, 40).unwrap());
     let spec = KernelSpec::new("fc2", Op::SPMM, p, Dim::Fixed(128), Dim::Fixed(128)).unwrap();

@@ -18,25 +18,6 @@ use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::interp::{compare, reference};
 use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
-const OPS: [Op; 7] = [
-    Op::SPMM,
-    Op::Spmm {
-        bias: true,
-        relu: false,
-    },
-    Op::Spmm {
-        bias: false,
-        relu: true,
-    },
-    Op::Spmm {
-        bias: true,
-        relu: true,
-    },
-    Op::SpmmT,
-    Op::Sddmm,
-    Op::DenseGrad,
-];
-
 /// A pattern with about `density` of its entries, from `seed`.
 fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -251,7 +232,7 @@ fn check_pattern(
 ) {
     let pattern = Arc::new(pattern);
     let layer = name.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
-    for (i, op) in OPS.into_iter().enumerate() {
+    for (i, op) in Op::ALL.into_iter().enumerate() {
         let spec = KernelSpec::any_batch(format!("l{layer}"), op, pattern.clone()).unwrap();
         let kernel = compile(backend, &spec, strategy);
         for (j, &launch) in launches.iter().enumerate() {
@@ -332,7 +313,7 @@ fn lenet_fc1(strategies: &[Strategy], ops: &[Op]) {
 
 #[test]
 fn lenet_fc1_csr_and_table() {
-    lenet_fc1(&[Strategy::Csr, Strategy::Table], &OPS);
+    lenet_fc1(&[Strategy::Csr, Strategy::Table], &Op::ALL);
 }
 
 #[test]

@@ -40,6 +40,27 @@ impl Op {
         relu: false,
     };
 
+    /// Every op, each `spmm` epilogue on its own: `spmm`, with bias, with ReLU, with both,
+    /// then `spmm_t`, `sddmm` and `dense_grad` (the last).
+    pub const ALL: [Op; 7] = [
+        Op::SPMM,
+        Op::Spmm {
+            bias: true,
+            relu: false,
+        },
+        Op::Spmm {
+            bias: false,
+            relu: true,
+        },
+        Op::Spmm {
+            bias: true,
+            relu: true,
+        },
+        Op::SpmmT,
+        Op::Sddmm,
+        Op::DenseGrad,
+    ];
+
     /// The IR name: `spmm`, `spmm_t`, `sddmm` or `dense_grad` (epilogue not included).
     pub fn name(self) -> &'static str {
         match self {

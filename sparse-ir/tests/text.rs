@@ -22,25 +22,6 @@ fn example() -> Pattern {
     Pattern::from_csr(3, 4, vec![0, 2, 2, 5], vec![1, 3, 0, 1, 2]).unwrap()
 }
 
-const ALL_OPS: [Op; 7] = [
-    Op::SPMM,
-    Op::Spmm {
-        bias: true,
-        relu: false,
-    },
-    Op::Spmm {
-        bias: false,
-        relu: true,
-    },
-    Op::Spmm {
-        bias: true,
-        relu: true,
-    },
-    Op::SpmmT,
-    Op::Sddmm,
-    Op::DenseGrad,
-];
-
 fn golden_modules() -> Vec<(&'static str, Module)> {
     let mut out = Vec::new();
 
@@ -56,7 +37,7 @@ fn golden_modules() -> Vec<(&'static str, Module)> {
         (Dim::Fixed(17), Dim::Fixed(32)),
         (Dim::Fixed(128), Dim::Fixed(128)),
     ];
-    for (op, (batch, ld)) in ALL_OPS.into_iter().zip(dims) {
+    for (op, (batch, ld)) in Op::ALL.into_iter().zip(dims) {
         m.add_kernel("fc1", op, "fc1", batch, ld).unwrap();
     }
     out.push(("example", m));
@@ -283,7 +264,7 @@ fn arb_dim() -> impl Strategy<Value = Dim> {
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
-    (0..ALL_OPS.len()).prop_map(|i| ALL_OPS[i])
+    (0..Op::ALL.len()).prop_map(|i| Op::ALL[i])
 }
 
 /// A random kernel: (layer, op, index of the pattern, batch, ld).

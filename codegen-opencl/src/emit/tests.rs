@@ -8,20 +8,6 @@ use sparse_ir::{BackendError, Dim, KernelSpec, Op, Pattern, Strategy};
 use super::*;
 use crate::device::DeviceProfile;
 
-const OPS: [Op; 6] = [
-    Op::SPMM,
-    Op::Spmm {
-        bias: true,
-        relu: false,
-    },
-    Op::Spmm {
-        bias: true,
-        relu: true,
-    },
-    Op::SpmmT,
-    Op::Sddmm,
-    Op::DenseGrad,
-];
 const STRATEGIES: [Strategy; 3] = [Strategy::Csr, Strategy::Table, Strategy::Unrolled];
 
 /// 3 x 5: row 0: cols 1, 4; row 1: empty; row 2: cols 0, 1, 3.
@@ -72,7 +58,7 @@ fn headers_name_layer_op_strategy_hash_shape_nnz() {
     let p = small();
     let hash = format!("{:016x}", p.hash());
     for profile in [DeviceProfile::pocl_cpu(), DeviceProfile::nvidia_gpu()] {
-        for op in OPS {
+        for op in Op::ALL {
             for strategy in STRATEGIES {
                 let s = spec("fc1", op, p.clone(), Dim::Fixed(4), Dim::Fixed(16));
                 let e = emit_ok(&s, strategy, &profile);
@@ -109,7 +95,7 @@ fn csr_is_one_program_per_device() {
     let cpu = DeviceProfile::pocl_cpu();
     let mut sources = std::collections::HashSet::new();
     for (layer, p) in [("fc1", small()), ("conv2.w", random(20, 30, 0.2, 7))] {
-        for op in OPS {
+        for op in Op::ALL {
             let s = spec(layer, op, p.clone(), Dim::Any, Dim::Any);
             let e = emit_ok(&s, Strategy::Csr, &gpu);
             assert_eq!(e.programs.len(), 1);
@@ -451,7 +437,7 @@ fn edge_patterns_emit() {
         Pattern::empty(4, 0).unwrap(),
         Pattern::from_coo(7, 96, &[(3, 50)]).unwrap(),
     ] {
-        for op in OPS {
+        for op in Op::ALL {
             for strategy in STRATEGIES {
                 for profile in [&cpu, &gpu] {
                     let s = spec("edge", op, p.clone(), Dim::Any, Dim::Any);
