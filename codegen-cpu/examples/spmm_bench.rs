@@ -26,12 +26,9 @@ struct Variant {
     samples: Vec<f64>,
 }
 
+/// Each entry present with probability `density` ([`Pattern::random`]).
 fn pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    Pattern::from_dense_mask(rows, cols, &mask).unwrap()
+    Pattern::random(rows, cols, density, seed).expect("a valid random pattern")
 }
 
 fn median(v: &mut [f64]) -> f64 {

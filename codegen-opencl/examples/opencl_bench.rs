@@ -20,12 +20,9 @@ use rand_chacha::ChaCha8Rng;
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
+/// Each entry present with probability `density` ([`Pattern::random`]).
 fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    Pattern::from_dense_mask(rows, cols, &mask).unwrap()
+    Pattern::random(rows, cols, density, seed).expect("a valid random pattern")
 }
 
 fn ms(d: Duration) -> f64 {
