@@ -623,6 +623,14 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
                         }
                     }
                     text.push('\n');
+                    if cfg!(debug_assertions) {
+                        let _ = writeln!(
+                            text,
+                            "  (a debug build: the generic and dense kernels run without full \
+                             optimisation, the JIT code does not; build with --release for \
+                             representative times)"
+                        );
+                    }
                 }
             }
         }
