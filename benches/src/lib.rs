@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sparse_ir::backend::{Backend, Kernel};
-use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern};
+use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy};
 
 #[cfg(feature = "opencl")]
 pub mod opencl;
@@ -187,6 +187,43 @@ pub struct BenchResult {
     pub compile_ms: f64,
     /// Whether the planner (`auto`) picks this strategy for the case.
     pub selected: bool,
+}
+
+impl BenchResult {
+    /// The row of `strategy` on `backend` (`cpu` or `opencl`) for `case` run on `pattern`,
+    /// with its median time; the density is 1 where the pattern is full (the dense GEMM row).
+    pub fn measured(
+        backend: &str,
+        case: &Case,
+        strategy: Strategy,
+        pattern: &Pattern,
+        median_us: f64,
+        compile_ms: f64,
+        selected: bool,
+    ) -> BenchResult {
+        let secs = median_us * 1e-6;
+        BenchResult {
+            backend: backend.into(),
+            strategy: strategy.name().into(),
+            op: case.op.name().into(),
+            rows: case.rows,
+            cols: case.cols,
+            batch: case.batch,
+            density: if pattern.nnz() == case.rows * case.cols {
+                1.0
+            } else {
+                case.density
+            },
+            nnz: pattern.nnz(),
+            median_us,
+            gflops: 2.0 * pattern.nnz() as f64 * case.batch as f64 / secs / 1e9,
+            dense_gflops: 2.0 * case.rows as f64 * case.cols as f64 * case.batch as f64
+                / secs
+                / 1e9,
+            compile_ms,
+            selected,
+        }
+    }
 }
 
 /// The file `kernel-bench --json` writes.

@@ -81,33 +81,6 @@ pub fn warm_up(backend: &OpenClBackend) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// A result row of the OpenCL backend.
-fn row(
-    case: &Case,
-    strategy: Strategy,
-    pattern: &Pattern,
-    median_us: f64,
-    compile_ms: f64,
-    selected: bool,
-) -> BenchResult {
-    let secs = median_us * 1e-6;
-    BenchResult {
-        backend: "opencl".into(),
-        strategy: strategy.name().into(),
-        op: case.op.name().into(),
-        rows: case.rows,
-        cols: case.cols,
-        batch: case.batch,
-        density: case.density,
-        nnz: pattern.nnz(),
-        median_us,
-        gflops: 2.0 * pattern.nnz() as f64 * case.batch as f64 / secs / 1e9,
-        dense_gflops: 2.0 * case.rows as f64 * case.cols as f64 * case.batch as f64 / secs / 1e9,
-        compile_ms,
-        selected,
-    }
-}
-
 /// Measures every OpenCL strategy on `case` (the pattern `random_pattern(rows, cols,
 /// density, 1000 + seed)`, the same one the CPU rows of `kernel-bench` use).
 pub fn bench_case(
@@ -153,7 +126,8 @@ pub fn bench_case(
         .iter()
         .zip(times)
         .map(|((strategy, kernel), us)| {
-            row(
+            BenchResult::measured(
+                "opencl",
                 case,
                 *strategy,
                 &pattern,

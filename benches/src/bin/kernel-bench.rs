@@ -276,36 +276,6 @@ struct CaseOutcome {
     how: String,
 }
 
-fn result(
-    case: &Case,
-    strategy: Strategy,
-    pattern: &Pattern,
-    median_us: f64,
-    compile_ms: f64,
-    selected: bool,
-) -> BenchResult {
-    let secs = median_us * 1e-6;
-    BenchResult {
-        backend: "cpu".into(),
-        strategy: strategy.name().into(),
-        op: case.op.name().into(),
-        rows: case.rows,
-        cols: case.cols,
-        batch: case.batch,
-        density: if pattern.nnz() == case.rows * case.cols {
-            1.0
-        } else {
-            case.density
-        },
-        nnz: pattern.nnz(),
-        median_us,
-        gflops: 2.0 * pattern.nnz() as f64 * case.batch as f64 / secs / 1e9,
-        dense_gflops: 2.0 * case.rows as f64 * case.cols as f64 * case.batch as f64 / secs / 1e9,
-        compile_ms,
-        selected,
-    }
-}
-
 fn bench_case(
     backend: &CpuBackend,
     case: &Case,
@@ -400,7 +370,8 @@ fn bench_case(
                 *compile_ms
             };
             debug_assert_eq!(kernel.strategy(), *strategy);
-            result(
+            BenchResult::measured(
+                "cpu",
                 case,
                 *strategy,
                 &pattern,
@@ -410,7 +381,8 @@ fn bench_case(
             )
         })
         .collect();
-    let gemm = result(
+    let gemm = BenchResult::measured(
+        "cpu",
         case,
         Strategy::Dense,
         &dense_pattern,
