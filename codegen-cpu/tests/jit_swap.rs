@@ -6,7 +6,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use codegen_cpu::jit::JitOptions;
-use codegen_cpu::planner::{self, Features, Plan};
 use codegen_cpu::swap::{background_options, compile_hot, HotKernel, SwapKernel};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use rand::{Rng, SeedableRng};
@@ -14,17 +13,25 @@ use rand_chacha::ChaCha8Rng;
 use sparse_ir::interp::{compare, reference};
 use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
-/// The planner's cost-model choice (what `compile_hot` follows).
-fn predict(backend: &CpuBackend, spec: &KernelSpec) -> Plan {
-    planner::plan(&Features::of(spec, backend.threads(), backend.isa()))
+fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
+    Arc::new(Pattern::random(rows, cols, density, seed).unwrap())
 }
 
-fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    Arc::new(Pattern::from_dense_mask(rows, cols, &mask).unwrap())
+/// A hot-swap kernel for `s` whose background compilation waits until the returned sender
+/// sends (or is dropped).
+fn gated(backend: &CpuBackend, s: &KernelSpec) -> (SwapKernel, mpsc::Sender<()>) {
+    let (release, gate) = mpsc::channel::<()>();
+    let k = SwapKernel::start_with(
+        backend,
+        s,
+        backend.predict(s),
+        background_options(),
+        move || {
+            let _ = gate.recv();
+        },
+    )
+    .unwrap();
+    (k, release)
 }
 
 fn spec(p: &Arc<Pattern>, op: Op, batch: usize, ld: usize) -> KernelSpec {
@@ -141,17 +148,7 @@ fn runs_generic_until_the_jit_code_is_ready_then_jit() {
         for op in OPS {
             for (batch, ld) in [(1, 1), (1, 16), (3, 16), (17, 32)] {
                 let s = spec(p, op, batch, ld);
-                let (release, gate) = mpsc::channel::<()>();
-                let k = SwapKernel::start_with(
-                    &backend,
-                    &s,
-                    predict(&backend, &s),
-                    background_options(),
-                    move || {
-                        let _ = gate.recv();
-                    },
-                )
-                .unwrap();
+                let (k, release) = gated(&backend, &s);
                 assert_eq!(k.active(), Strategy::Generic);
                 assert!(!k.is_swapped() && k.jit_stats().is_none() && k.error().is_none());
                 assert_eq!(sparse_ir::backend::Kernel::strategy(&k), Strategy::Jit);
@@ -180,17 +177,7 @@ fn runs_during_the_swap_are_correct() {
     let p = random_pattern(300, 784, 0.05, 5);
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         let s = spec(&p, op, 1, 16);
-        let (release, gate) = mpsc::channel::<()>();
-        let k = SwapKernel::start_with(
-            &backend,
-            &s,
-            predict(&backend, &s),
-            background_options(),
-            move || {
-                let _ = gate.recv();
-            },
-        )
-        .unwrap();
+        let (k, release) = gated(&backend, &s);
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let cases: Vec<Case> = (0..4).map(|_| Case::new(&s, &mut rng)).collect();
         let seen = std::thread::scope(|scope| {
@@ -236,7 +223,7 @@ fn drop_failure_and_unsupported() {
     let k = SwapKernel::start_with(
         &backend,
         &s,
-        predict(&backend, &s),
+        backend.predict(&s),
         background_options(),
         move || {
             let _ = gate.recv();
@@ -253,7 +240,7 @@ fn drop_failure_and_unsupported() {
         accumulators: 9,
         ..background_options()
     };
-    let k = SwapKernel::start(&backend, &s, predict(&backend, &s), bad).unwrap();
+    let k = SwapKernel::start(&backend, &s, backend.predict(&s), bad).unwrap();
     assert!(!k.wait());
     assert_eq!(k.active(), Strategy::Generic);
     assert!(
@@ -275,14 +262,14 @@ fn drop_failure_and_unsupported() {
     let e = SwapKernel::start(
         &backend,
         &dense,
-        predict(&backend, &dense),
+        backend.predict(&dense),
         background_options(),
     )
     .unwrap_err();
     assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
 
     // a wrong launch is an error before and after the swap, never a crash
-    let k = SwapKernel::start(&backend, &s, predict(&backend, &s), background_options()).unwrap();
+    let k = SwapKernel::start(&backend, &s, backend.predict(&s), background_options()).unwrap();
     for _ in 0..2 {
         let case = Case::new(&s, &mut rng);
         let mut out = vec![0.0; case.out_len];
@@ -310,7 +297,7 @@ fn compile_hot_swaps_where_the_plan_is_jit() {
                 let s = spec(&p, op, batch, ld);
                 for strategy in [Strategy::Auto, Strategy::Generic] {
                     let hot = compile_hot(&backend, &s, strategy).unwrap();
-                    let jit_planned = predict(&backend, &s).strategy == Strategy::Jit;
+                    let jit_planned = backend.predict(&s).strategy == Strategy::Jit;
                     let swapped = matches!(hot, HotKernel::Swap(_));
                     assert_eq!(swapped, strategy == Strategy::Auto && jit_planned, "{s:?}");
                     swaps += usize::from(swapped);
