@@ -22,11 +22,7 @@ fn hot_exec() -> Executor {
 }
 
 fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    Arc::new(Pattern::from_dense_mask(rows, cols, &mask).unwrap())
+    Arc::new(Pattern::random(rows, cols, density, seed).unwrap())
 }
 
 /// Runs `spmm` (bias, ReLU) with `kernel` on random inputs and compares with the interpreter.
