@@ -5,10 +5,26 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use runtime::models::{lenet300_100, lenet5};
-use runtime::{ExecOptions, Executor, Sgd, SgdConfig, Shape, WeightGradMode};
+use runtime::{ExecOptions, Executor, Model, Sgd, SgdConfig, Shape, WeightGradMode};
 
 fn mnist() -> Shape {
     Shape::image(1, 28, 28)
+}
+
+/// Each sparse layer's name and weight shape.
+fn layer_shapes(model: &Model) -> Vec<(String, Vec<usize>)> {
+    model
+        .sparse_layers()
+        .map(|w| (w.name().to_string(), w.shape().to_vec()))
+        .collect()
+}
+
+/// Weights and biases, as PyTorch counts them (the model is built dense).
+fn parameters(model: &Model) -> usize {
+    model
+        .sparse_layers()
+        .map(|w| w.nnz() + w.bias().len())
+        .sum()
 }
 
 #[test]
@@ -16,23 +32,15 @@ fn lenet300_100_layers_and_parameters() {
     let model = lenet300_100(mnist(), 10)
         .build(100, &mut ChaCha8Rng::seed_from_u64(1))
         .unwrap();
-    let layers: Vec<(String, Vec<usize>)> = model
-        .sparse_layers()
-        .map(|w| (w.name().to_string(), w.shape().to_vec()))
-        .collect();
     assert_eq!(
-        layers,
+        layer_shapes(&model),
         [
             ("fc1".to_string(), vec![300, 784]),
             ("fc2".to_string(), vec![100, 300]),
             ("fc3".to_string(), vec![10, 100]),
         ]
     );
-    let params: usize = model
-        .sparse_layers()
-        .map(|w| w.nnz() + w.bias().len())
-        .sum();
-    assert_eq!(params, 266_610, "PyTorch's parameter count");
+    assert_eq!(parameters(&model), 266_610, "PyTorch's parameter count");
     assert_eq!(model.maskable(), 266_200);
     let relu: Vec<bool> = model.sparse_layers().map(|w| w.relu()).collect();
     assert_eq!(relu, [true, true, false], "ReLU fused into fc1 and fc2");
@@ -45,12 +53,8 @@ fn lenet5_layers_and_parameters() {
     let model = lenet5(mnist(), 10)
         .build(4, &mut ChaCha8Rng::seed_from_u64(2))
         .unwrap();
-    let layers: Vec<(String, Vec<usize>)> = model
-        .sparse_layers()
-        .map(|w| (w.name().to_string(), w.shape().to_vec()))
-        .collect();
     assert_eq!(
-        layers,
+        layer_shapes(&model),
         [
             ("conv1".to_string(), vec![20, 1, 5, 5]),
             ("conv2".to_string(), vec![50, 20, 5, 5]),
@@ -58,11 +62,7 @@ fn lenet5_layers_and_parameters() {
             ("fc4".to_string(), vec![10, 500]),
         ]
     );
-    let params: usize = model
-        .sparse_layers()
-        .map(|w| w.nnz() + w.bias().len())
-        .sum();
-    assert_eq!(params, 431_080, "PyTorch's parameter count");
+    assert_eq!(parameters(&model), 431_080, "PyTorch's parameter count");
     let shapes: Vec<Shape> = model.layers().iter().map(|l| l.output_shape()).collect();
     assert_eq!(
         shapes,
