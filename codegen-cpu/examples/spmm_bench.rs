@@ -4,6 +4,7 @@
 //! cargo run --release -p codegen-cpu --example spmm_bench            # spmm cases, 1 thread
 //! cargo run --release -p codegen-cpu --example spmm_bench -- --all   # + ISA levels, 2 threads, other ops, 4096²
 //! cargo run --release -p codegen-cpu --example spmm_bench -- --big   # generic on 4096² and misaligned X only
+//! cargo run --release -p codegen-cpu --example spmm_bench -- --offsets  # 300×784 batch 8, X 0/16/32/48 bytes off a cache line
 //! ```
 //!
 //! Every variant of a case is timed in rounds, interleaved (one sample of each variant per
@@ -205,6 +206,13 @@ fn main() {
         variants.push(("dense 2t".into(), &b2, Strategy::Dense));
     }
     let spmm = Op::SPMM;
+    if std::env::args().any(|a| a == "--offsets") {
+        // Where a buffer starts within a cache line, twice over.
+        for x_offset in [0, 4, 8, 12, 0, 4, 8, 12] {
+            bench_case(spmm, 300, 784, 0.05, 8, &variants[..1], rounds, x_offset);
+        }
+        return;
+    }
     if big {
         bench_case(spmm, 1024, 1024, 0.05, 128, &variants[..1], rounds, 4);
         bench_case(spmm, 4096, 4096, 0.05, 128, &variants[..1], 7, 0);

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sparse_ir::backend::{Backend, CacheKey, Kernel};
-use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy, Transposed};
+use sparse_ir::{
+    AlignedVec, Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy, Transposed,
+};
 use thiserror::Error;
 
 use crate::dense::{self, DenseArgs, DenseKernel};
@@ -432,7 +434,9 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     type Kernel = CpuKernel;
-    type Buffer = Vec<f32>;
+    /// 64-byte aligned ([`AlignedVec`]): rows of a padded `ld` start on cache lines, which
+    /// the vector loads of the generic kernels need to run at full speed.
+    type Buffer = AlignedVec;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -443,15 +447,15 @@ impl Backend for CpuBackend {
         format!("{}x{}", self.isa, self.threads())
     }
 
-    fn alloc(&self, len: usize) -> Result<Vec<f32>, BackendError> {
-        Ok(vec![0.0; len])
+    fn alloc(&self, len: usize) -> Result<AlignedVec, BackendError> {
+        Ok(AlignedVec::zeros(len))
     }
 
-    fn upload(&self, data: &[f32], buffer: &mut Vec<f32>) -> Result<(), BackendError> {
+    fn upload(&self, data: &[f32], buffer: &mut AlignedVec) -> Result<(), BackendError> {
         copy_checked("upload", data, buffer)
     }
 
-    fn download(&self, buffer: &Vec<f32>, out: &mut [f32]) -> Result<(), BackendError> {
+    fn download(&self, buffer: &AlignedVec, out: &mut [f32]) -> Result<(), BackendError> {
         copy_checked("download", buffer, out)
     }
 
@@ -581,21 +585,22 @@ pub(crate) fn interleaved_medians(
     Ok((medians, rounds))
 }
 
-/// Random operands of one spec at one launch shape, for timing.
+/// Random operands of one spec at one launch shape, for timing: 64-byte aligned, as the
+/// runtime's matrices are (a misaligned `X` can be 1.65× slower and would decide the race).
 struct TimingOperands {
-    values: Vec<f32>,
-    x: Vec<f32>,
-    dy: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    out: Vec<f32>,
+    values: AlignedVec,
+    x: AlignedVec,
+    dy: AlignedVec,
+    bias: Option<AlignedVec>,
+    out: AlignedVec,
 }
 
 impl TimingOperands {
     fn new(spec: &KernelSpec, launch: Launch, seed: u64) -> TimingOperands {
         let p = spec.pattern();
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut random = |n: usize| -> Vec<f32> {
-            (0..n)
+        let mut random = |n: usize| -> AlignedVec {
+            let v: Vec<f32> = (0..n)
                 .map(|_| {
                     // xorshift64*: uniform in [-1, 1)
                     state ^= state >> 12;
@@ -604,7 +609,8 @@ impl TimingOperands {
                     let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
                     bits as f32 / (1u64 << 23) as f32 - 1.0
                 })
-                .collect()
+                .collect();
+            AlignedVec::from(v)
         };
         let ld = launch.ld;
         let out_len = match spec.op() {
@@ -618,7 +624,7 @@ impl TimingOperands {
             x: random(p.cols() * ld),
             dy: random(p.rows() * ld),
             bias: matches!(spec.op(), Op::Spmm { bias: true, .. }).then(|| random(p.rows())),
-            out: vec![0.0; out_len],
+            out: AlignedVec::zeros(out_len),
         }
     }
 

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use sparse_ir::AlignedVec;
+
 /// Row strides are padded to a multiple of this many `f32` (64 bytes).
 pub const LD_ALIGN: usize = 16;
 
@@ -28,8 +30,7 @@ pub struct Matrix {
     rows: usize,
     batch: usize,
     ld: usize,
-    buf: Vec<f32>,
-    offset: usize,
+    buf: AlignedVec,
 }
 
 impl fmt::Debug for Matrix {
@@ -51,21 +52,11 @@ impl Matrix {
     /// A zero matrix with an explicit row stride; panics if `ld < batch`.
     pub fn with_ld(rows: usize, batch: usize, ld: usize) -> Self {
         assert!(ld >= batch, "ld {ld} < batch {batch}");
-        let len = rows * ld;
-        // Over-allocate so that the slice can start on a 64-byte boundary.
-        let buf = vec![0.0f32; len + LD_ALIGN];
-        let misalign = (buf.as_ptr() as usize) % 64;
-        let offset = if misalign == 0 {
-            0
-        } else {
-            (64 - misalign) / std::mem::size_of::<f32>()
-        };
         Matrix {
             rows,
             batch,
             ld,
-            buf,
-            offset,
+            buf: AlignedVec::zeros(rows * ld),
         }
     }
 
@@ -99,13 +90,12 @@ impl Matrix {
 
     /// The whole buffer, `rows · ld` elements.
     pub fn as_slice(&self) -> &[f32] {
-        &self.buf[self.offset..self.offset + self.rows * self.ld]
+        &self.buf
     }
 
     /// The whole buffer, mutable.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        let len = self.rows * self.ld;
-        &mut self.buf[self.offset..self.offset + len]
+        &mut self.buf
     }
 
     /// Row `f` including its padding (`ld` elements).
@@ -172,6 +162,8 @@ mod tests {
             let m = Matrix::zeros(rows, 100);
             assert_eq!(m.as_slice().as_ptr() as usize % 64, 0);
             assert_eq!(m.as_slice().len(), rows * 112);
+            // A clone is a new allocation, aligned anew.
+            assert_eq!(m.clone().as_slice().as_ptr() as usize % 64, 0);
         }
         let samples: Vec<f32> = (0..6).map(|v| v as f32).collect();
         let m = Matrix::from_samples(3, 2, &samples);

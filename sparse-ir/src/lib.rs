@@ -8,10 +8,13 @@
 //! - [`backend`]: the contract every backend implements ([`backend::Backend`],
 //!   [`backend::Kernel`], [`Strategy`]) and the argument checks they all share.
 //! - [`interp`]: the reference interpreter, the oracle every backend is tested against.
+//! - [`AlignedVec`]: an `f32` buffer whose rows start on cache lines (what the CPU kernels
+//!   are fastest on).
 //!
 //! Layout (see `CONTRACTS.md`): activations are feature-major `[features × batch]` with row
 //! stride `ld ≥ batch`; weight values are one `f32` array in the pattern's CSR order.
 
+pub mod aligned;
 pub mod backend;
 pub mod interp;
 pub mod mask_io;
@@ -21,6 +24,7 @@ pub mod spec;
 pub mod text;
 pub mod verify;
 
+pub use aligned::AlignedVec;
 pub use backend::{Args, BackendError, Launch, Strategy};
 pub use mask_io::{read_mask, LoadedMask, MaskIoError, NdArray};
 pub use pattern::{Pattern, PatternError, RowChunk, Transposed};
