@@ -20,33 +20,15 @@ use benches::{case_spec, random_pattern, Case, Operands};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sparse_ir::backend::Backend;
-use sparse_ir::{Launch, Op, Pattern, Strategy};
+use sparse_ir::{Launch, Pattern, Strategy};
 
-/// The cases: each op on the three LeNet-300-100 layers at 5 % and batch 1, 8, 100, and
-/// `spmm` on 1024² at batch 128.
+/// The cases: the `quick` suite of `kernel-bench` at 5 % (each op on the three LeNet-300-100
+/// layers at batch 1, 8 and 100, and `spmm` on 1024² at batch 128).
 fn cases() -> Vec<Case> {
-    let mut cases = Vec::new();
-    for op in benches::OPS {
-        for (rows, cols) in [(300, 784), (100, 300), (10, 100)] {
-            for batch in [1, 8, 100] {
-                cases.push(Case {
-                    op,
-                    rows,
-                    cols,
-                    batch,
-                    density: 0.05,
-                });
-            }
-        }
-    }
-    cases.push(Case {
-        op: Op::SPMM,
-        rows: 1024,
-        cols: 1024,
-        batch: 128,
-        density: 0.05,
-    });
-    cases
+    benches::quick_suite()
+        .into_iter()
+        .filter(|c| c.density == 0.05)
+        .collect()
 }
 
 fn kernels(c: &mut Criterion) {
