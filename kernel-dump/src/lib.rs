@@ -139,6 +139,9 @@ pub struct Cli {
     /// confirmation by timing), and no measured line.
     #[arg(long)]
     pub no_measure: bool,
+    /// Threads of the CPU backend whose plan `plan` shows (the training loop's default is 2).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
 }
 
 /// One piece of output: a file name (under `--out`) and its text.
@@ -584,7 +587,7 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
         }
         BackendArg::Cpu => {
             let mut backend = CpuBackend::new(CpuOptions {
-                threads: 1,
+                threads: cli.threads.max(1),
                 isa: None,
             })?;
             if cli.no_measure {

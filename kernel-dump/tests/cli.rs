@@ -39,6 +39,24 @@ fn default_prints_plan_and_stats() {
 }
 
 #[test]
+fn plan_on_two_threads() {
+    let out = ok(&[
+        "--random",
+        "300x784",
+        "--density",
+        "0.2",
+        "--op",
+        "spmm",
+        "--threads",
+        "2",
+        "--no-measure",
+    ]);
+    // the backend's device names its thread count, and the reasons the features
+    assert!(out.contains("backend cpu, ") && out.contains("x2"), "{out}");
+    assert!(out.contains("2 thread(s)"), "{out}");
+}
+
+#[test]
 fn stats_and_plan_of_the_issue_example() {
     let out = ok(&[
         "--random",

@@ -236,7 +236,20 @@ impl Executor {
                     HotKernel::Swap(k) => Imp::Swap(k),
                 }
             }
-            Inner::Cpu(cpu) => Imp::Cpu(cpu.compile(spec, strategy)?),
+            Inner::Cpu(cpu) => {
+                let k = cpu.compile(spec, strategy)?;
+                if strategy == Strategy::Auto {
+                    let plan = k.plan();
+                    tracing::debug!(
+                        layer = spec.layer(),
+                        op = %spec.op(),
+                        strategy = %plan.strategy,
+                        reasons = ?plan.reasons,
+                        "planned"
+                    );
+                }
+                Imp::Cpu(k)
+            }
             #[cfg(feature = "opencl")]
             Inner::OpenCl(ocl) => Imp::OpenCl(Box::new(opencl::HostKernel::new(
                 ocl.clone(),
