@@ -600,17 +600,16 @@ impl TimingOperands {
         let p = spec.pattern();
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut random = |n: usize| -> AlignedVec {
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    // xorshift64*: uniform in [-1, 1)
-                    state ^= state >> 12;
-                    state ^= state << 25;
-                    state ^= state >> 27;
-                    let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
-                    bits as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect();
-            AlignedVec::from(v)
+            let mut v = AlignedVec::zeros(n);
+            for x in v.iter_mut() {
+                // xorshift64*: uniform in [-1, 1)
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+                *x = bits as f32 / (1u64 << 23) as f32 - 1.0;
+            }
+            v
         };
         let ld = launch.ld;
         let out_len = match spec.op() {
