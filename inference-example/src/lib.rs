@@ -8,6 +8,8 @@
 //! activations are `[features × ld]`, sample `b` in column `b`.
 //!
 //! The three kernels hold 13,297 nonzeros; rustc compiles them in seconds (see `RESULTS.md`).
+//! They are generated with `fma = true`: this workspace builds with the `fma` target feature
+//! (`.cargo/config.toml`), so their fused multiply-add version runs.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,7 @@ sparse_kernel! {
     tensor = "fc1.mask",
     values_file = "model/lenet300_5pct.safetensors",
     values_tensor = "fc1.weight",
+    fma = true,
 }
 
 sparse_kernel! {
@@ -32,6 +35,7 @@ sparse_kernel! {
     tensor = "fc2.mask",
     values_file = "model/lenet300_5pct.safetensors",
     values_tensor = "fc2.weight",
+    fma = true,
 }
 
 sparse_kernel! {
@@ -42,6 +46,7 @@ sparse_kernel! {
     tensor = "fc3.mask",
     values_file = "model/lenet300_5pct.safetensors",
     values_tensor = "fc3.weight",
+    fma = true,
 }
 
 /// The model file the kernels were baked from (absolute path, fixed at compile time).

@@ -114,6 +114,9 @@ pub struct Cli {
     /// `spmm` with a ReLU epilogue.
     #[arg(long)]
     pub relu: bool,
+    /// `--emit rust`: also emit the fused multiply-add version (`sparse_kernel!`'s `fma = true`).
+    #[arg(long)]
+    pub fma: bool,
     /// Batch size (repeatable).
     #[arg(long = "batch", default_values_t = [100])]
     pub batches: Vec<usize>,
@@ -560,6 +563,7 @@ pub fn rust_artefact(input: &Input, cli: &Cli) -> Result<Artefact> {
         relu: cli.relu,
         batch,
         values: None,
+        fma: cli.fma,
     })?;
     let file: syn::File = syn::parse2(tokens).context("the generated Rust does not parse")?;
     Ok(Artefact {

@@ -9,14 +9,23 @@
 //!     // mask_file = "model.safetensors", tensor = "fc2.mask",
 //!     // mask = [[0, 1, 0], [1, 0, 1]],
 //!     values_file = "model.safetensors", values_tensor = "fc2.weight",   // optional
+//!     fma = true,                       // optional, needs `std`: see below
 //! }
 //! ```
 //!
 //! expands to the module described in `sparse_ir::rust_emit` (`ROWS`, `COLS`, `NNZ`,
-//! `ROW_PTR`, `COL_IDX`, `run`, and with values `VALUES` and `infer`). The expansion needs
-//! only `core`, and includes the files it read with `include_bytes!` so that the crate is
+//! `ROW_PTR`, `COL_IDX`, `FMA`, `run`, and with values `VALUES` and `infer`). The expansion
+//! needs only `core`, and includes the files it read with `include_bytes!` so that the crate is
 //! rebuilt when they change. Values (`values_file`) are a dense `f32` `[out, in]` tensor;
 //! the entries under the mask become `VALUES` in CSR order.
+//!
+//! `fma = true` adds a version of the arithmetic that fuses each multiply and add
+//! (`f32::mul_add`), compiled instead of the plain one where the using crate is built with the
+//! `fma` target feature (`-C target-feature=+fma`, or a `target-cpu` that has it; this
+//! workspace's `.cargo/config.toml` sets it). Rust has no fused multiply-add in `core` and
+//! never contracts `a * b + c` itself, so this version needs `std`; without the feature the
+//! plain, `core`-only code is compiled. The generated `FMA` constant says which one is in
+//! the binary.
 //!
 //! Every problem is a compile error pointing at the offending token: a ragged or non-0/1
 //! inline mask, a missing or malformed file, an unknown tensor name, a shape mismatch between
@@ -63,6 +72,7 @@ struct KernelArgs {
     tensor: Option<LitStr>,
     values_file: Option<LitStr>,
     values_tensor: Option<LitStr>,
+    fma: bool,
 }
 
 impl Parse for OpArg {
@@ -107,6 +117,7 @@ impl Parse for KernelArgs {
         let mut tensor = None;
         let mut values_file = None;
         let mut values_tensor = None;
+        let mut fma = None;
         while !input.is_empty() {
             let key: Ident = input.parse()?;
             input.parse::<Token![=]>()?;
@@ -168,10 +179,17 @@ impl Parse for KernelArgs {
                     dup(values_tensor.is_some())?;
                     values_tensor = Some(input.parse::<LitStr>()?);
                 }
+                "fma" => {
+                    dup(fma.is_some())?;
+                    let lit: syn::LitBool = input.parse().map_err(|e| {
+                        syn::Error::new(e.span(), "fma must be `true` or `false`")
+                    })?;
+                    fma = Some(lit.value);
+                }
                 other => {
                     return Err(syn::Error::new(
                         key.span(),
-                        format!("unknown argument `{other}`: expected name, op, batch, mask, mask_file, tensor, values_file, values_tensor"),
+                        format!("unknown argument `{other}`: expected name, op, batch, mask, mask_file, tensor, values_file, values_tensor, fma"),
                     ))
                 }
             }
@@ -207,6 +225,7 @@ impl Parse for KernelArgs {
             tensor,
             values_file,
             values_tensor,
+            fma: fma.unwrap_or(false),
         })
     }
 }
@@ -375,6 +394,7 @@ fn expand(args: KernelArgs) -> syn::Result<TokenStream> {
         relu: args.op.relu,
         batch: args.batch,
         values: values.as_deref(),
+        fma: args.fma,
     };
     let module = emit_spmm(&kernel).map_err(|e| syn::Error::new(args.mask_span, e.to_string()))?;
     let includes = tracked.iter().map(|p| {

@@ -134,6 +134,51 @@ sparse_kernel! {
     mask_file = "tests/masks/wide_3x5000.npy",
 }
 
+// `fma = true` versions: the fused code when this crate is built with the `fma` target
+// feature (the workspace's `.cargo/config.toml`), the plain code otherwise.
+sparse_kernel! {
+    name = row_lengths_fma,
+    op = spmm(bias, relu),
+    batch = any,
+    mask = [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1, 1],
+    ],
+    fma = true,
+}
+
+sparse_kernel! {
+    name = fc2_any_fma,
+    op = spmm(bias, relu),
+    batch = any,
+    mask_file = "tests/masks/fc2_100x300_5pct.npy",
+    fma = true,
+}
+
+sparse_kernel! {
+    name = edge_relu_fma,
+    op = spmm(relu),
+    batch = any,
+    mask_file = "tests/masks/edge_7x96.npy",
+    fma = false,
+}
+
+sparse_kernel! {
+    name = conv_infer_fma,
+    op = spmm(bias),
+    batch = any,
+    mask_file = "tests/masks/conv_4x2x3x3.safetensors",
+    tensor = "conv.mask",
+    values_file = "tests/masks/conv_4x2x3x3.safetensors",
+    values_tensor = "conv.weight",
+    fma = true,
+}
+
 fn masks_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/masks")
 }
@@ -525,6 +570,82 @@ fn empty_rows_give_positive_zero() {
 }
 
 #[test]
+fn fused_kernels_match_the_interpreter() {
+    // `FMA` says which arithmetic was compiled: fused exactly where it was asked for and the
+    // target has the feature.
+    const { assert!(!tiny::FMA && !edge_relu_fma::FMA, "not asked for") };
+    assert_eq!(row_lengths_fma::FMA, cfg!(target_feature = "fma"));
+    assert_eq!(conv_infer_fma::FMA, cfg!(target_feature = "fma"));
+    if !row_lengths_fma::FMA {
+        eprintln!(
+            "note: built without the fma target feature (RUSTFLAGS overriding the workspace's \
+             .cargo/config.toml?): the `fma = true` kernels below run their plain code"
+        );
+    }
+    let p = pattern_of(&row_lengths_fma::ROW_PTR, &row_lengths_fma::COL_IDX, 7, 12);
+    let v = values(24, p.nnz());
+    let bias_relu = Op::Spmm {
+        bias: true,
+        relu: true,
+    };
+    for (batch, ld) in SHAPE_CASES {
+        check(
+            p.clone(),
+            bias_relu,
+            &v,
+            runner!(row_lengths_fma, bias),
+            batch,
+            ld,
+            80 + batch as u64,
+        );
+    }
+    let p = pattern_of(&fc2_any_fma::ROW_PTR, &fc2_any_fma::COL_IDX, 100, 300);
+    let v = values(25, p.nnz());
+    for (batch, ld) in [(1, 1), (1, 16), (8, 8), (100, 112)] {
+        check(
+            p.clone(),
+            bias_relu,
+            &v,
+            runner!(fc2_any_fma, bias),
+            batch,
+            ld,
+            90 + ld as u64,
+        );
+    }
+    let p = pattern_of(&edge_relu_fma::ROW_PTR, &edge_relu_fma::COL_IDX, 7, 96);
+    check(
+        p,
+        Op::Spmm {
+            bias: false,
+            relu: true,
+        },
+        &values(26, edge_relu_fma::NNZ),
+        runner!(edge_relu_fma),
+        1,
+        1,
+        27,
+    );
+    let p = pattern_of(&conv_infer_fma::ROW_PTR, &conv_infer_fma::COL_IDX, 4, 18);
+    let infer = |_v: &[f32], x: &[f32], b: Option<&[f32]>, y: &mut [f32], batch, ld| {
+        conv_infer_fma::infer(x, b.unwrap(), y, batch, ld).map_err(|e| e.to_string())
+    };
+    for (batch, ld) in [(1, 1), (1, 3), (9, 9)] {
+        check(
+            p.clone(),
+            Op::Spmm {
+                bias: true,
+                relu: false,
+            },
+            &conv_infer_fma::VALUES,
+            infer,
+            batch,
+            ld,
+            28,
+        );
+    }
+}
+
+#[test]
 fn huge_ld_is_an_error_not_an_overflow() {
     let mut y = [0.0; 4];
     let e = tiny::run(&[1.0; 3], &[0.0; 6], &mut y, 1, usize::MAX / 2).unwrap_err();
@@ -548,5 +669,12 @@ proptest! {
         let p = pattern_of(&row_lengths::ROW_PTR, &row_lengths::COL_IDX, 7, 12);
         let v = values(seed, p.nnz());
         check(p, Op::Spmm { bias: true, relu: true }, &v, runner!(row_lengths, bias), batch, batch + pad, seed ^ 2);
+    }
+
+    #[test]
+    fn fc2_any_fma_batch_and_stride(batch in 1usize..=130, pad in 0usize..20, seed in any::<u64>()) {
+        let p = pattern_of(&fc2_any_fma::ROW_PTR, &fc2_any_fma::COL_IDX, 100, 300);
+        let v = values(seed, p.nnz());
+        check(p, Op::Spmm { bias: true, relu: true }, &v, runner!(fc2_any_fma, bias), batch, batch + pad, seed ^ 3);
     }
 }

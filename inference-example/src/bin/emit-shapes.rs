@@ -33,6 +33,10 @@ struct Cli {
     /// Extra `rustc` flags (e.g. `-C target-cpu=native`), space separated.
     #[arg(long, default_value = "")]
     rustc_flags: String,
+    /// Generate the kernels with `fma = true` (its fused version runs when `--rustc-flags`
+    /// enable the `fma` target feature, e.g. `-C target-feature=+fma`).
+    #[arg(long)]
+    fma: bool,
     /// Milliseconds per timed case.
     #[arg(long, default_value_t = 600)]
     budget_ms: u64,
@@ -52,6 +56,8 @@ fn parse_shape(s: &str) -> Result<CodeShape> {
         block: block.parse().context("block")?,
         unroll_batch1: unroll == "1",
         accumulators: acc.parse().context("accumulators")?,
+        // with `--fma`, the chains of the fused version too
+        fused_accumulators: acc.parse().context("accumulators")?,
         nnz_per_function: per_fn.parse().context("nnz_per_function")?,
         interleave: interleave.parse().context("interleave")?,
         barrier: barrier == "1",
@@ -152,6 +158,7 @@ fn main() -> Result<()> {
                     relu: false,
                     batch: None,
                     values: None,
+                    fma: cli.fma,
                 },
                 &shape,
             )?;

@@ -1,6 +1,8 @@
-//! `macro-bench`: the `sparse_kernel!` kernel against the Cranelift JIT
-//! (`codegen_cpu::jit::JitKernel`) and the generic kernel (`CpuBackend`, `Strategy::Generic`,
-//! one thread) on the LeNet shapes (issue 6, Targets).
+//! `macro-bench`: the `sparse_kernel!` kernel, plain and with `fma = true`, against the
+//! Cranelift JIT (`codegen_cpu::jit::JitKernel`) and the generic kernel (`CpuBackend`,
+//! `Strategy::Generic`, one thread) on the LeNet shapes (issue 6, Targets). The fused version
+//! runs when the binary is built with the `fma` target feature, as this workspace's
+//! `.cargo/config.toml` does; the header line says which one ran.
 //!
 //! Two sets of patterns:
 //! - `random5`: two random 5 % masks committed as `model/bench/*.npy` (made by
@@ -10,7 +12,7 @@
 //! - `trained`: fc1 and fc2 of the exported model (fc1 3.8 %, fc2 11.7 % after training),
 //!   `spmm(bias, relu)`, the macro kernel with its weights baked in.
 //!
-//! Every competitor's output is first checked against `sparse_ir::interp`; then all three are
+//! Every competitor's output is first checked against `sparse_ir::interp`; then all four are
 //! timed interleaved round by round (`benches::interleaved_medians`) and the medians reported.
 
 use std::sync::Arc;
@@ -39,6 +41,43 @@ sparse_kernel! {
     mask_file = "model/bench/fc2_100x300_5pct.npy",
 }
 
+sparse_kernel! {
+    name = rand_fc1_fma,
+    op = spmm,
+    batch = any,
+    mask_file = "model/bench/fc1_300x784_5pct.npy",
+    fma = true,
+}
+
+sparse_kernel! {
+    name = rand_fc2_fma,
+    op = spmm,
+    batch = any,
+    mask_file = "model/bench/fc2_100x300_5pct.npy",
+    fma = true,
+}
+
+// The plain versions of the library's baked kernels (which are generated with `fma = true`).
+sparse_kernel! {
+    name = plain_fc1,
+    op = spmm(bias, relu),
+    batch = any,
+    mask_file = "model/lenet300_5pct.safetensors",
+    tensor = "fc1.mask",
+    values_file = "model/lenet300_5pct.safetensors",
+    values_tensor = "fc1.weight",
+}
+
+sparse_kernel! {
+    name = plain_fc2,
+    op = spmm(bias, relu),
+    batch = any,
+    mask_file = "model/lenet300_5pct.safetensors",
+    tensor = "fc2.mask",
+    values_file = "model/lenet300_5pct.safetensors",
+    values_tensor = "fc2.weight",
+}
+
 /// Macro kernel vs JIT vs generic on the LeNet layer shapes.
 #[derive(Parser)]
 struct Cli {
@@ -60,7 +99,10 @@ struct Case<'a> {
     op: Op,
     /// Values the macro kernel uses (baked ones for the trained layers).
     values: Vec<f32>,
-    run_macro: MacroFn<'a>,
+    /// The kernel generated without `fma`.
+    run_plain: MacroFn<'a>,
+    /// The kernel generated with `fma = true`.
+    run_fused: MacroFn<'a>,
 }
 
 fn pattern_of(rows: usize, cols: usize, row_ptr: &[u32], col_idx: &[u32]) -> Result<Arc<Pattern>> {
@@ -117,10 +159,12 @@ fn bench(
         },
     )?;
     let mut y_macro = vec![0.0; p.rows() * ld];
+    let mut y_fused = vec![0.0; p.rows() * ld];
     let mut y_jit = vec![0.0; p.rows() * ld];
     let mut y_gen = vec![0.0; p.rows() * ld];
     let launch = Launch::new(batch, ld);
-    (case.run_macro)(values, &x, &bias, &mut y_macro, batch, ld).map_err(macro_err)?;
+    (case.run_plain)(values, &x, &bias, &mut y_macro, batch, ld).map_err(macro_err)?;
+    (case.run_fused)(values, &x, &bias, &mut y_fused, batch, ld).map_err(macro_err)?;
     jit.run(
         launch,
         Args::Spmm {
@@ -139,14 +183,21 @@ fn bench(
             y: &mut y_gen,
         },
     )?;
-    for (name, y) in [("macro", &y_macro), ("jit", &y_jit), ("generic", &y_gen)] {
+    for (name, y) in [
+        ("macro", &y_macro),
+        ("macro fma", &y_fused),
+        ("jit", &y_jit),
+        ("generic", &y_gen),
+    ] {
         interp::compare(&reference, y, ld).map_err(|m| {
             anyhow::anyhow!("{} {name} disagrees with the interpreter: {m}", case.label)
         })?;
     }
 
     let mut run_macro =
-        || (case.run_macro)(values, &x, &bias, &mut y_macro, batch, ld).map_err(macro_err);
+        || (case.run_plain)(values, &x, &bias, &mut y_macro, batch, ld).map_err(macro_err);
+    let mut run_fused =
+        || (case.run_fused)(values, &x, &bias, &mut y_fused, batch, ld).map_err(macro_err);
     let mut run_jit = || {
         jit.run(
             launch,
@@ -169,11 +220,11 @@ fn bench(
             },
         )
     };
-    let mut competitors: [&mut dyn FnMut() -> Result<(), BackendError>; 3] =
-        [&mut run_macro, &mut run_jit, &mut run_gen];
+    let mut competitors: [&mut dyn FnMut() -> Result<(), BackendError>; 4] =
+        [&mut run_macro, &mut run_fused, &mut run_jit, &mut run_gen];
     let m = interleaved_medians(&mut competitors, Duration::from_micros(500), budget, 9)?;
     println!(
-        "{:<8} {:>3}x{:<3} nnz {:>5} ({:>5.2} %) b={:<3} ld={:<3} | macro {:>8.2} us  jit {:>8.2} us  generic {:>8.2} us | generic/macro {:>5.2}x  jit/macro {:>5.2}x",
+        "{:<8} {:>3}x{:<3} nnz {:>5} ({:>5.2} %) b={:<3} ld={:<3} | macro {:>8.2} us  fma {:>8.2} us  jit {:>8.2} us  generic {:>8.2} us | generic/fma {:>5.2}x  jit/fma {:>5.2}x  macro/fma {:>5.2}x",
         case.label,
         p.rows(),
         p.cols(),
@@ -184,8 +235,10 @@ fn bench(
         m[0],
         m[1],
         m[2],
-        m[2] / m[0],
-        m[1] / m[0]
+        m[3],
+        m[3] / m[1],
+        m[2] / m[1],
+        m[0] / m[1]
     );
     Ok(())
 }
@@ -195,9 +248,14 @@ fn main() -> Result<()> {
     let budget = Duration::from_millis(cli.budget_ms);
     let backend = CpuBackend::new(CpuOptions::default())?;
     println!(
-        "generic: CpuBackend ISA {:?}, {} thread(s); JIT: JitKernel::compile defaults; macro: sparse_kernel! batch = any",
+        "generic: CpuBackend ISA {:?}, {} thread(s); JIT: JitKernel::compile defaults; macro: sparse_kernel! batch = any; fma: the same with `fma = true` ({})",
         backend.isa(),
-        backend.threads()
+        backend.threads(),
+        if rand_fc2_fma::FMA {
+            "fused: built with the fma target feature"
+        } else {
+            "built without the fma target feature, so the plain code: see .cargo/config.toml"
+        }
     );
 
     use inference_example::{fc1, fc2};
@@ -207,10 +265,22 @@ fn main() -> Result<()> {
     let rand2 = |v: &[f32], x: &[f32], _b: &[f32], y: &mut [f32], batch, ld| {
         rand_fc2::run(v, x, y, batch, ld).map_err(|e| e.to_string())
     };
+    let rand1_fma = |v: &[f32], x: &[f32], _b: &[f32], y: &mut [f32], batch, ld| {
+        rand_fc1_fma::run(v, x, y, batch, ld).map_err(|e| e.to_string())
+    };
+    let rand2_fma = |v: &[f32], x: &[f32], _b: &[f32], y: &mut [f32], batch, ld| {
+        rand_fc2_fma::run(v, x, y, batch, ld).map_err(|e| e.to_string())
+    };
     let trained1 = |_v: &[f32], x: &[f32], b: &[f32], y: &mut [f32], batch, ld| {
-        fc1::infer(x, b, y, batch, ld).map_err(|e| e.to_string())
+        plain_fc1::infer(x, b, y, batch, ld).map_err(|e| e.to_string())
     };
     let trained2 = |_v: &[f32], x: &[f32], b: &[f32], y: &mut [f32], batch, ld| {
+        plain_fc2::infer(x, b, y, batch, ld).map_err(|e| e.to_string())
+    };
+    let trained1_fma = |_v: &[f32], x: &[f32], b: &[f32], y: &mut [f32], batch, ld| {
+        fc1::infer(x, b, y, batch, ld).map_err(|e| e.to_string())
+    };
+    let trained2_fma = |_v: &[f32], x: &[f32], b: &[f32], y: &mut [f32], batch, ld| {
         fc2::infer(x, b, y, batch, ld).map_err(|e| e.to_string())
     };
     let bias_relu = Op::Spmm {
@@ -228,7 +298,8 @@ fn main() -> Result<()> {
             )?,
             op: Op::SPMM,
             values: random_values(rand_fc1::NNZ, 1),
-            run_macro: &rand1,
+            run_plain: &rand1,
+            run_fused: &rand1_fma,
         },
         Case {
             label: "random5",
@@ -240,21 +311,24 @@ fn main() -> Result<()> {
             )?,
             op: Op::SPMM,
             values: random_values(rand_fc2::NNZ, 2),
-            run_macro: &rand2,
+            run_plain: &rand2,
+            run_fused: &rand2_fma,
         },
         Case {
             label: "trained",
             pattern: pattern_of(fc1::ROWS, fc1::COLS, &fc1::ROW_PTR, &fc1::COL_IDX)?,
             op: bias_relu,
             values: fc1::VALUES.to_vec(),
-            run_macro: &trained1,
+            run_plain: &trained1,
+            run_fused: &trained1_fma,
         },
         Case {
             label: "trained",
             pattern: pattern_of(fc2::ROWS, fc2::COLS, &fc2::ROW_PTR, &fc2::COL_IDX)?,
             op: bias_relu,
             values: fc2::VALUES.to_vec(),
-            run_macro: &trained2,
+            run_plain: &trained2,
+            run_fused: &trained2_fma,
         },
     ];
     for &batch in &cli.batches {
