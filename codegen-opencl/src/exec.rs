@@ -21,7 +21,7 @@ use sparse_ir::{KernelSpec, Op, Strategy};
 
 use crate::device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, DEVICE_ENV};
 use crate::emit::{csr_library, emit, EmitOptions, KernelArg, KernelEntry, Operand};
-use crate::plan::plan;
+use crate::plan::{plan, KernelLifetime};
 
 /// `CL_PLATFORM_NOT_FOUND_KHR`: what the ICD loader returns when no platform is installed.
 const CL_PLATFORM_NOT_FOUND_KHR: i32 = -1001;
@@ -226,6 +226,8 @@ struct Inner {
     /// Compiled kernels by cache key; weak for the same reason.
     kernels: Mutex<HashMap<CacheKey, Weak<Compiled>>>,
     stats: Mutex<Stats>,
+    /// How long the kernels `Auto` plans will run before their pattern changes.
+    lifetime: Mutex<KernelLifetime>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -311,6 +313,7 @@ impl OpenClBackend {
                 csr_hash: xxhash_rust::xxh3::xxh3_64(csr_library(&info.profile()).as_bytes()),
                 kernels: Mutex::new(HashMap::new()),
                 stats: Mutex::new(Stats::default()),
+                lifetime: Mutex::new(KernelLifetime::default()),
             }),
         })
     }
@@ -339,9 +342,28 @@ impl OpenClBackend {
         self.inner.opts
     }
 
-    /// What `Auto` means for `spec` on this device, and why.
+    /// What `Auto` means for `spec` on this device, and why (for kernels that live as long
+    /// as [`OpenClBackend::kernel_lifetime`] says).
     pub fn plan(&self, spec: &KernelSpec) -> crate::plan::Plan {
-        plan(spec, &self.inner.profile, &self.inner.opts)
+        plan(
+            spec,
+            &self.inner.profile,
+            &self.inner.opts,
+            self.kernel_lifetime(),
+        )
+    }
+
+    /// How long the kernels that `Auto` plans from now on will run before their pattern
+    /// changes ([`KernelLifetime::Lasting`] by default: the fastest kernel). Training sets
+    /// the steps between mask updates, so that a CPU device does not build a program per
+    /// pattern that an epoch cannot repay. Shared by every clone of this backend.
+    pub fn set_kernel_lifetime(&self, lifetime: KernelLifetime) {
+        *lock(&self.inner.lifetime) = lifetime;
+    }
+
+    /// The lifetime the planner assumes ([`OpenClBackend::set_kernel_lifetime`]).
+    pub fn kernel_lifetime(&self) -> KernelLifetime {
+        *lock(&self.inner.lifetime)
     }
 
     /// Counters since the backend was created.

@@ -22,7 +22,7 @@ mod exec;
 
 pub use device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, WorkGroups, DEVICE_ENV};
 pub use emit::{emit, EmitOptions, Emitted};
-pub use plan::{plan, Plan};
+pub use plan::{plan, KernelLifetime, Plan};
 
 #[cfg(feature = "opencl")]
 pub use exec::{probe, CompileReport, DeviceBuffer, OpenClBackend, OpenClKernel, Stats};

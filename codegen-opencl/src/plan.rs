@@ -1,6 +1,12 @@
 //! The planner: which strategy `Auto` means for a spec on a device, and why.
+//!
+//! A specialised kernel (`table`, `unrolled`) costs a program build per pattern, and on PoCL
+//! that build takes 0.2–2.4 s (`kernel-bench --backend opencl`, compile column), so whether
+//! it pays depends on how often the kernel runs before its pattern changes:
+//! [`KernelLifetime`]. Training with sparse momentum changes every pattern after each epoch;
+//! inference and benchmarks keep them.
 
-use sparse_ir::{KernelSpec, Op, Strategy};
+use sparse_ir::{Dim, KernelSpec, Op, Strategy};
 
 use crate::device::{DeviceKind, DeviceProfile};
 use crate::emit::{emit, EmitOptions};
@@ -14,16 +20,53 @@ pub struct Plan {
     pub reason: String,
 }
 
-/// Chooses the strategy for `spec` on a device.
+/// How many times a compiled kernel runs before its pattern changes: what a build for one
+/// pattern has to pay for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KernelLifetime {
+    /// Until the program ends (inference, benchmarks): the planner picks the fastest kernel.
+    #[default]
+    Lasting,
+    /// About this many launches (training: the steps between two mask updates).
+    Launches(u64),
+}
+
+/// The largest pattern for which the planner picks `unrolled` on a CPU device: PoCL builds
+/// straight-line code slowly (1.7–2.4 s for 1,500 nonzeros of `spmm`, about 35 s for 11,700).
+pub const CPU_UNROLLED_MAX_NNZ: usize = 4_000;
+
+/// The batch up to which specialised kernels beat `csr` on a CPU device. Measured on PoCL
+/// (`kernel-bench --backend opencl --suite quick`, device time): `unrolled` `spmm`/`spmm_t`
+/// 1.4–4.2× `csr` at batch 1 and 8, 0.4–1.3× at batch 100; `table` `sddmm` 1.2–3.2× at
+/// batch 1 and 8, 0.95–1.07× at batch 100; `table` `spmm`/`spmm_t` within noise of `csr`
+/// everywhere.
+pub const CPU_SPECIALISED_MAX_BATCH: usize = 8;
+
+/// The fewest launches per pattern for which a CPU device builds specialised kernels. The
+/// largest saving measured on PoCL was 15 µs a launch (`sddmm` 300×784 at batch 1: `table`
+/// 8.9 µs against `csr` 23.6 µs), which repays a 0.2 s build after about 14,000 launches;
+/// the other savings are 1–5 µs against builds of up to 2.4 s.
+pub const CPU_MIN_LAUNCHES_TO_BUILD: u64 = 20_000;
+
+/// Chooses the strategy for `spec` on a device, for kernels that run `lifetime` long.
 ///
 /// - `dense_grad` reads no pattern: `csr`, the generic kernel built once per device.
-/// - A CPU device (PoCL): `csr`. Measured on PoCL, the `table` kernel runs at the speed of
-///   the generic one (the index loads are not the bottleneck on a CPU) and costs a build per
-///   pattern, and `unrolled` code takes seconds to minutes to build.
+/// - A CPU device (PoCL): `csr` when the kernel runs fewer than
+///   [`CPU_MIN_LAUNCHES_TO_BUILD`] times per pattern (no build per pattern). Otherwise, at a
+///   batch of at most [`CPU_SPECIALISED_MAX_BATCH`]: `unrolled` for `spmm`/`spmm_t` up to
+///   [`CPU_UNROLLED_MAX_NNZ`] nonzeros, `table` for `sddmm`; `csr` elsewhere (at larger
+///   batches the specialised kernels run like `csr` or slower, and an unknown batch is
+///   treated as large).
 /// - A GPU: `table` when the pattern fits the constant buffer in at most
 ///   `table_max_programs` programs (every work-item of a warp reads the same table entry, a
-///   broadcast from the constant cache), `csr` otherwise.
-pub fn plan(spec: &KernelSpec, profile: &DeviceProfile, opts: &EmitOptions) -> Plan {
+///   broadcast from the constant cache), `csr` otherwise. Not yet measured on a GPU; the
+///   lifetime does not change it.
+pub fn plan(
+    spec: &KernelSpec,
+    profile: &DeviceProfile,
+    opts: &EmitOptions,
+    lifetime: KernelLifetime,
+) -> Plan {
     if spec.op() == Op::DenseGrad {
         return Plan {
             strategy: Strategy::Csr,
@@ -31,12 +74,7 @@ pub fn plan(spec: &KernelSpec, profile: &DeviceProfile, opts: &EmitOptions) -> P
         };
     }
     if profile.kind == DeviceKind::Cpu {
-        return Plan {
-            strategy: Strategy::Csr,
-            reason: "CPU device: table runs like csr there and unrolled builds for seconds to \
-                     minutes, so the generic kernel (no build per pattern)"
-                .into(),
-        };
+        return plan_cpu(spec, profile, opts, lifetime);
     }
     match emit(spec, Strategy::Table, profile, opts) {
         Ok(e) => Plan {
@@ -54,14 +92,75 @@ pub fn plan(spec: &KernelSpec, profile: &DeviceProfile, opts: &EmitOptions) -> P
     }
 }
 
+fn plan_cpu(
+    spec: &KernelSpec,
+    profile: &DeviceProfile,
+    opts: &EmitOptions,
+    lifetime: KernelLifetime,
+) -> Plan {
+    let csr = |reason: String| Plan {
+        strategy: Strategy::Csr,
+        reason,
+    };
+    if let KernelLifetime::Launches(n) = lifetime {
+        if n < CPU_MIN_LAUNCHES_TO_BUILD {
+            return csr(format!(
+                "CPU device, about {n} launches per pattern: a build per pattern (0.2–2.4 s on \
+                 PoCL) needs at least {CPU_MIN_LAUNCHES_TO_BUILD} to pay off, so the generic \
+                 kernel"
+            ));
+        }
+    }
+    let batch = match spec.batch() {
+        Dim::Fixed(b) if b <= CPU_SPECIALISED_MAX_BATCH => b,
+        Dim::Fixed(b) => {
+            return csr(format!(
+                "CPU device, batch {b} > {CPU_SPECIALISED_MAX_BATCH}: specialised kernels run \
+                 like the generic one or slower there"
+            ))
+        }
+        Dim::Any => {
+            return csr("CPU device, batch chosen at run time: the generic kernel".into());
+        }
+    };
+    let nnz = spec.pattern().nnz();
+    let candidate = match spec.op() {
+        Op::Spmm { .. } | Op::SpmmT if nnz <= CPU_UNROLLED_MAX_NNZ => Strategy::Unrolled,
+        Op::Spmm { .. } | Op::SpmmT => {
+            return csr(format!(
+                "CPU device, {nnz} nonzeros > {CPU_UNROLLED_MAX_NNZ}: unrolled would build for \
+                 many seconds, and table runs like the generic kernel"
+            ))
+        }
+        Op::Sddmm => Strategy::Table,
+        Op::DenseGrad => unreachable!("handled by plan"),
+    };
+    match emit(spec, candidate, profile, opts) {
+        Ok(_) => Plan {
+            strategy: candidate,
+            reason: format!(
+                "CPU device, batch {batch}, {nnz} nonzeros, the kernel outlives its build: \
+                 {candidate} beats the generic kernel there"
+            ),
+        },
+        Err(err) => csr(format!(
+            "CPU device: {candidate} cannot be emitted ({err}), so the generic kernel"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sparse_ir::{Dim, Pattern};
+    use sparse_ir::Pattern;
     use std::sync::Arc;
 
     fn spec(op: Op, p: Pattern) -> KernelSpec {
         KernelSpec::new("fc1", op, Arc::new(p), Dim::Fixed(4), Dim::Fixed(4)).unwrap()
+    }
+
+    fn spec_b(op: Op, p: Pattern, batch: Dim) -> KernelSpec {
+        KernelSpec::new("fc1", op, Arc::new(p), batch, Dim::Any).unwrap()
     }
 
     #[test]
@@ -70,14 +169,15 @@ mod tests {
         let gpu = DeviceProfile::nvidia_gpu();
         let cpu = DeviceProfile::pocl_cpu();
         let opts = EmitOptions::default();
-        let p = plan(&spec(Op::DenseGrad, small.clone()), &gpu, &opts);
+        let lasting = KernelLifetime::Lasting;
+        let p = plan(&spec(Op::DenseGrad, small.clone()), &gpu, &opts, lasting);
         assert_eq!(p.strategy, Strategy::Csr);
         assert!(p.reason.contains("reads no pattern"), "{}", p.reason);
-        let p = plan(&spec(Op::SPMM, small.clone()), &gpu, &opts);
+        let p = plan(&spec(Op::SPMM, small.clone()), &gpu, &opts, lasting);
         assert_eq!(p.strategy, Strategy::Table);
         assert!(p.reason.contains("1 constant table"), "{}", p.reason);
-        let p = plan(&spec(Op::SPMM, small.clone()), &cpu, &opts);
-        assert_eq!(p.strategy, Strategy::Csr);
+        let p = plan(&spec(Op::SPMM, small.clone()), &cpu, &opts, lasting);
+        assert_eq!(p.strategy, Strategy::Unrolled);
         assert!(p.reason.contains("CPU"), "{}", p.reason);
         // a dense 300 x 300 row of 300 nonzeros fits, but with table_max_programs = 1 the
         // whole 90 000-nonzero pattern does not
@@ -86,8 +186,61 @@ mod tests {
             table_max_programs: 1,
             ..opts
         };
-        let p = plan(&spec(Op::SpmmT, big), &gpu, &tight);
+        let p = plan(&spec(Op::SpmmT, big), &gpu, &tight, lasting);
         assert_eq!(p.strategy, Strategy::Csr);
         assert!(p.reason.contains("table_max_programs = 1"), "{}", p.reason);
+    }
+
+    #[test]
+    fn cpu_devices_build_per_pattern_only_where_the_kernel_outlives_the_build() {
+        let cpu = DeviceProfile::pocl_cpu();
+        let opts = EmitOptions::default();
+        let lasting = KernelLifetime::Lasting;
+        let small = Pattern::random(100, 300, 0.05, 1).unwrap();
+        let large = Pattern::random(300, 784, 0.05, 2).unwrap();
+        assert!(small.nnz() <= CPU_UNROLLED_MAX_NNZ && large.nnz() > CPU_UNROLLED_MAX_NNZ);
+        let pick = |op: Op, p: &Pattern, batch: Dim, lifetime: KernelLifetime| {
+            plan(&spec_b(op, p.clone(), batch), &cpu, &opts, lifetime).strategy
+        };
+        // small batches of long-lived kernels: the specialised kernels that measured faster
+        for b in [1, 8] {
+            let b = Dim::Fixed(b);
+            assert_eq!(pick(Op::SPMM, &small, b, lasting), Strategy::Unrolled);
+            assert_eq!(pick(Op::SpmmT, &small, b, lasting), Strategy::Unrolled);
+            assert_eq!(pick(Op::Sddmm, &small, b, lasting), Strategy::Table);
+            assert_eq!(pick(Op::Sddmm, &large, b, lasting), Strategy::Table);
+            assert_eq!(pick(Op::SPMM, &large, b, lasting), Strategy::Csr);
+            assert_eq!(pick(Op::DenseGrad, &small, b, lasting), Strategy::Csr);
+        }
+        // large or unknown batches: the generic kernel
+        for b in [Dim::Fixed(9), Dim::Fixed(100), Dim::Any] {
+            for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+                assert_eq!(pick(op, &small, b, lasting), Strategy::Csr, "{op} {b:?}");
+            }
+        }
+        // training: an epoch of launches does not repay a build on PoCL
+        let epoch = KernelLifetime::Launches(600);
+        for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
+            assert_eq!(pick(op, &small, Dim::Fixed(1), epoch), Strategy::Csr);
+        }
+        let p = plan(
+            &spec_b(Op::Sddmm, small.clone(), Dim::Fixed(1)),
+            &cpu,
+            &opts,
+            epoch,
+        );
+        assert!(p.reason.contains("about 600 launches"), "{}", p.reason);
+        let many = KernelLifetime::Launches(CPU_MIN_LAUNCHES_TO_BUILD);
+        assert_eq!(
+            pick(Op::Sddmm, &small, Dim::Fixed(1), many),
+            Strategy::Table
+        );
+        // a GPU's plan does not depend on the lifetime
+        let gpu = DeviceProfile::nvidia_gpu();
+        let s = spec_b(Op::SPMM, small, Dim::Fixed(100));
+        assert_eq!(
+            plan(&s, &gpu, &opts, epoch).strategy,
+            plan(&s, &gpu, &opts, lasting).strategy
+        );
     }
 }

@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use codegen_cpu::jit::{JitKernel, JitOptions};
 use codegen_cpu::{CpuBackend, CpuOptions, PlanTiming};
-use codegen_opencl::{DeviceProfile, EmitOptions};
+use codegen_opencl::{DeviceProfile, EmitOptions, KernelLifetime};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::rust_emit::{emit_spmm, RustKernel};
 use sparse_ir::text::Module;
@@ -538,7 +538,9 @@ fn opencl_artefacts(cli: &Cli, _input: &Input, specs: &[KernelSpec]) -> Result<V
     for spec in specs {
         let strategy = match cli.strategy {
             Strategy::Csr | Strategy::Table | Strategy::Unrolled => cli.strategy,
-            _ => codegen_opencl::plan::plan(spec, &profile, &opts).strategy,
+            _ => {
+                codegen_opencl::plan::plan(spec, &profile, &opts, KernelLifetime::Lasting).strategy
+            }
         };
         let emitted = codegen_opencl::emit::emit(spec, strategy, &profile, &opts)?;
         out.push(Artefact {
@@ -578,7 +580,12 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
         BackendArg::Opencl => {
             let profile = cl_profile(cli);
             for spec in specs {
-                let plan = codegen_opencl::plan::plan(spec, &profile, &EmitOptions::default());
+                let plan = codegen_opencl::plan::plan(
+                    spec,
+                    &profile,
+                    &EmitOptions::default(),
+                    KernelLifetime::Lasting,
+                );
                 let _ = writeln!(
                     text,
                     "{} batch {}: {} ({})",
@@ -773,7 +780,12 @@ pub fn stats_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<Stri
     } else {
         let profile = cl_profile(cli);
         for spec in specs {
-            let plan = codegen_opencl::plan::plan(spec, &profile, &EmitOptions::default());
+            let plan = codegen_opencl::plan::plan(
+                spec,
+                &profile,
+                &EmitOptions::default(),
+                KernelLifetime::Lasting,
+            );
             let emitted =
                 codegen_opencl::emit::emit(spec, plan.strategy, &profile, &EmitOptions::default())?;
             let _ = writeln!(

@@ -81,6 +81,11 @@ pub struct ExecOptions {
     /// ([`PlanTiming`]); off, plans come from the cost model alone and do not depend on the
     /// machine's load (`--deterministic`).
     pub plan_timing: bool,
+    /// About how many times each kernel runs before its pattern changes (training: the steps
+    /// between mask updates), or `None` when patterns last (inference, fixed masks). The
+    /// OpenCL planner builds per-pattern programs only where they repay their build
+    /// (`codegen_opencl::KernelLifetime`); the CPU backend does not use it.
+    pub launches_per_pattern: Option<u64>,
 }
 
 impl Default for ExecOptions {
@@ -90,6 +95,7 @@ impl Default for ExecOptions {
             threads: 1,
             hot_swap: false,
             plan_timing: true,
+            launches_per_pattern: None,
         }
     }
 }
@@ -176,6 +182,10 @@ impl Executor {
             ),
             e => RuntimeError::Config(format!("backend opencl: {e}")),
         })?;
+        backend.set_kernel_lifetime(match options.launches_per_pattern {
+            Some(n) => codegen_opencl::KernelLifetime::Launches(n),
+            None => codegen_opencl::KernelLifetime::Lasting,
+        });
         tracing::info!(device = %backend.device(), "OpenCL backend");
         Ok(Executor {
             options,

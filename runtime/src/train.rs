@@ -389,6 +389,9 @@ impl Trainer {
             hot_swap: config.hot_swap && !config.deterministic,
             // With --deterministic the plan must not depend on timing either.
             plan_timing: !config.deterministic,
+            // Sparse masks change after every epoch; a dense run keeps its patterns.
+            launches_per_pattern: (config.density < 1.0)
+                .then(|| steps_per_epoch(&data, config.batch_size)),
         })?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
         let model = config
