@@ -53,8 +53,8 @@
 //! chains per row and without the `black_box` on `x`, which measured slower once the
 //! products are fused), the plain code otherwise. `FMA` in the
 //! module says which one was compiled. Measured with `macro-bench` (built with
-//! `-C target-feature=+fma`), random 5 % 100×300 at batch 1: 0.35 µs against the plain
-//! code's 0.46 µs; see `inference-example/RESULTS.md`.
+//! `-C target-feature=+fma`), random 5 % 100×300 at batch 1: 0.34–0.35 µs against the
+//! plain code's 0.48 µs; see `inference-example/RESULTS.md`.
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::quote;
@@ -392,17 +392,10 @@ pub fn emit_spmm_with(
                     ));
                 }
                 let cfg = arith.cfg();
-                // With fused products the values' loads are kept as loads: baked `VALUES`
-                // would otherwise be folded into constants and re-packed into vectors.
-                let values_fence = match arith {
-                    Arith::Fused => quote!(let v = core::hint::black_box(v);),
-                    Arith::Plain | Arith::PlainOnly => quote!(),
-                };
                 fns.push(quote! {
                     #cfg
                     #[inline(never)]
                     fn #f(v: &[f32; NNZ], x: &[f32; COLS], #bias_fn_param y: &mut [f32], ld: usize) {
-                        #values_fence
                         #(#body)*
                     }
                 });
