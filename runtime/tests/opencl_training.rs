@@ -296,3 +296,50 @@ fn opencl_training_matches_cpu() {
         Some("table")
     );
 }
+
+/// Training tells the planner how often a kernel runs before its pattern changes (20 steps
+/// an epoch here), so a CPU device builds no program per pattern even at batch 4, where a
+/// kernel that lasts would be `unrolled` or `table`: every kernel is the generic `csr` one.
+#[test]
+fn training_builds_no_program_per_pattern_on_a_cpu_device() {
+    if !have_platform() {
+        return;
+    }
+    let config = TrainConfig {
+        epochs: 1,
+        seed: 17,
+        batch_size: 4,
+        backend: BackendKind::OpenCl,
+        strategy: Strategy::Auto,
+        train_limit: Some(80),
+        eval_limit: Some(40),
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(config, mnist()).unwrap();
+    let cpu_device = codegen_opencl::OpenClBackend::preferred()
+        .unwrap()
+        .info()
+        .kind
+        == codegen_opencl::DeviceKind::Cpu;
+    let stop = AtomicBool::new(false);
+    let mut layers = Vec::new();
+    t.run(&stop, &mut |_| {}, &mut |_, m| {
+        layers = m.layers.clone();
+        Ok(())
+    })
+    .unwrap();
+    assert!(!layers.is_empty());
+    if !cpu_device {
+        let _ = std::io::stderr().write_all(b"note: not a CPU OpenCL device; plans not checked\n");
+        return;
+    }
+    for l in &layers {
+        for (op, s) in &l.strategies {
+            assert_eq!(
+                s, "csr",
+                "layer {} {op}: a per-pattern build for 20 launches",
+                l.name
+            );
+        }
+    }
+}
