@@ -133,7 +133,7 @@ fn plan_cpu(
             ))
         }
         Op::Sddmm => Strategy::Table,
-        Op::DenseGrad => unreachable!("handled by plan"),
+        Op::DenseGrad => return csr("dense_grad reads no pattern: the generic kernel".into()),
     };
     match emit(spec, candidate, profile, opts) {
         Ok(_) => Plan {

@@ -376,21 +376,16 @@ pub fn emit_spmm_with(
             let f = Ident::new(&format!("b1_{g}"), Span::call_site());
             let rows: Vec<usize> = chunk.rows.clone().collect();
             for arith in Arith::variants(kernel.fma) {
-                let mut body = Vec::new();
-                for group in rows.chunks(shape.interleave) {
-                    let accumulators = match arith {
-                        Arith::Fused => shape.fused_accumulators,
-                        Arith::Plain | Arith::PlainOnly => shape.accumulators,
-                    };
-                    body.push(batch1_rows(
-                        p,
-                        group,
-                        accumulators,
-                        kernel.bias,
-                        shape.barrier,
-                        arith,
-                    ));
-                }
+                let accumulators = match arith {
+                    Arith::Fused => shape.fused_accumulators,
+                    Arith::Plain | Arith::PlainOnly => shape.accumulators,
+                };
+                let body: Vec<TokenStream> = rows
+                    .chunks(shape.interleave)
+                    .map(|group| {
+                        batch1_rows(p, group, accumulators, kernel.bias, shape.barrier, arith)
+                    })
+                    .collect();
                 let cfg = arith.cfg();
                 fns.push(quote! {
                     #cfg
