@@ -150,7 +150,7 @@ pub struct Stats {
 /// [`Backend::download`] copy to and from the host.
 #[derive(Debug)]
 pub struct DeviceBuffer {
-    buffer: Buffer<f32>,
+    pub(crate) buffer: Buffer<f32>,
     len: usize,
     backend_id: u64,
 }
@@ -170,6 +170,27 @@ impl DeviceBuffer {
 impl BufferLen for DeviceBuffer {
     fn len_f32(&self) -> usize {
         self.len
+    }
+}
+
+/// A buffer of `u32` on the device (labels, index maps), for the training kernels.
+/// [`OpenClBackend::upload_indices`] fills it; the kernels that read it guard every index.
+#[derive(Debug)]
+pub struct IndexBuffer {
+    pub(crate) buffer: Buffer<u32>,
+    len: usize,
+    backend_id: u64,
+}
+
+impl IndexBuffer {
+    /// Number of `u32` elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -379,8 +400,107 @@ impl OpenClBackend {
             .count()
     }
 
-    fn check_own(&self, buffer: &DeviceBuffer, what: &str) -> Result<(), BackendError> {
-        if buffer.backend_id != self.inner.id {
+    /// A zero-filled device buffer of `len` indices.
+    pub fn alloc_indices(&self, len: usize) -> Result<IndexBuffer, BackendError> {
+        let buffer = Buffer::<u32>::builder()
+            .queue(self.inner.queue.clone())
+            .len(len.max(1))
+            .fill_val(0u32)
+            .build()
+            .map_err(|e| device_err(&format!("allocating {len} indices"), e))?;
+        Ok(IndexBuffer {
+            buffer,
+            len,
+            backend_id: self.inner.id,
+        })
+    }
+
+    /// Copies `data` into `buffer`, whose length it must have.
+    pub fn upload_indices(
+        &self,
+        data: &[u32],
+        buffer: &mut IndexBuffer,
+    ) -> Result<(), BackendError> {
+        self.check_owner(buffer.backend_id, "upload")?;
+        Self::transfer_len_check("upload", buffer.len, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        buffer
+            .buffer
+            .write(data)
+            .enq()
+            .map_err(|e| device_err("upload", e))?;
+        let mut stats = lock(&self.inner.stats);
+        stats.transfer_ns += t.elapsed().as_nanos() as u64;
+        stats.bytes_up += 4 * data.len() as u64;
+        Ok(())
+    }
+
+    /// Builds a program that does not come from a kernel spec (the training program),
+    /// counting it in [`Stats`]; `what` names it in errors.
+    pub(crate) fn build_program(&self, source: &str, what: &str) -> Result<Program, BackendError> {
+        let t = Instant::now();
+        let program = Program::builder()
+            .devices(self.inner.device)
+            .src(source)
+            .build(&self.inner.context)
+            .map_err(|e| BackendError::Device(format!("building {what}: {e}")))?;
+        let mut stats = lock(&self.inner.stats);
+        stats.programs_built += 1;
+        stats.build_ns += t.elapsed().as_nanos() as u64;
+        Ok(program)
+    }
+
+    /// The command queue every kernel and transfer of this backend goes through.
+    pub(crate) fn queue(&self) -> &Queue {
+        &self.inner.queue
+    }
+
+    /// Waits for the queue, then adds the device time of `events` (profiling) and their
+    /// number to [`Stats`]; returns that time in nanoseconds. `what` names the caller in
+    /// errors.
+    pub(crate) fn finish_and_record(
+        &self,
+        events: &[Event],
+        what: &str,
+    ) -> Result<u64, BackendError> {
+        let internal = |m: String| BackendError::Device(format!("{what}: {m}"));
+        self.inner
+            .queue
+            .finish()
+            .map_err(|e| internal(format!("waiting for the kernels: {e}")))?;
+        let mut ns = 0u64;
+        for event in events {
+            let time = |which| {
+                event
+                    .profiling_info(which)
+                    .and_then(|r| r.time().map_err(Into::into))
+                    .map_err(|e| internal(format!("profiling: {e}")))
+            };
+            ns += time(ProfilingInfo::End)?.saturating_sub(time(ProfilingInfo::Start)?);
+        }
+        let mut stats = lock(&self.inner.stats);
+        stats.launches += events.len() as u64;
+        stats.kernel_ns += ns;
+        Ok(ns)
+    }
+
+    pub(crate) fn check_own(&self, buffer: &DeviceBuffer, what: &str) -> Result<(), BackendError> {
+        self.check_owner(buffer.backend_id, what)
+    }
+
+    pub(crate) fn check_own_indices(
+        &self,
+        buffer: &IndexBuffer,
+        what: &str,
+    ) -> Result<(), BackendError> {
+        self.check_owner(buffer.backend_id, what)
+    }
+
+    fn check_owner(&self, backend_id: u64, what: &str) -> Result<(), BackendError> {
+        if backend_id != self.inner.id {
             return Err(BackendError::Device(format!(
                 "{what}: the buffer belongs to another OpenCL backend"
             )));
@@ -901,25 +1021,8 @@ impl Kernel for OpenClKernel {
             events.push(event);
         }
         drop(units);
-        self.backend
-            .inner
-            .queue
-            .finish()
-            .map_err(|e| internal(format!("waiting for the kernels: {e}")))?;
-        let mut ns = 0u64;
-        for event in &events {
-            let time = |what| {
-                event
-                    .profiling_info(what)
-                    .and_then(|r| r.time().map_err(Into::into))
-                    .map_err(|e| internal(format!("profiling: {e}")))
-            };
-            ns += time(ProfilingInfo::End)?.saturating_sub(time(ProfilingInfo::Start)?);
-        }
+        let ns = self.backend.finish_and_record(&events, self.spec.layer())?;
         self.compiled.last_ns.store(ns, Ordering::Relaxed);
-        let mut stats = lock(&self.backend.inner.stats);
-        stats.launches += events.len() as u64;
-        stats.kernel_ns += ns;
         Ok(())
     }
 }

@@ -11,7 +11,9 @@
 //! - With the cargo feature `opencl` (which links `libOpenCL`): [`probe`], which lists the
 //!   OpenCL devices and returns [`sparse_ir::BackendError::NoPlatform`] at once when there is
 //!   none, and [`OpenClBackend`], the executor implementing [`sparse_ir::backend::Backend`]
-//!   with device buffers, a program cache and kernel timing.
+//!   with device buffers, a program cache and kernel timing, and [`TrainingKernels`], the
+//!   rest of an SGD step (loss, ReLU and bias gradient, optimiser), so that training keeps
+//!   its tensors on the device ([`emit::training`] is their source).
 
 pub mod device;
 pub mod emit;
@@ -19,10 +21,16 @@ pub mod plan;
 
 #[cfg(feature = "opencl")]
 mod exec;
+#[cfg(feature = "opencl")]
+mod training;
 
 pub use device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, WorkGroups, DEVICE_ENV};
 pub use emit::{emit, EmitOptions, Emitted};
 pub use plan::{plan, KernelLifetime, Plan};
 
 #[cfg(feature = "opencl")]
-pub use exec::{probe, CompileReport, DeviceBuffer, OpenClBackend, OpenClKernel, Stats};
+pub use exec::{
+    probe, CompileReport, DeviceBuffer, IndexBuffer, OpenClBackend, OpenClKernel, Stats,
+};
+#[cfg(feature = "opencl")]
+pub use training::{SgdStep, TrainingKernels};

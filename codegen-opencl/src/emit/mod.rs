@@ -33,6 +33,7 @@ mod dense;
 mod rows;
 mod sddmm;
 mod text;
+pub mod training;
 
 use std::sync::Arc;
 
