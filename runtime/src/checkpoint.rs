@@ -464,6 +464,7 @@ impl CheckpointWriter {
 
     /// Writes a checkpoint of the trainer's current state; returns its folder.
     pub fn write(&self, trainer: &mut Trainer) -> Result<PathBuf> {
+        trainer.pull_device()?;
         trainer.model.sync_dense(&trainer.sgd.config);
         let name = match &trainer.partial {
             None => format!("epoch-{:03}", trainer.epoch),
@@ -711,7 +712,9 @@ impl Trainer {
     /// at zero. Recompiles what changed.
     pub fn load_weights(&mut self, file: &Path) -> Result<()> {
         let bytes = fs::read(file).map_err(|e| RuntimeError::io(file, e))?;
+        self.pull_device()?;
         load_into_model(&mut self.model, file, &bytes, LoadMode::Weights)?;
+        self.invalidate_device();
         self.compile_all()
     }
 }

@@ -216,6 +216,15 @@ impl Executor {
         }
     }
 
+    /// The OpenCL backend, when kernels run there.
+    #[cfg(feature = "opencl")]
+    pub fn opencl_backend(&self) -> Option<&OpenClBackend> {
+        match &self.inner {
+            Inner::OpenCl(b) => Some(b),
+            _ => None,
+        }
+    }
+
     /// Kernel and transfer times of a device backend (`None` for the CPU and the reference).
     pub fn device_stats(&self) -> Option<DeviceStats> {
         match &self.inner {
@@ -336,6 +345,15 @@ impl Kernel {
     pub fn swap(&self) -> Option<&SwapKernel> {
         match &self.imp {
             Imp::Swap(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// The OpenCL kernel, to run on device buffers (`None` on other backends).
+    #[cfg(feature = "opencl")]
+    pub fn opencl(&self) -> Option<&codegen_opencl::OpenClKernel> {
+        match &self.imp {
+            Imp::OpenCl(k) => Some(k.kernel()),
             _ => None,
         }
     }
@@ -468,6 +486,10 @@ mod opencl {
 
         pub(super) fn strategy(&self) -> Strategy {
             self.kernel.strategy()
+        }
+
+        pub(super) fn kernel(&self) -> &OpenClKernel {
+            &self.kernel
         }
 
         fn slots(&self) -> MutexGuard<'_, [Option<DeviceBuffer>; 4]> {

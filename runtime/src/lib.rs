@@ -8,7 +8,8 @@
 //!   max-pool, each with a hand-written backward pass; [`loss`]: log-softmax + NLL.
 //! - [`Model`] and [`ModelBuilder`]: build an MLP or CNN and run it; [`models`]: LeNet-300-100
 //!   and LeNet-5. [`Sgd`]: Nesterov SGD with weight decay.
-//! - [`exec`]: the one place where kernels are compiled and run.
+//! - [`exec`]: the one place where kernels are compiled and run; with the feature `opencl`,
+//!   `device::DeviceModel` keeps a training run's tensors on the OpenCL device.
 //! - [`masking`]: sparse momentum and its peers; [`Trainer`]: the training loop with
 //!   windowed dense momentum and recompilation after mask updates; [`data`]: IDX data sets;
 //!   [`checkpoint`]: atomic checkpoints and resume; [`metrics`], [`plot`]: what runs report.
@@ -17,6 +18,8 @@
 
 pub mod checkpoint;
 pub mod data;
+#[cfg(feature = "opencl")]
+pub mod device;
 pub mod error;
 pub mod exec;
 pub mod layers;
@@ -32,6 +35,8 @@ pub mod weights;
 
 pub use checkpoint::{CheckpointWriter, ResumeOverrides, TrainState};
 pub use data::{Dataset, Split};
+#[cfg(feature = "opencl")]
+pub use device::DeviceModel;
 pub use error::{Result, RuntimeError};
 pub use exec::{BackendKind, DeviceStats, ExecOptions, Executor, Kernel};
 pub use layers::{Layer, Shape};

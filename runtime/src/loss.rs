@@ -22,7 +22,7 @@ impl LogSoftmaxNll {
         }
     }
 
-    fn check(&self, logits: &Matrix, labels: &[u32], n: usize) -> Result<()> {
+    pub(crate) fn check(&self, logits: &Matrix, labels: &[u32], n: usize) -> Result<()> {
         if logits.rows() != self.classes || logits.ld() > self.col_max.len() {
             return Err(RuntimeError::Shape(format!(
                 "loss: logits are {}x{} (ld {}), expected {} classes and ld ≤ {}",

@@ -270,6 +270,31 @@ impl Model {
     /// correct predictions.
     pub fn evaluate_batch(&mut self, n: usize) -> Result<(f64, usize)> {
         self.forward()?;
+        self.score_logits(n)
+    }
+
+    #[cfg(feature = "opencl")]
+    /// The label buffer.
+    pub(crate) fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    #[cfg(feature = "opencl")]
+    /// The logits buffer, mutable (a device writes its logits here to be scored).
+    pub(crate) fn logits_mut(&mut self) -> &mut Matrix {
+        self.acts.last_mut().expect("non-empty")
+    }
+
+    #[cfg(feature = "opencl")]
+    /// Checks the first `n` labels against the classes and `n` against the batch (the
+    /// loss's own checks, for a loss computed elsewhere).
+    pub(crate) fn check_labels(&self, n: usize) -> Result<()> {
+        self.loss.check(self.logits(), &self.labels, n)
+    }
+
+    /// Over the first `n` columns of the logits buffer: the summed loss and the number of
+    /// correct predictions.
+    pub(crate) fn score_logits(&mut self, n: usize) -> Result<(f64, usize)> {
         let last = self.layers.len() - 1;
         let loss = self.loss.loss(&self.acts[last], &self.labels, n)?;
         let correct = self.loss.correct(&self.acts[last], &self.labels, n);

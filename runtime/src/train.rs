@@ -346,6 +346,11 @@ pub struct Trainer {
     eval_indices: Vec<u32>,
     step_ms: Vec<f64>,
     pub(crate) compile_ms_pending: f64,
+    /// The model's training state on the OpenCL device, when it runs there (see
+    /// [`crate::device`]); `None` on the host backends and for models the device path does
+    /// not support.
+    #[cfg(feature = "opencl")]
+    pub(crate) device: Option<crate::device::DeviceModel>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -437,7 +442,13 @@ impl Trainer {
             eval_indices: Vec::with_capacity(batch),
             step_ms: Vec::new(),
             compile_ms_pending: 0.0,
+            #[cfg(feature = "opencl")]
+            device: None,
         };
+        #[cfg(feature = "opencl")]
+        {
+            t.device = crate::device::DeviceModel::new(&t.exec, &t.model)?;
+        }
         let plan = LayerPlan::uniform(t.config.strategy);
         for w in t.model.sparse_layers_mut() {
             w.set_plan(plan);
@@ -463,9 +474,38 @@ impl Trainer {
         &self.model
     }
 
-    /// The model, mutable (e.g. to load weights).
+    /// The model, mutable (e.g. to load weights). On a device backend the next step uploads
+    /// the host model again.
     pub fn model_mut(&mut self) -> &mut Model {
+        self.invalidate_device();
         &mut self.model
+    }
+
+    /// Brings the steps a device took back into the host model, which owns the state
+    /// afterwards (nothing to do on the host backends).
+    pub(crate) fn pull_device(&mut self) -> Result<()> {
+        #[cfg(feature = "opencl")]
+        if let Some(d) = &mut self.device {
+            d.pull(&mut self.model)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the host model as newer than a device's copy (after the host changed it).
+    pub(crate) fn invalidate_device(&mut self) {
+        #[cfg(feature = "opencl")]
+        if let Some(d) = &mut self.device {
+            d.invalidate();
+        }
+    }
+
+    /// Whether training steps run with every tensor on the device (OpenCL, linear models).
+    pub fn device_resident(&self) -> bool {
+        #[cfg(feature = "opencl")]
+        if self.device.is_some() {
+            return true;
+        }
+        false
     }
 
     /// The data set (after the limits of the configuration).
@@ -550,7 +590,8 @@ impl Trainer {
             .data
             .gather(Split::Train, &self.order[lo..hi], input, labels)?;
         let mode = self.grad_mode();
-        let loss = self.model.forward_backward(n, mode)?;
+        let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
+        let loss = self.step_on_backend(n, mode, lr)?;
         if !loss.is_finite() {
             return Err(RuntimeError::Config(format!(
                 "training diverged: the loss is {loss} at step {} (epoch {})",
@@ -558,11 +599,24 @@ impl Trainer {
                 self.epoch + 1
             )));
         }
-        let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
-        self.sgd.step(&mut self.model, lr);
         self.prune_schedule.step();
         self.step += 1;
         Ok((loss, mode == WeightGradMode::Dense))
+    }
+
+    /// Forward, backward and the SGD update with learning rate `lr` on the batch in the
+    /// model's buffers (`n` valid columns): on the device where the model lives there, else
+    /// through the host model. Returns the mean loss.
+    fn step_on_backend(&mut self, n: usize, mode: WeightGradMode, lr: f32) -> Result<f64> {
+        #[cfg(feature = "opencl")]
+        if let Some(d) = &mut self.device {
+            return d.train_step(&self.model, n, mode, &self.sgd.config, lr);
+        }
+        let loss = self.model.forward_backward(n, mode)?;
+        if loss.is_finite() {
+            self.sgd.step(&mut self.model, lr);
+        }
+        Ok(loss)
     }
 
     /// Runs (the rest of) the next epoch. `stop` is checked after every step: when it is
@@ -619,6 +673,7 @@ impl Trainer {
                 compile_ms += c;
             }
             if !last && stop.load(Ordering::SeqCst) {
+                self.pull_device()?;
                 self.model.sync_dense(&self.sgd.config);
                 self.partial = Some(PartialEpoch {
                     step_in_epoch: i + 1,
@@ -636,6 +691,7 @@ impl Trainer {
         } else {
             Some(self.evaluate(Split::Validation)?)
         };
+        self.pull_device()?;
         self.model.sync_dense(&self.sgd.config);
         let rate = self.prune_schedule.rate();
         let mask_updated = self.updates_after(self.step);
@@ -688,6 +744,7 @@ impl Trainer {
     /// update's and the compilation's milliseconds.
     fn mask_update(&mut self, mid_epoch: bool) -> Result<(f64, f64)> {
         let started = Instant::now();
+        self.pull_device()?;
         self.model.sync_dense(&self.sgd.config);
         let rate = self.prune_schedule.rate();
         let report = {
@@ -764,7 +821,7 @@ impl Trainer {
             self.eval_indices.extend(start as u32..end as u32);
             let (input, labels) = self.model.batch_buffers_mut();
             let count = self.data.gather(split, &self.eval_indices, input, labels)?;
-            let (l, c) = self.model.evaluate_batch(count)?;
+            let (l, c) = self.evaluate_batch_on_backend(count)?;
             loss += l;
             correct += c;
             start = end;
@@ -778,6 +835,16 @@ impl Trainer {
             },
             samples: n,
         })
+    }
+
+    /// The summed loss and correct predictions of the first `n` columns of the batch in the
+    /// model's buffers, on the device where the model lives there.
+    fn evaluate_batch_on_backend(&mut self, n: usize) -> Result<(f64, usize)> {
+        #[cfg(feature = "opencl")]
+        if let Some(d) = &mut self.device {
+            return d.evaluate_batch(&mut self.model, n);
+        }
+        self.model.evaluate_batch(n)
     }
 
     /// Runs every remaining epoch, calling `on_epoch` after each.

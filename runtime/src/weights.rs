@@ -223,6 +223,29 @@ struct CompiledKernels {
     sddmm: Kernel,
 }
 
+#[cfg(feature = "opencl")]
+/// The kernels of one layer for its current pattern.
+pub(crate) struct LayerKernels<'a> {
+    pub spmm: &'a Kernel,
+    pub spmm_t: Option<&'a Kernel>,
+    pub sddmm: &'a Kernel,
+    pub dense_grad: Option<&'a Kernel>,
+}
+
+#[cfg(feature = "opencl")]
+/// What [`SparseWeights::sgd_step`] updates: active values and momentum (CSR order), bias and
+/// its momentum, the dense momentum with its pending decay, and the last dense gradient.
+pub(crate) struct OptimiserState<'a> {
+    pub values: &'a mut [f32],
+    pub momentum: &'a mut [f32],
+    pub bias: &'a mut [f32],
+    pub bias_momentum: &'a mut [f32],
+    pub dense_momentum: &'a mut [f32],
+    pub dense_grad: &'a mut [f32],
+    pub lazy_steps: &'a mut u32,
+    pub dense_grad_fresh: &'a mut bool,
+}
+
 /// The masked weights of one layer and everything that goes with them.
 pub struct SparseWeights {
     name: String,
@@ -895,6 +918,57 @@ impl SparseWeights {
         } else {
             self.lazy_steps += 1;
         }
+    }
+
+    #[cfg(feature = "opencl")]
+    /// Whether the layer runs as an unrolled convolution (its kernels' pattern is not the
+    /// weights').
+    pub(crate) fn is_unrolled(&self) -> bool {
+        self.unroll.is_some()
+    }
+
+    #[cfg(feature = "opencl")]
+    /// The kernels compiled for the current pattern (`None` when stale or missing).
+    pub(crate) fn compiled_kernels(&self) -> Option<LayerKernels<'_>> {
+        let k = self.kernels.as_ref()?;
+        if k.pattern_hash != self.pattern.hash() {
+            return None;
+        }
+        Some(LayerKernels {
+            spmm: &k.spmm,
+            spmm_t: k.spmm_t.as_ref(),
+            sddmm: &k.sddmm,
+            dense_grad: self.dense_grad_kernel.as_ref(),
+        })
+    }
+
+    #[cfg(feature = "opencl")]
+    /// The row-major index of every active entry, in CSR order.
+    pub(crate) fn dense_index(&self) -> &[u32] {
+        &self.dense_index
+    }
+
+    #[cfg(feature = "opencl")]
+    /// The optimiser's state, for a device that keeps it during an epoch (see
+    /// `crate::device`): the arrays [`sgd_step`](Self::sgd_step) updates and its counters.
+    pub(crate) fn optimiser_state_mut(&mut self) -> OptimiserState<'_> {
+        OptimiserState {
+            values: &mut self.values,
+            momentum: &mut self.momentum,
+            bias: &mut self.bias,
+            bias_momentum: &mut self.bias_momentum,
+            dense_momentum: &mut self.dense_momentum,
+            dense_grad: &mut self.dense_grad,
+            lazy_steps: &mut self.lazy_steps,
+            dense_grad_fresh: &mut self.dense_grad_fresh,
+        }
+    }
+
+    #[cfg(feature = "opencl")]
+    /// The state of [`optimiser_state_mut`](Self::optimiser_state_mut), read-only:
+    /// `(lazy_steps, dense_grad_fresh)`.
+    pub(crate) fn optimiser_counters(&self) -> (u32, bool) {
+        (self.lazy_steps, self.dense_grad_fresh)
     }
 
     /// Scales the gradient (values and bias) — for users composing their own losses.
