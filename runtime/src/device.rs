@@ -118,7 +118,11 @@ impl DeviceModel {
             return Ok(None);
         };
         if let Some(why) = Self::supports(model) {
-            tracing::info!(model = model.name(), why, "training with host copies per kernel");
+            tracing::info!(
+                model = model.name(),
+                why,
+                "training with host copies per kernel"
+            );
             return Ok(None);
         }
         let kernels = TrainingKernels::new(backend)?;
@@ -331,10 +335,12 @@ impl DeviceModel {
             &mut self.grads[last],
             &mut self.losses,
         )?;
-        self.backend
-            .download(&self.losses, &mut self.losses_host)?;
-        let loss =
-            self.losses_host[..n].iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
+        self.backend.download(&self.losses, &mut self.losses_host)?;
+        let loss = self.losses_host[..n]
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>()
+            / n as f64;
         let step = SgdStep {
             lr,
             momentum: sgd.momentum,
@@ -347,7 +353,11 @@ impl DeviceModel {
             let k = compiled(w)?;
             let (gb, ga) = self.grads.split_at_mut(i);
             let dy = &mut ga[0];
-            let x = if i == 0 { &self.input } else { &self.acts[i - 1] };
+            let x = if i == 0 {
+                &self.input
+            } else {
+                &self.acts[i - 1]
+            };
             let d = &mut self.layers[i];
             self.kernels.relu_bias_grad(
                 d.rows,

@@ -273,9 +273,8 @@ impl Model {
         self.score_logits(n)
     }
 
-    #[cfg(feature = "opencl")]
     /// The label buffer.
-    pub(crate) fn labels(&self) -> &[u32] {
+    pub fn labels(&self) -> &[u32] {
         &self.labels
     }
 

@@ -343,3 +343,300 @@ fn training_builds_no_program_per_pattern_on_a_cpu_device() {
         }
     }
 }
+
+/// A small MLP (two sparse linear layers, ReLU fused) for batch `batch`, from `seed`.
+fn mlp(batch: usize, seed: u64) -> runtime::Model {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut model = runtime::ModelBuilder::new("mlp", runtime::Shape::flat(40))
+        .linear("fc1", 24)
+        .relu()
+        .linear("fc2", 6)
+        .build(batch, &mut rng)
+        .unwrap();
+    // Sparse masks of their own (about a third of the entries), the same for every seed.
+    let sgd = runtime::SgdConfig::default();
+    for (i, w) in model.sparse_layers_mut().enumerate() {
+        w.sync_dense(&sgd);
+        let mask: Vec<u8> = (0..w.rows() * w.cols())
+            .map(|k| u8::from((k * 7 + i * 3) % 3 == 0))
+            .collect();
+        let weight = w.dense_weight().to_vec();
+        w.set_dense(&weight, &mask, None, None).unwrap();
+    }
+    model
+}
+
+/// Fills the input and labels of `model` from `rng`.
+fn fill_batch(model: &mut runtime::Model, rng: &mut ChaCha8Rng) {
+    let classes = model.classes() as u32;
+    let (input, labels) = model.batch_buffers_mut();
+    let batch = input.batch();
+    for f in 0..input.rows() {
+        for b in 0..batch {
+            input.set(f, b, rng.random_range(-1.0f32..1.0));
+        }
+    }
+    for l in labels.iter_mut() {
+        *l = rng.random_range(0..classes);
+    }
+}
+
+fn assert_slices_close(what: &str, host: &[f32], device: &[f32]) {
+    assert_eq!(host.len(), device.len(), "{what}: length");
+    for (i, (&h, &d)) in host.iter().zip(device).enumerate() {
+        assert!(
+            (h - d).abs() <= 2e-5 * (1.0 + h.abs()),
+            "{what}[{i}]: host {h}, device {d}"
+        );
+    }
+}
+
+/// Compares every parameter and optimiser array of two models (after `sync_dense`).
+fn assert_models_close(when: &str, host: &mut runtime::Model, device: &mut runtime::Model) {
+    let sgd = runtime::SgdConfig::default();
+    host.sync_dense(&sgd);
+    device.sync_dense(&sgd);
+    for (h, d) in host.sparse_layers().zip(device.sparse_layers()) {
+        let name = format!("{when}: {}", h.name());
+        assert_eq!(h.mask(), d.mask(), "{name}: mask");
+        assert_eq!(h.dense_grad_fresh(), d.dense_grad_fresh(), "{name}");
+        assert_slices_close(&format!("{name} values"), h.values(), d.values());
+        assert_slices_close(&format!("{name} momentum"), h.momentum(), d.momentum());
+        assert_slices_close(&format!("{name} bias"), h.bias(), d.bias());
+        assert_slices_close(
+            &format!("{name} bias momentum"),
+            h.bias_momentum(),
+            d.bias_momentum(),
+        );
+        assert_slices_close(
+            &format!("{name} dense momentum"),
+            h.dense_momentum(),
+            d.dense_momentum(),
+        );
+        if h.dense_grad_fresh() {
+            assert_slices_close(
+                &format!("{name} dense grad"),
+                h.dense_grad(),
+                d.dense_grad(),
+            );
+        }
+    }
+}
+
+/// Steps on the device give the host's losses, and a pull leaves the host model as the host's
+/// own steps would: values, momentum, bias, the dense momentum with its lazy decay, the last
+/// dense gradient. Covers both gradient modes, a partial batch (`n < batch`), and a mask
+/// change on the host between pulls (the device pushes the new pattern).
+#[test]
+fn device_steps_match_host_steps_and_pull_restores_the_host_state() {
+    if !have_platform() {
+        return;
+    }
+    use runtime::{DeviceModel, Sgd, SgdConfig, WeightGradMode as Mode};
+    let batch = 13;
+    let (mut host, mut dev) = (mlp(batch, 3), mlp(batch, 3));
+    let reference = Executor::reference();
+    let exec = opencl();
+    host.compile(&reference).unwrap();
+    dev.compile(&exec).unwrap();
+    let mut device = DeviceModel::new(&exec, &dev)
+        .unwrap()
+        .expect("an MLP runs on the device");
+    let sgd = SgdConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let steps = [
+        (Mode::Dense, batch),
+        (Mode::Active, batch),
+        (Mode::Active, 5),
+        (Mode::Dense, batch),
+        (Mode::Active, batch),
+        (Mode::Dense, batch),
+    ];
+    let mut run = |host: &mut runtime::Model,
+                   dev: &mut runtime::Model,
+                   device: &mut DeviceModel,
+                   steps: &[(Mode, usize)]| {
+        for (i, &(mode, n)) in steps.iter().enumerate() {
+            fill_batch(host, &mut rng);
+            dev.input_mut()
+                .as_mut_slice()
+                .copy_from_slice(host.input().as_slice());
+            dev.labels_mut().copy_from_slice(host.labels());
+            let want = host.forward_backward(n, mode).unwrap();
+            Sgd::new(sgd).step(host, 0.05);
+            let got = device.train_step(dev, n, mode, &sgd, 0.05).unwrap();
+            assert!(
+                (want - got).abs() <= 1e-5 * want.abs(),
+                "step {i} ({mode:?}, n {n}): host loss {want}, device {got}"
+            );
+        }
+    };
+    run(&mut host, &mut dev, &mut device, &steps);
+    assert!(device.is_ahead());
+    device.pull(&mut dev).unwrap();
+    assert!(!device.is_ahead() && !device.is_current());
+    assert_models_close("after 6 steps", &mut host, &mut dev);
+
+    // A new mask for fc1 on both hosts (as a mask update would), recompiled; the device
+    // pushes it at the next step.
+    for m in [&mut host, &mut dev] {
+        let w = m.sparse_layer_mut("fc1").unwrap();
+        let mut mask = w.mask().to_vec();
+        for (k, v) in mask.iter_mut().enumerate() {
+            if k % 5 == 0 {
+                *v = 1 - *v;
+            }
+        }
+        let weight = w.dense_weight().to_vec();
+        w.set_dense(&weight, &mask, None, None).unwrap();
+    }
+    host.compile(&reference).unwrap();
+    dev.compile(&exec).unwrap();
+    run(&mut host, &mut dev, &mut device, &steps[..3]);
+    device.pull(&mut dev).unwrap();
+    assert_models_close("after the mask change", &mut host, &mut dev);
+
+    // Evaluation on the device scores the host's way.
+    fill_batch(&mut host, &mut rng);
+    dev.input_mut()
+        .as_mut_slice()
+        .copy_from_slice(host.input().as_slice());
+    dev.labels_mut().copy_from_slice(host.labels());
+    let (want_loss, want_correct) = host.evaluate_batch(batch).unwrap();
+    let (loss, correct) = device.evaluate_batch(&mut dev, batch).unwrap();
+    assert_eq!(correct, want_correct);
+    assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs());
+}
+
+/// Once the model is on the device, a training step copies only the batch up (input and
+/// labels) and the per-sample losses down: no weight, momentum or activation crosses.
+#[test]
+fn a_device_step_copies_only_the_batch() {
+    if !have_platform() {
+        return;
+    }
+    use runtime::{DeviceModel, SgdConfig, WeightGradMode as Mode};
+    let batch = 16;
+    let mut model = mlp(batch, 4);
+    let exec = opencl();
+    model.compile(&exec).unwrap();
+    let mut device = DeviceModel::new(&exec, &model).unwrap().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    fill_batch(&mut model, &mut rng);
+    let sgd = SgdConfig::default();
+    device
+        .train_step(&model, batch, Mode::Active, &sgd, 0.1)
+        .unwrap(); // pushes the model first
+    for mode in [Mode::Active, Mode::Dense] {
+        let before = exec.device_stats().unwrap();
+        device.train_step(&model, batch, mode, &sgd, 0.1).unwrap();
+        let after = exec.device_stats().unwrap();
+        let input = model.input().as_slice().len() as u64;
+        assert_eq!(
+            after.bytes_up - before.bytes_up,
+            4 * (input + batch as u64),
+            "{mode:?}: bytes up"
+        );
+        assert_eq!(
+            after.bytes_down - before.bytes_down,
+            4 * batch as u64,
+            "{mode:?}: bytes down"
+        );
+        assert!(after.launches > before.launches);
+    }
+}
+
+/// LeNet-300-100 trains with its tensors on the device; LeNet-5 (convolutions, pooling) with
+/// the per-kernel host copies.
+#[test]
+fn linear_models_train_on_the_device_and_convolutions_with_copies() {
+    if !have_platform() {
+        return;
+    }
+    for (model, resident) in [
+        (runtime::ModelKind::Lenet300100, true),
+        (runtime::ModelKind::Lenet5, false),
+    ] {
+        let config = TrainConfig {
+            model,
+            epochs: 1,
+            backend: BackendKind::OpenCl,
+            train_limit: Some(100),
+            eval_limit: Some(100),
+            ..TrainConfig::default()
+        };
+        let t = Trainer::new(config, mnist()).unwrap();
+        assert_eq!(t.device_resident(), resident, "{model}");
+    }
+}
+
+/// An epoch interrupted on the device (the state pulled to the host, as for a checkpoint)
+/// and then finished gives bit for bit the weights and momentum of the uninterrupted run: a
+/// pull and the following push lose nothing. The interruption falls in epoch 2, after a mask
+/// update. The dense momentum is exact (a dense gradient every step): with a window, an
+/// interruption flushes the pending decay `μ^k` of inactive momentum in two factors instead
+/// of one, which rounds differently on every backend.
+#[test]
+fn an_interrupted_device_epoch_finishes_bit_for_bit() {
+    if !have_platform() {
+        return;
+    }
+    let config = TrainConfig {
+        epochs: 2,
+        seed: 5,
+        backend: BackendKind::OpenCl,
+        deterministic: true,
+        dense_momentum: runtime::DenseMomentum::Exact,
+        train_limit: Some(600),
+        eval_limit: Some(100),
+        ..TrainConfig::default()
+    };
+    let weights = |t: &Trainer| -> Vec<Vec<f32>> {
+        t.model()
+            .sparse_layers()
+            .flat_map(|w| {
+                [
+                    w.dense_weight().to_vec(),
+                    w.dense_momentum().to_vec(),
+                    w.bias().to_vec(),
+                ]
+            })
+            .collect()
+    };
+    let mut straight = Trainer::new(config.clone(), mnist()).unwrap();
+    assert!(straight.device_resident());
+    let stop = AtomicBool::new(false);
+    assert!(straight
+        .run(&stop, &mut |_| {}, &mut |_, _| Ok(()))
+        .unwrap());
+
+    let mut stopped = Trainer::new(config, mnist()).unwrap();
+    let raise = AtomicBool::new(false);
+    let finished = stopped
+        .run(
+            &raise,
+            &mut |s| {
+                if s.epoch == 2 && s.step_in_epoch == 3 {
+                    raise.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+    assert!(!finished, "the run stops in epoch 2");
+    assert_eq!(stopped.partial_epoch().map(|p| p.step_in_epoch), Some(3));
+    assert!(stopped.run(&stop, &mut |_| {}, &mut |_, _| Ok(())).unwrap());
+    let (a, b) = (weights(&stopped), weights(&straight));
+    let differing: Vec<(usize, usize, usize)> = a
+        .iter()
+        .zip(&b)
+        .enumerate()
+        .map(|(i, (x, y))| (i, x.iter().zip(y).filter(|(p, q)| p != q).count(), x.len()))
+        .filter(|t| t.1 > 0)
+        .collect();
+    assert!(differing.is_empty(), "(array, differing, of) {differing:?}");
+    assert_eq!(
+        stopped.history().last().unwrap().test_acc,
+        straight.history().last().unwrap().test_acc
+    );
+}
