@@ -55,7 +55,7 @@ build() {
     json="$(cargo test --release --locked -p codegen-opencl --features opencl --no-run \
         --message-format=json 2>/dev/null)"
     local name exe
-    for name in differential executor probe; do
+    for name in differential executor probe training_kernels; do
         exe="$(printf '%s\n' "$json" | jq -r --arg n "$name" \
             'select(.reason == "compiler-artifact" and .target.name == $n
                     and (.target.kind | index("test")) and .executable != null)
@@ -156,7 +156,7 @@ run() {
         *) echo "unknown argument: $1" >&2; usage 1 ;;
         esac
     done
-    for f in bin/kernel-bench tests/differential tests/executor tests/probe; do
+    for f in bin/kernel-bench tests/differential tests/executor tests/probe tests/training_kernels; do
         if [ ! -x "$here/$f" ]; then
             echo "error: $here/$f is missing: make the bundle with scripts/gpu-check.sh --build DIR" >&2
             exit 1
@@ -179,7 +179,7 @@ run() {
     local status=0
     if [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
         local t
-        for t in probe executor differential; do
+        for t in probe executor differential training_kernels; do
             echo "== test $t"
             "$here/tests/$t" 2>&1 | tee "$out/test-$t.log" |
                 grep -E '^(test result|OpenCL device|.*FAILED|.*panicked)' || true

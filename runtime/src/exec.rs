@@ -9,12 +9,13 @@
 //!
 //! `opencl` (cargo feature `opencl`) is `codegen-opencl`'s `OpenClBackend` on the device
 //! `OpenClBackend::preferred` picks (`SPARSEJIT_OPENCL_DEVICE=N`, else the first GPU, else
-//! the first device, PoCL here). The runtime keeps its tensors on the host, so each OpenCL
-//! kernel owns device buffers for its operands and every run copies its inputs to the device
-//! and its output back (the simplest correct adapter: weights and activations do not stay
-//! on the device across steps yet). [`Executor::device_stats`] says how the time splits
-//! between kernels and those copies. The thread count does not apply: the OpenCL platform
-//! has its own (PoCL: `POCL_MAX_PTHREAD_COUNT`).
+//! the first device, PoCL here). [`Kernel::run`] works on host slices: each OpenCL kernel
+//! owns device buffers for its operands and every run copies its inputs to the device and its
+//! output back (what models with convolutions use). Training of linear models keeps its
+//! tensors on the device instead (`crate::device::DeviceModel`, which runs the same compiled
+//! kernels on device buffers through [`Kernel::opencl`]). [`Executor::device_stats`] says how
+//! the time splits between kernels and copies. The thread count does not apply: the OpenCL
+//! platform has its own (PoCL: `POCL_MAX_PTHREAD_COUNT`).
 
 use std::fmt;
 use std::str::FromStr;

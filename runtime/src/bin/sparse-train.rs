@@ -513,8 +513,13 @@ fn summary(t: &Trainer, wall: f64) {
     if let Some(d) = t.executor().device_stats() {
         let train: f64 = h.iter().map(|m| m.epoch_seconds).sum();
         println!(
-            "  {}: {} launches, kernels {:.2} s (device time), host<->device copies {:.2} s ({:.1}% of {:.1} s training; {:.0} MB up, {:.0} MB down), {} programs built in {:.0} ms",
+            "  {} ({}): {} launches, kernels {:.2} s (device time), host<->device copies {:.2} s ({:.1}% of {:.1} s training; {:.0} MB up, {:.0} MB down), {} programs built in {:.0} ms",
             t.executor().device(),
+            if t.device_resident() {
+                "tensors stay on the device"
+            } else {
+                "operands copied per kernel"
+            },
             d.launches,
             d.kernel.as_secs_f64(),
             d.transfer.as_secs_f64(),
