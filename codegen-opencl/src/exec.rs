@@ -402,14 +402,8 @@ impl OpenClBackend {
 
     /// A zero-filled device buffer of `len` indices.
     pub fn alloc_indices(&self, len: usize) -> Result<IndexBuffer, BackendError> {
-        let buffer = Buffer::<u32>::builder()
-            .queue(self.inner.queue.clone())
-            .len(len.max(1))
-            .fill_val(0u32)
-            .build()
-            .map_err(|e| device_err(&format!("allocating {len} indices"), e))?;
         Ok(IndexBuffer {
-            buffer,
+            buffer: self.zeroed(len, "indices")?,
             len,
             backend_id: self.inner.id,
         })
@@ -421,20 +415,41 @@ impl OpenClBackend {
         data: &[u32],
         buffer: &mut IndexBuffer,
     ) -> Result<(), BackendError> {
-        self.check_owner(buffer.backend_id, "upload")?;
-        Self::transfer_len_check("upload", buffer.len, data.len())?;
+        self.write(buffer.backend_id, buffer.len, &buffer.buffer, data)
+    }
+
+    /// A zero-filled buffer of `len` elements (at least one: OpenCL has no empty buffers).
+    fn zeroed<T: ocl::OclPrm>(&self, len: usize, what: &str) -> Result<Buffer<T>, BackendError> {
+        Buffer::<T>::builder()
+            .queue(self.inner.queue.clone())
+            .len(len.max(1))
+            .fill_val(T::default())
+            .build()
+            .map_err(|e| device_err(&format!("allocating {len} {what}"), e))
+    }
+
+    /// Copies `data` into a buffer of this backend (`backend_id`) holding `len` elements,
+    /// counting the time and bytes in [`Stats`].
+    fn write<T: ocl::OclPrm>(
+        &self,
+        backend_id: u64,
+        len: usize,
+        buffer: &Buffer<T>,
+        data: &[T],
+    ) -> Result<(), BackendError> {
+        self.check_owner(backend_id, "upload")?;
+        Self::transfer_len_check("upload", len, data.len())?;
         if data.is_empty() {
             return Ok(());
         }
         let t = Instant::now();
         buffer
-            .buffer
             .write(data)
             .enq()
             .map_err(|e| device_err("upload", e))?;
         let mut stats = lock(&self.inner.stats);
         stats.transfer_ns += t.elapsed().as_nanos() as u64;
-        stats.bytes_up += 4 * data.len() as u64;
+        stats.bytes_up += std::mem::size_of_val(data) as u64;
         Ok(())
     }
 
@@ -682,35 +697,15 @@ impl Backend for OpenClBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<DeviceBuffer, BackendError> {
-        let buffer = Buffer::<f32>::builder()
-            .queue(self.inner.queue.clone())
-            .len(len.max(1))
-            .fill_val(0.0f32)
-            .build()
-            .map_err(|e| device_err(&format!("allocating {len} floats"), e))?;
         Ok(DeviceBuffer {
-            buffer,
+            buffer: self.zeroed(len, "floats")?,
             len,
             backend_id: self.inner.id,
         })
     }
 
     fn upload(&self, data: &[f32], buffer: &mut DeviceBuffer) -> Result<(), BackendError> {
-        self.check_own(buffer, "upload")?;
-        Self::transfer_len_check("upload", buffer.len, data.len())?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        let t = Instant::now();
-        buffer
-            .buffer
-            .write(data)
-            .enq()
-            .map_err(|e| device_err("upload", e))?;
-        let mut stats = lock(&self.inner.stats);
-        stats.transfer_ns += t.elapsed().as_nanos() as u64;
-        stats.bytes_up += 4 * data.len() as u64;
-        Ok(())
+        self.write(buffer.backend_id, buffer.len, &buffer.buffer, data)
     }
 
     fn download(&self, buffer: &DeviceBuffer, out: &mut [f32]) -> Result<(), BackendError> {
