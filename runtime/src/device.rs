@@ -347,9 +347,11 @@ impl DeviceModel {
             weight_decay: sgd.weight_decay,
             nesterov: sgd.nesterov,
         };
-        let weights: Vec<&SparseWeights> = model.sparse_layers().collect();
+        // Every layer has weights (`supports`), so layer i is sparse layer i.
         for i in (0..self.layers.len()).rev() {
-            let w = weights[i];
+            let w = model.layers()[i].weights().ok_or_else(|| {
+                RuntimeError::Config(format!("layer {}: no weights", model.layers()[i].name()))
+            })?;
             let k = compiled(w)?;
             let (gb, ga) = self.grads.split_at_mut(i);
             let dy = &mut ga[0];
