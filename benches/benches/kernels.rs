@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use benches::{case_spec, random_pattern, Case, Operands};
+use benches::{case_spec, Case, Operands};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sparse_ir::backend::Backend;
@@ -38,7 +38,10 @@ fn kernels(c: &mut Criterion) {
     })
     .expect("the CPU backend");
     for (i, case) in cases().into_iter().enumerate() {
-        let pattern = Arc::new(random_pattern(case.rows, case.cols, case.density, i as u64));
+        let pattern = Arc::new(
+            Pattern::random(case.rows, case.cols, case.density, i as u64)
+                .expect("a generated pattern is valid"),
+        );
         let launch = Launch::new(case.batch, case.ld());
         let spec = case_spec(&case, Arc::clone(&pattern));
         let mut group = c.benchmark_group(format!(

@@ -146,12 +146,6 @@ pub fn gpu_suite() -> Vec<Case> {
     cases
 }
 
-/// A random pattern: each entry present independently with probability `density`
-/// ([`Pattern::random`]).
-pub fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    Pattern::random(rows, cols, density, seed).expect("a generated pattern is valid")
-}
-
 /// Uniform random values in [-1, 1).
 pub fn random_values(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -387,13 +381,6 @@ mod tests {
         assert_eq!(gpu.len(), 4);
         assert!(gpu.iter().all(|c| c.op == Op::SPMM && c.batch == 128));
         assert!(gpu.iter().any(|c| c.rows == 4096 && c.density == 0.05));
-    }
-
-    #[test]
-    fn random_pattern_has_about_the_density() {
-        let p = random_pattern(300, 784, 0.05, 1);
-        assert!((p.density() - 0.05).abs() < 0.005, "{}", p.density());
-        assert_eq!(p, random_pattern(300, 784, 0.05, 1), "seeded");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use codegen_opencl::{DeviceKind, OpenClBackend, OpenClKernel};
 use sparse_ir::backend::Backend;
 use sparse_ir::{BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
-use crate::{case_spec, median, random_pattern, BenchResult, Case, Operands};
+use crate::{case_spec, median, BenchResult, Case, Operands};
 
 /// The OpenCL strategies, in the order they are reported.
 pub const STRATEGIES: [Strategy; 3] = [Strategy::Csr, Strategy::Table, Strategy::Unrolled];
@@ -81,7 +81,7 @@ pub fn warm_up(backend: &OpenClBackend) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Measures every OpenCL strategy on `case` (the pattern `random_pattern(rows, cols,
+/// Measures every OpenCL strategy on `case` (the pattern `Pattern::random(rows, cols,
 /// density, 1000 + seed)`, the same one the CPU rows of `kernel-bench` use).
 pub fn bench_case(
     backend: &OpenClBackend,
@@ -89,12 +89,10 @@ pub fn bench_case(
     seed: u64,
     limits: &Limits,
 ) -> Result<Outcome, BackendError> {
-    let pattern = Arc::new(random_pattern(
-        case.rows,
-        case.cols,
-        case.density,
-        1000 + seed,
-    ));
+    let pattern = Arc::new(
+        Pattern::random(case.rows, case.cols, case.density, 1000 + seed)
+            .expect("a generated pattern is valid"),
+    );
     let spec = case_spec(case, pattern.clone());
     let mut notes = Vec::new();
     let mut kernels: Vec<(Strategy, OpenClKernel)> = Vec::new();

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use benches::{
-    case_spec, full_suite, geomean, interleaved_medians, quick_suite, random_pattern, BenchReport,
-    BenchResult, Case, Operands,
+    case_spec, full_suite, geomean, interleaved_medians, quick_suite, BenchReport, BenchResult,
+    Case, Operands,
 };
 use clap::{Parser, ValueEnum};
 use codegen_cpu::{CpuBackend, CpuOptions};
@@ -283,12 +283,10 @@ fn bench_case(
     budget_ms: u64,
     full: bool,
 ) -> Result<CaseOutcome> {
-    let pattern = Arc::new(random_pattern(
-        case.rows,
-        case.cols,
-        case.density,
-        1000 + seed,
-    ));
+    let pattern = Arc::new(
+        Pattern::random(case.rows, case.cols, case.density, 1000 + seed)
+            .expect("a generated pattern is valid"),
+    );
     let spec = case_spec(case, pattern.clone());
     let mut notes = Vec::new();
     let mut kernels = Vec::new();

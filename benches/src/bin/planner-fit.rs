@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use benches::{case_spec, interleaved_medians, random_pattern, Case, Operands};
+use benches::{case_spec, interleaved_medians, Case, Operands};
 use clap::Parser;
 use codegen_cpu::planner::{self, Features};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use sparse_ir::backend::Backend;
-use sparse_ir::{BackendError, Launch, Op, Strategy};
+use sparse_ir::{BackendError, Launch, Op, Pattern, Strategy};
 
 /// Measures every CPU strategy over a grid, beside the planner's predictions.
 #[derive(Debug, Parser)]
@@ -101,12 +101,10 @@ fn main() -> Result<()> {
 }
 
 fn measure(backend: &CpuBackend, case: &Case, seed: u64, cli: &Cli) -> Result<String> {
-    let pattern = Arc::new(random_pattern(
-        case.rows,
-        case.cols,
-        case.density,
-        500 + seed,
-    ));
+    let pattern = Arc::new(
+        Pattern::random(case.rows, case.cols, case.density, 500 + seed)
+            .expect("a generated pattern is valid"),
+    );
     let spec = case_spec(case, pattern.clone());
     let features = Features::of(&spec, 1, backend.isa());
     let estimate = codegen_cpu::jit::estimate(&spec);
