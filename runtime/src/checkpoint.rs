@@ -30,7 +30,7 @@ use crate::error::{Result, RuntimeError};
 use crate::masking::{Masking, MaskingState, PruneRateSchedule, StepLr};
 use crate::metrics::EpochMetrics;
 use crate::model::Model;
-use crate::train::{PartialEpoch, RngSnapshot, TrainConfig, Trainer};
+use crate::train::{PartialEpoch, RngSnapshot, RunProgress, TrainConfig, Trainer};
 use crate::weights::LayerPlan;
 
 /// The format name in `state.json`.
@@ -464,13 +464,16 @@ impl CheckpointWriter {
 
     /// Writes a checkpoint of the trainer's current state; returns its folder.
     pub fn write(&self, trainer: &mut Trainer) -> Result<PathBuf> {
-        trainer.pull_device()?;
-        trainer.model.sync_dense(&trainer.sgd.config);
-        let name = match &trainer.partial {
-            None => format!("epoch-{:03}", trainer.epoch),
-            Some(p) => format!("epoch-{:03}-step-{:06}", trainer.epoch + 1, p.step_in_epoch),
+        trainer.sync_host_model()?;
+        let name = match trainer.partial_epoch() {
+            None => format!("epoch-{:03}", trainer.epoch()),
+            Some(p) => format!(
+                "epoch-{:03}-step-{:06}",
+                trainer.epoch() + 1,
+                p.step_in_epoch
+            ),
         };
-        let model = model_tensors(&trainer.model)?;
+        let model = model_tensors(trainer.model())?;
         let state = serde_json::to_vec_pretty(&trainer.state())
             .map_err(|e| RuntimeError::Config(format!("serialising the state: {e}")))?;
         let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
@@ -478,7 +481,7 @@ impl CheckpointWriter {
             fs::remove_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
         }
         fs::create_dir(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
-        if self.crash_in_epoch.is_some() && self.crash_in_epoch == Some(trainer.epoch) {
+        if self.crash_in_epoch.is_some() && self.crash_in_epoch == Some(trainer.epoch()) {
             let half = &model[..model.len() / 2];
             let p = tmp.join(MODEL_FILE);
             let mut f = File::create(&p).map_err(|e| RuntimeError::io(&p, e))?;
@@ -568,30 +571,30 @@ impl Trainer {
         TrainState {
             format: CHECKPOINT_FORMAT.to_string(),
             version: CHECKPOINT_VERSION,
-            model: self.model.name().to_string(),
-            epoch: self.epoch,
-            step: self.step,
-            partial_epoch: self.partial.clone(),
-            config: self.config.clone(),
-            prune_rate_schedule: self.prune_schedule.clone(),
-            lr_schedule: self.lr_schedule,
-            masking: self.masking.state(),
-            shuffle_rng: RngSnapshot::of(&self.shuffle_rng),
+            model: self.model().name().to_string(),
+            epoch: self.epoch(),
+            step: self.steps_done(),
+            partial_epoch: self.partial_epoch().cloned(),
+            config: self.config().clone(),
+            prune_rate_schedule: self.prune_schedule().clone(),
+            lr_schedule: self.lr_schedule(),
+            masking: self.masking().state(),
+            shuffle_rng: RngSnapshot::of(self.shuffle_rng()),
             plan: self
-                .model
+                .model()
                 .sparse_layers()
                 .map(|w| (w.name().to_string(), w.strategies()))
                 .collect(),
-            compile_ms_pending: self.compile_ms_pending,
-            history: self.history.clone(),
+            compile_ms_pending: self.compile_ms_pending(),
+            history: self.history().to_vec(),
             data: DataInfo {
-                dir: self.data.dir().display().to_string(),
-                train: self.data.len(Split::Train),
-                validation: self.data.len(Split::Validation),
-                test: self.data.len(Split::Test),
-                classes: self.data.classes(),
-                mean: self.data.normalization().0,
-                std: self.data.normalization().1,
+                dir: self.data().dir().display().to_string(),
+                train: self.data().len(Split::Train),
+                validation: self.data().len(Split::Validation),
+                test: self.data().len(Split::Test),
+                classes: self.data().classes(),
+                mean: self.data().normalization().0,
+                std: self.data().normalization().1,
             },
         }
     }
@@ -626,9 +629,10 @@ impl Trainer {
         }
         let mut t = Trainer::build(config, data)?;
         let st = &state.data;
-        if st.train != t.data.len(Split::Train)
-            || st.validation != t.data.len(Split::Validation)
-            || st.classes != t.data.classes()
+        let data = t.data();
+        if st.train != data.len(Split::Train)
+            || st.validation != data.len(Split::Validation)
+            || st.classes != data.classes()
         {
             return Err(ck_err(
                 &folder,
@@ -637,13 +641,13 @@ impl Trainer {
                     st.train,
                     st.validation,
                     st.classes,
-                    t.data.len(Split::Train),
-                    t.data.len(Split::Validation),
-                    t.data.classes()
+                    data.len(Split::Train),
+                    data.len(Split::Validation),
+                    data.classes()
                 ),
             ));
         }
-        if state.model != t.model.name() {
+        if state.model != t.model().name() {
             return Err(ck_err(
                 &folder,
                 format!("model {} does not match", state.model),
@@ -651,34 +655,39 @@ impl Trainer {
         }
         let model_path = folder.join(MODEL_FILE);
         let bytes = fs::read(&model_path).map_err(|e| RuntimeError::io(&model_path, e))?;
-        load_into_model(&mut t.model, &model_path, &bytes, LoadMode::Checkpoint)?;
-        t.masking = Masking::from_state(state.masking.clone())
+        load_into_model(t.model_mut(), &model_path, &bytes, LoadMode::Checkpoint)?;
+        let masking = Masking::from_state(state.masking.clone())
             .map_err(|e| ck_err(&folder, e.to_string()))?;
-        t.prune_schedule = if t.config.epochs == state.config.epochs {
+        let prune_schedule = if t.config().epochs == state.config.epochs {
             state.prune_rate_schedule.clone()
         } else {
             let mut s = PruneRateSchedule::new(
-                t.config.decay_schedule,
-                t.config.prune_rate,
+                t.config().decay_schedule,
+                t.config().prune_rate,
                 t.total_steps(),
             )?;
             s.advance(state.step);
             s
         };
-        t.lr_schedule = state.lr_schedule;
-        t.epoch = state.epoch;
-        t.step = state.step;
-        t.partial = state.partial_epoch.clone();
-        t.shuffle_rng = state
+        let shuffle_rng = state
             .shuffle_rng
             .restore()
             .map_err(|e| ck_err(&folder, e))?;
-        t.history = state.history.clone();
-        t.compile_ms_pending = state.compile_ms_pending;
+        t.restore_progress(RunProgress {
+            masking,
+            prune_schedule,
+            lr_schedule: state.lr_schedule,
+            epoch: state.epoch,
+            step: state.step,
+            partial: state.partial_epoch.clone(),
+            shuffle_rng,
+            history: state.history.clone(),
+            compile_ms_pending: state.compile_ms_pending,
+        });
         // The saved plan: reused with --deterministic, so every kernel runs the same code.
-        if t.config.deterministic {
-            let requested = LayerPlan::uniform(t.config.strategy);
-            for w in t.model.sparse_layers_mut() {
+        if t.config().deterministic {
+            let requested = LayerPlan::uniform(t.config().strategy);
+            for w in t.model_mut().sparse_layers_mut() {
                 if let Some(map) = state.plan.get(w.name()) {
                     let mut plan = LayerPlan::from_map(map).map_err(|e| ck_err(&folder, e))?;
                     if !map.contains_key("spmm_t") {
@@ -687,19 +696,17 @@ impl Trainer {
                     w.set_plan(plan);
                 }
             }
-            t.compile_all()?;
-            for w in t.model.sparse_layers_mut() {
+            t.compile_all_unrecorded()?;
+            for w in t.model_mut().sparse_layers_mut() {
                 w.set_plan(requested);
             }
         } else {
-            t.compile_all()?;
+            t.compile_all_unrecorded()?;
         }
-        // Compilation on resume is not part of the saved run's metrics.
-        t.compile_ms_pending = state.compile_ms_pending;
         tracing::info!(
             checkpoint = %folder.display(),
-            epoch = t.epoch,
-            step = t.step,
+            epoch = t.epoch(),
+            step = t.steps_done(),
             "resumed"
         );
         Ok(t)
@@ -713,8 +720,7 @@ impl Trainer {
     pub fn load_weights(&mut self, file: &Path) -> Result<()> {
         let bytes = fs::read(file).map_err(|e| RuntimeError::io(file, e))?;
         self.pull_device()?;
-        load_into_model(&mut self.model, file, &bytes, LoadMode::Weights)?;
-        self.invalidate_device();
+        load_into_model(self.model_mut(), file, &bytes, LoadMode::Weights)?;
         self.compile_all()
     }
 }

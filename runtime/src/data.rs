@@ -14,8 +14,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, RuntimeError};
-use crate::layers::Shape;
-use crate::tensor::Matrix;
+use crate::tensor::{Matrix, Shape};
 
 /// MNIST's normalisation constants (mean and standard deviation of its training pixels).
 pub const MNIST_MEAN: f32 = 0.1307;

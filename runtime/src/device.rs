@@ -22,12 +22,13 @@
 
 use codegen_opencl::{DeviceBuffer, IndexBuffer, OpenClBackend, SgdStep, TrainingKernels};
 use sparse_ir::backend::{Backend as _, Kernel as _};
-use sparse_ir::{Args, Launch};
+use sparse_ir::{Args, BackendError, Launch};
 
 use crate::error::{Result, RuntimeError};
 use crate::exec::Executor;
 use crate::model::Model;
-use crate::weights::{SgdConfig, SparseWeights, WeightGradMode};
+use crate::weights::optimiser::{SgdArithmetic, SgdState};
+use crate::weights::{CompiledOps, SgdConfig, SparseWeights, WeightGradMode};
 
 /// One layer's parameters and optimiser state on the device.
 struct DeviceLayer {
@@ -37,19 +38,42 @@ struct DeviceLayer {
     relu: bool,
     /// The weight pattern the buffers were pushed for.
     pattern_hash: u64,
+    /// Weight values of the active entries, in CSR order.
     values: DeviceBuffer,
-    momentum: DeviceBuffer,
-    grad: DeviceBuffer,
+    /// The bias.
     bias: DeviceBuffer,
-    bias_grad: DeviceBuffer,
-    bias_momentum: DeviceBuffer,
-    dense_momentum: DeviceBuffer,
-    dense_grad: DeviceBuffer,
+    /// The row-major index of every active entry.
     dense_index: IndexBuffer,
-    /// Steps since the dense momentum last took a dense gradient (its decay is pending).
-    lazy_steps: u32,
-    /// Whether the last step computed the dense gradient.
-    dense_grad_fresh: bool,
+    /// Gradients, momentum and the lazy decay, as on the host.
+    sgd: SgdState<DeviceBuffer>,
+}
+
+/// [`SgdArithmetic`] on device buffers: the training program's kernels.
+struct DeviceSgd<'a> {
+    kernels: &'a TrainingKernels,
+    step: SgdStep,
+}
+
+impl SgdArithmetic<DeviceBuffer> for DeviceSgd<'_> {
+    type Error = BackendError;
+
+    fn sgd(
+        &self,
+        w: &mut DeviceBuffer,
+        grad: &DeviceBuffer,
+        buf: &mut DeviceBuffer,
+    ) -> std::result::Result<(), BackendError> {
+        self.kernels.sgd(self.step, w, grad, buf)
+    }
+
+    fn accumulate(
+        &self,
+        factor: f32,
+        buf: &mut DeviceBuffer,
+        grad: &DeviceBuffer,
+    ) -> std::result::Result<(), BackendError> {
+        self.kernels.momentum_accumulate(factor, buf, grad)
+    }
 }
 
 /// A model's training state on an OpenCL device (see the module documentation).
@@ -139,16 +163,17 @@ impl DeviceModel {
                 relu: w.relu(),
                 pattern_hash: 0,
                 values: backend.alloc(0)?,
-                momentum: backend.alloc(0)?,
-                grad: backend.alloc(0)?,
                 bias: backend.alloc(rows)?,
-                bias_grad: backend.alloc(rows)?,
-                bias_momentum: backend.alloc(rows)?,
-                dense_momentum: backend.alloc(rows * cols)?,
-                dense_grad: backend.alloc(rows * cols)?,
                 dense_index: backend.alloc_indices(0)?,
-                lazy_steps: 0,
-                dense_grad_fresh: false,
+                sgd: SgdState {
+                    grad: backend.alloc(0)?,
+                    bias_grad: backend.alloc(rows)?,
+                    dense_grad: backend.alloc(rows * cols)?,
+                    momentum: backend.alloc(0)?,
+                    bias_momentum: backend.alloc(rows)?,
+                    dense_momentum: backend.alloc(rows * cols)?,
+                    decay: Default::default(),
+                },
             });
             acts.push(backend.alloc(rows * ld)?);
             grads.push(backend.alloc(rows * ld)?);
@@ -216,17 +241,18 @@ impl DeviceModel {
             let nnz = w.nnz();
             if d.values.len() != nnz {
                 d.values = b.alloc(nnz)?;
-                d.momentum = b.alloc(nnz)?;
-                d.grad = b.alloc(nnz)?;
+                d.sgd.momentum = b.alloc(nnz)?;
+                d.sgd.grad = b.alloc(nnz)?;
                 d.dense_index = b.alloc_indices(nnz)?;
             }
-            b.upload(w.values(), &mut d.values)?;
-            b.upload(w.momentum(), &mut d.momentum)?;
-            b.upload(w.bias(), &mut d.bias)?;
-            b.upload(w.bias_momentum(), &mut d.bias_momentum)?;
-            b.upload(w.dense_momentum(), &mut d.dense_momentum)?;
-            b.upload_indices(w.dense_index(), &mut d.dense_index)?;
-            (d.lazy_steps, d.dense_grad_fresh) = w.optimiser_counters();
+            let (p, s) = w.training_state();
+            b.upload(&p.values, &mut d.values)?;
+            b.upload(&s.momentum, &mut d.sgd.momentum)?;
+            b.upload(&p.bias, &mut d.bias)?;
+            b.upload(&s.bias_momentum, &mut d.sgd.bias_momentum)?;
+            b.upload(&s.dense_momentum, &mut d.sgd.dense_momentum)?;
+            b.upload_indices(&p.dense_index, &mut d.dense_index)?;
+            d.sgd.decay = s.decay;
             d.relu = w.relu();
             d.pattern_hash = w.pattern().hash();
         }
@@ -247,17 +273,16 @@ impl DeviceModel {
                 if w.pattern().hash() != d.pattern_hash {
                     return Err(stale(w));
                 }
-                let s = w.optimiser_state_mut();
-                b.download(&d.values, s.values)?;
-                b.download(&d.momentum, s.momentum)?;
-                b.download(&d.bias, s.bias)?;
-                b.download(&d.bias_momentum, s.bias_momentum)?;
-                b.download(&d.dense_momentum, s.dense_momentum)?;
-                if d.dense_grad_fresh {
-                    b.download(&d.dense_grad, s.dense_grad)?;
+                let (p, s) = w.training_state_mut();
+                b.download(&d.values, &mut p.values)?;
+                b.download(&d.sgd.momentum, &mut s.momentum)?;
+                b.download(&d.bias, &mut p.bias)?;
+                b.download(&d.sgd.bias_momentum, &mut s.bias_momentum)?;
+                b.download(&d.sgd.dense_momentum, &mut s.dense_momentum)?;
+                if d.sgd.decay.dense_grad_fresh() {
+                    b.download(&d.sgd.dense_grad, &mut s.dense_grad)?;
                 }
-                *s.lazy_steps = d.lazy_steps;
-                *s.dense_grad_fresh = d.dense_grad_fresh;
+                s.decay = d.sgd.decay;
             }
             self.ahead = false;
         }
@@ -368,7 +393,7 @@ impl DeviceModel {
                 d.relu,
                 &self.acts[i],
                 dy,
-                &mut d.bias_grad,
+                &mut d.sgd.bias_grad,
             )?;
             match mode {
                 WeightGradMode::Active => {
@@ -377,10 +402,9 @@ impl DeviceModel {
                         Args::Sddmm {
                             dy,
                             x,
-                            dw: &mut d.grad,
+                            dw: &mut d.sgd.grad,
                         },
                     )?;
-                    d.dense_grad_fresh = false;
                 }
                 WeightGradMode::Dense => {
                     let kernel = k.dense_grad.ok_or_else(|| {
@@ -391,14 +415,14 @@ impl DeviceModel {
                         Args::DenseGrad {
                             dy,
                             x,
-                            grad: &mut d.dense_grad,
+                            grad: &mut d.sgd.dense_grad,
                         },
                     )?;
                     self.kernels
-                        .gather(&d.dense_grad, &d.dense_index, &mut d.grad)?;
-                    d.dense_grad_fresh = true;
+                        .gather(&d.sgd.dense_grad, &d.dense_index, &mut d.sgd.grad)?;
                 }
             }
+            d.sgd.decay.record_backward(mode);
             if i > 0 {
                 let t = k.spmm_t.ok_or_else(|| {
                     RuntimeError::Config(format!("layer {}: spmm_t not compiled", d.name))
@@ -413,19 +437,13 @@ impl DeviceModel {
                 )?;
             }
         }
+        let arith = DeviceSgd {
+            kernels: &self.kernels,
+            step,
+        };
         for d in &mut self.layers {
-            self.kernels
-                .sgd(step, &mut d.values, &d.grad, &mut d.momentum)?;
-            self.kernels
-                .sgd(step, &mut d.bias, &d.bias_grad, &mut d.bias_momentum)?;
-            if d.dense_grad_fresh {
-                let factor = sgd.momentum.powi(d.lazy_steps as i32 + 1);
-                self.kernels
-                    .momentum_accumulate(factor, &mut d.dense_momentum, &d.dense_grad)?;
-                d.lazy_steps = 0;
-            } else {
-                d.lazy_steps += 1;
-            }
+            d.sgd
+                .step(&arith, sgd.momentum, &mut d.values, &mut d.bias)?;
         }
         Ok(loss)
     }
@@ -445,8 +463,8 @@ impl DeviceModel {
 }
 
 /// The layer's kernels for its current pattern, or an error naming it.
-fn compiled(w: &SparseWeights) -> Result<crate::weights::LayerKernels<'_>> {
-    w.compiled_kernels().ok_or_else(|| {
+fn compiled(w: &SparseWeights) -> Result<CompiledOps<'_>> {
+    w.compiled_ops().ok_or_else(|| {
         RuntimeError::Config(format!(
             "layer {}: kernels are not compiled for the current pattern",
             w.name()

@@ -575,12 +575,3 @@ mod opencl {
         }
     }
 }
-
-// Kept here rather than in train.rs: the trainer's one link to the executor.
-impl crate::train::Trainer {
-    /// The executor that compiles and runs this run's kernels (its device, and on OpenCL
-    /// its kernel and transfer times).
-    pub fn executor(&self) -> &Executor {
-        &self.exec
-    }
-}

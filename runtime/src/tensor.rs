@@ -1,4 +1,5 @@
-//! [`Matrix`]: a feature-major activation matrix, `[features × batch]`.
+//! [`Matrix`]: a feature-major activation matrix, `[features × batch]`; [`Shape`]: the shape
+//! of one sample.
 //!
 //! Element `(f, b)` sits at `f · ld + b`. The row stride `ld` is the batch rounded up to a
 //! multiple of [`LD_ALIGN`] (16 floats, 64 bytes), and the first element is 64-byte aligned,
@@ -170,5 +171,52 @@ mod tests {
         assert_eq!(m.get(2, 1), 5.0);
         assert_eq!(m.get(0, 1), 3.0);
         assert_eq!(m.to_samples(), samples);
+    }
+}
+
+/// The shape of one sample: `channels × height × width` (a flat vector is `n × 1 × 1`).
+/// In the feature-major layout, feature `(c, h, w)` is row `(c·height + h)·width + w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Channels (or features of a flat vector).
+    pub channels: usize,
+    /// Height.
+    pub height: usize,
+    /// Width.
+    pub width: usize,
+}
+
+impl Shape {
+    /// A flat vector of `n` features.
+    pub fn flat(n: usize) -> Self {
+        Shape {
+            channels: n,
+            height: 1,
+            width: 1,
+        }
+    }
+
+    /// An image of `channels × height × width`.
+    pub fn image(channels: usize, height: usize, width: usize) -> Self {
+        Shape {
+            channels,
+            height,
+            width,
+        }
+    }
+
+    /// Number of features per sample.
+    pub fn features(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.height == 1 && self.width == 1 {
+            write!(f, "{}", self.channels)
+        } else {
+            write!(f, "{}x{}x{}", self.channels, self.height, self.width)
+        }
     }
 }

@@ -329,28 +329,51 @@ pub struct Evaluation {
 
 /// A training run: model, data, optimiser, masking, schedules and counters.
 pub struct Trainer {
-    pub(crate) config: TrainConfig,
-    pub(crate) data: Dataset,
-    pub(crate) model: Model,
-    pub(crate) exec: Executor,
-    pub(crate) masking: Masking,
-    pub(crate) prune_schedule: PruneRateSchedule,
-    pub(crate) lr_schedule: StepLr,
-    pub(crate) sgd: Sgd,
-    pub(crate) epoch: u32,
-    pub(crate) step: u64,
-    pub(crate) shuffle_rng: ChaCha8Rng,
-    pub(crate) partial: Option<PartialEpoch>,
-    pub(crate) history: Vec<EpochMetrics>,
+    config: TrainConfig,
+    data: Dataset,
+    model: Model,
+    exec: Executor,
+    masking: Masking,
+    prune_schedule: PruneRateSchedule,
+    lr_schedule: StepLr,
+    sgd: Sgd,
+    epoch: u32,
+    step: u64,
+    shuffle_rng: ChaCha8Rng,
+    partial: Option<PartialEpoch>,
+    history: Vec<EpochMetrics>,
     order: Vec<u32>,
     eval_indices: Vec<u32>,
     step_ms: Vec<f64>,
-    pub(crate) compile_ms_pending: f64,
+    compile_ms_pending: f64,
     /// The model's training state on the OpenCL device, when it runs there (see
     /// [`crate::device`]); `None` on the host backends and for models the device path does
     /// not support.
     #[cfg(feature = "opencl")]
-    pub(crate) device: Option<crate::device::DeviceModel>,
+    device: Option<crate::device::DeviceModel>,
+}
+
+/// Where a run stands beside its model and configuration: what a checkpoint restores
+/// ([`Trainer::restore_progress`]).
+pub(crate) struct RunProgress {
+    /// The masking with its state (correction term, shortfall history).
+    pub masking: Masking,
+    /// The prune-rate schedule.
+    pub prune_schedule: PruneRateSchedule,
+    /// The learning-rate schedule.
+    pub lr_schedule: StepLr,
+    /// Completed epochs.
+    pub epoch: u32,
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// Where an interrupted epoch stopped.
+    pub partial: Option<PartialEpoch>,
+    /// The shuffling generator.
+    pub shuffle_rng: ChaCha8Rng,
+    /// The metrics of every completed epoch.
+    pub history: Vec<EpochMetrics>,
+    /// Compilation time not yet reported in an epoch's metrics.
+    pub compile_ms_pending: f64,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -456,6 +479,8 @@ impl Trainer {
         Ok(t)
     }
 
+    /// Compiles every layer whose kernels are missing or stale; the time counts in the next
+    /// epoch's metrics.
     pub(crate) fn compile_all(&mut self) -> Result<()> {
         let report = self.model.compile(&self.exec)?;
         let ms = report.total.as_secs_f64() * 1e3;
@@ -464,9 +489,68 @@ impl Trainer {
         Ok(())
     }
 
+    /// [`compile_all`](Self::compile_all) without counting the time (compilation on resume
+    /// is not part of the saved run's metrics).
+    pub(crate) fn compile_all_unrecorded(&mut self) -> Result<()> {
+        let pending = self.compile_ms_pending;
+        self.compile_all()?;
+        self.compile_ms_pending = pending;
+        Ok(())
+    }
+
+    /// Replaces where the run stands (after [`build`](Self::build), from a checkpoint).
+    pub(crate) fn restore_progress(&mut self, progress: RunProgress) {
+        let RunProgress {
+            masking,
+            prune_schedule,
+            lr_schedule,
+            epoch,
+            step,
+            partial,
+            shuffle_rng,
+            history,
+            compile_ms_pending,
+        } = progress;
+        self.masking = masking;
+        self.prune_schedule = prune_schedule;
+        self.lr_schedule = lr_schedule;
+        self.epoch = epoch;
+        self.step = step;
+        self.partial = partial;
+        self.shuffle_rng = shuffle_rng;
+        self.history = history;
+        self.compile_ms_pending = compile_ms_pending;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// The executor that compiles and runs this run's kernels (its device, and on OpenCL
+    /// its kernel and transfer times).
+    pub fn executor(&self) -> &Executor {
+        &self.exec
+    }
+
+    /// The prune-rate schedule.
+    pub(crate) fn prune_schedule(&self) -> &PruneRateSchedule {
+        &self.prune_schedule
+    }
+
+    /// The learning-rate schedule.
+    pub(crate) fn lr_schedule(&self) -> StepLr {
+        self.lr_schedule
+    }
+
+    /// The shuffling generator.
+    pub(crate) fn shuffle_rng(&self) -> &ChaCha8Rng {
+        &self.shuffle_rng
+    }
+
+    /// Compilation time not yet reported in an epoch's metrics.
+    pub(crate) fn compile_ms_pending(&self) -> f64 {
+        self.compile_ms_pending
     }
 
     /// The model.
@@ -491,8 +575,16 @@ impl Trainer {
         Ok(())
     }
 
+    /// [`pull_device`](Self::pull_device), then every layer's dense arrays made complete
+    /// ([`Model::sync_dense`]): the host model as a mask update or a checkpoint needs it.
+    pub(crate) fn sync_host_model(&mut self) -> Result<()> {
+        self.pull_device()?;
+        self.model.sync_dense(&self.sgd.config);
+        Ok(())
+    }
+
     /// Marks the host model as newer than a device's copy (after the host changed it).
-    pub(crate) fn invalidate_device(&mut self) {
+    fn invalidate_device(&mut self) {
         #[cfg(feature = "opencl")]
         if let Some(d) = &mut self.device {
             d.invalidate();
@@ -673,8 +765,7 @@ impl Trainer {
                 compile_ms += c;
             }
             if !last && stop.load(Ordering::SeqCst) {
-                self.pull_device()?;
-                self.model.sync_dense(&self.sgd.config);
+                self.sync_host_model()?;
                 self.partial = Some(PartialEpoch {
                     step_in_epoch: i + 1,
                     loss_sum,
@@ -691,8 +782,7 @@ impl Trainer {
         } else {
             Some(self.evaluate(Split::Validation)?)
         };
-        self.pull_device()?;
-        self.model.sync_dense(&self.sgd.config);
+        self.sync_host_model()?;
         let rate = self.prune_schedule.rate();
         let mask_updated = self.updates_after(self.step);
         if mask_updated {
@@ -744,8 +834,7 @@ impl Trainer {
     /// update's and the compilation's milliseconds.
     fn mask_update(&mut self, mid_epoch: bool) -> Result<(f64, f64)> {
         let started = Instant::now();
-        self.pull_device()?;
-        self.model.sync_dense(&self.sgd.config);
+        self.sync_host_model()?;
         let rate = self.prune_schedule.rate();
         let report = {
             let mut views: Vec<_> = self

@@ -20,56 +20,11 @@ pub use linear::Linear;
 pub use pool::MaxPool2d;
 pub use relu::Relu;
 
+pub use crate::tensor::Shape;
+
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Matrix;
 use crate::weights::{SparseWeights, WeightGradMode};
-
-/// The shape of one sample: `channels × height × width` (a flat vector is `n × 1 × 1`).
-/// In the feature-major layout, feature `(c, h, w)` is row `(c·height + h)·width + w`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Shape {
-    /// Channels (or features of a flat vector).
-    pub channels: usize,
-    /// Height.
-    pub height: usize,
-    /// Width.
-    pub width: usize,
-}
-
-impl Shape {
-    /// A flat vector of `n` features.
-    pub fn flat(n: usize) -> Self {
-        Shape {
-            channels: n,
-            height: 1,
-            width: 1,
-        }
-    }
-
-    /// An image of `channels × height × width`.
-    pub fn image(channels: usize, height: usize, width: usize) -> Self {
-        Shape {
-            channels,
-            height,
-            width,
-        }
-    }
-
-    /// Number of features per sample.
-    pub fn features(&self) -> usize {
-        self.channels * self.height * self.width
-    }
-}
-
-impl std::fmt::Display for Shape {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.height == 1 && self.width == 1 {
-            write!(f, "{}", self.channels)
-        } else {
-            write!(f, "{}x{}x{}", self.channels, self.height, self.width)
-        }
-    }
-}
 
 /// One layer of a [`crate::model::Model`].
 pub trait Layer {
