@@ -1,13 +1,10 @@
-//! Benchmark support for sparsejit: the cases of the `kernel-bench` suites, random patterns,
-//! interleaved median timing, and the JSON result format of CONTRACTS.md.
-//!
-//! Timing follows the project's rules for noisy shared machines: every competitor of a case
-//! runs in the same process, interleaved round by round, and each reports the median of its
-//! rounds; results are read as ratios.
+//! Benchmark support for sparsejit: the cases of the `kernel-bench` suites, their operands,
+//! and the JSON result format of CONTRACTS.md. Kernels are timed with `kernel_timing`, the
+//! one timing loop of the project (interleaved rounds, warm samples, paired medians).
+//! Results are read as ratios between competitors measured in the same process.
 
 use std::borrow::{Borrow, BorrowMut};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -306,61 +303,6 @@ pub fn case_spec(case: &Case, pattern: Arc<Pattern>) -> KernelSpec {
     .expect("bench specs are valid")
 }
 
-/// Measures competitors interleaved: each round runs every competitor once (`iters` calls,
-/// chosen so one round of one competitor takes about `target_round`), until `budget` has
-/// passed (at least `min_rounds`); returns each competitor's median time per call in µs.
-pub fn interleaved_medians(
-    competitors: &mut [&mut dyn FnMut() -> Result<(), BackendError>],
-    target_round: Duration,
-    budget: Duration,
-    min_rounds: usize,
-) -> Result<Vec<f64>, BackendError> {
-    // calibrate iterations per round
-    let mut iters = Vec::with_capacity(competitors.len());
-    for run in competitors.iter_mut() {
-        run()?; // warm-up (and lazy compilation)
-        let start = Instant::now();
-        let mut n = 0u64;
-        while start.elapsed() < target_round / 4 || n == 0 {
-            run()?;
-            n += 1;
-        }
-        let per_call = start.elapsed().as_secs_f64() / n as f64;
-        iters.push(((target_round.as_secs_f64() / per_call).ceil() as u64).max(1));
-    }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); competitors.len()];
-    let start = Instant::now();
-    let mut rounds = 0;
-    while rounds < min_rounds || start.elapsed() < budget {
-        for (i, run) in competitors.iter_mut().enumerate() {
-            let t = Instant::now();
-            for _ in 0..iters[i] {
-                run()?;
-            }
-            samples[i].push(t.elapsed().as_secs_f64() * 1e6 / iters[i] as f64);
-        }
-        rounds += 1;
-    }
-    Ok(samples.into_iter().map(median).collect())
-}
-
-/// The median of a sample (the mean of the middle two for an even count).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    assert!(!v.is_empty(), "median of no samples");
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// The geometric mean.
-pub fn geomean(v: &[f64]) -> f64 {
-    (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,12 +323,5 @@ mod tests {
         assert_eq!(gpu.len(), 4);
         assert!(gpu.iter().all(|c| c.op == Op::SPMM && c.batch == 128));
         assert!(gpu.iter().any(|c| c.rows == 4096 && c.density == 0.05));
-    }
-
-    #[test]
-    fn median_and_geomean() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!((geomean(&[1.0, 4.0]) - 2.0).abs() < 1e-12);
     }
 }

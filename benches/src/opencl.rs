@@ -11,7 +11,8 @@ use codegen_opencl::{DeviceKind, OpenClBackend, OpenClKernel};
 use sparse_ir::backend::Backend;
 use sparse_ir::{BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
-use crate::{case_spec, median, BenchResult, Case, Operands};
+use crate::{case_spec, BenchResult, Case, Operands};
+use kernel_timing::median;
 
 /// The OpenCL strategies, in the order they are reported.
 pub const STRATEGIES: [Strategy; 3] = [Strategy::Csr, Strategy::Table, Strategy::Unrolled];
@@ -159,7 +160,7 @@ fn interleaved_device_times(
         }
         rounds += 1;
     }
-    Ok(samples.into_iter().map(median).collect())
+    Ok(samples.iter().map(|s| median(s)).collect())
 }
 
 /// The table of specialised (`table`, `unrolled`) against generic `csr` kernels, one line

@@ -7,13 +7,13 @@
 //! cargo run --release -p codegen-cpu --example spmm_bench -- --offsets  # 300×784 batch 8, X 0/16/32/48 bytes off a cache line
 //! ```
 //!
-//! Every variant of a case is timed in rounds, interleaved (one sample of each variant per
-//! round), and the median sample is reported, with the useful GFLOP/s `2·nnz·batch / time`.
+//! Every variant of a case is timed with `kernel_timing` (the project's one timing loop, as
+//! `kernel-bench` times: interleaved rounds of warm samples, paired medians), with the useful
+//! GFLOP/s `2·nnz·batch / time`.
 //! Patterns are uniformly random; `ld` is the batch rounded up to 16 floats, or 1 at batch 1
 //! (as the runtime allocates), buffers are plain `Vec<f32>` (not specially aligned).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions, IsaLevel};
 use rand::{Rng, SeedableRng};
@@ -24,17 +24,11 @@ use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 struct Variant {
     name: String,
     kernel: CpuKernel,
-    samples: Vec<f64>,
 }
 
 /// Each entry present with probability `density` ([`Pattern::random`]).
 fn pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
     Pattern::random(rows, cols, density, seed).expect("a valid random pattern")
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 struct Buffers {
@@ -45,6 +39,30 @@ struct Buffers {
     x_start: usize,
     dy: Vec<f32>,
     out: Vec<f32>,
+}
+
+/// The first index of a `Vec<f32>` at a 64-byte boundary, plus `offset` floats.
+fn aligned_start(v: &[f32], offset: usize) -> usize {
+    (16 - (v.as_ptr() as usize / 4) % 16) % 16 + offset
+}
+
+impl Clone for Buffers {
+    /// A copy whose `X` sits at the same offset from a cache line as the original's.
+    fn clone(&self) -> Buffers {
+        let offset = (self.x[self.x_start..].as_ptr() as usize / 4) % 16;
+        let len = self.x.len() - self.x_start;
+        let mut x = vec![0.0f32; len + 32];
+        let x_start = aligned_start(&x, offset);
+        x[x_start..x_start + len].copy_from_slice(&self.x[self.x_start..]);
+        Buffers {
+            values: self.values.clone(),
+            bias: self.bias.clone(),
+            x,
+            x_start,
+            dy: self.dy.clone(),
+            out: self.out.clone(),
+        }
+    }
 }
 
 fn run_once(k: &CpuKernel, launch: Launch, b: &mut Buffers) {
@@ -104,7 +122,7 @@ fn bench_case(
     let mut fill = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let out_len = rows.max(cols) * ld + rows * cols + p.nnz();
     let mut x = vec![0.0f32; cols * ld + 32];
-    let x_start = (16 - (x.as_ptr() as usize / 4) % 16) % 16 + x_offset;
+    let x_start = aligned_start(&x, x_offset);
     let x_data = fill(cols * ld);
     x[x_start..x_start + cols * ld].copy_from_slice(&x_data);
     let mut b = Buffers {
@@ -122,34 +140,37 @@ fn bench_case(
         Op::Sddmm => p.nnz(),
         Op::DenseGrad => rows * cols,
     });
-    let mut vs: Vec<Variant> = variants
+    let vs: Vec<Variant> = variants
         .iter()
         .map(|(name, backend, strategy)| Variant {
             name: name.clone(),
             kernel: backend.compile(&spec, *strategy).unwrap(),
-            samples: Vec::new(),
         })
         .collect();
-    // Calibrate the repetitions per sample (~300 µs of the first variant).
-    let t = Instant::now();
-    let mut n = 0;
-    while t.elapsed().as_micros() < 2000 {
-        run_once(&vs[0].kernel, launch, &mut b);
-        n += 1;
-    }
-    let per = t.elapsed().as_secs_f64() / n as f64;
-    let reps = ((300e-6 / per) as usize).clamp(1, 100_000);
-    for _ in 0..rounds {
-        for v in vs.iter_mut() {
-            run_once(&v.kernel, launch, &mut b); // warm
-            let t = Instant::now();
-            for _ in 0..reps {
-                run_once(&v.kernel, launch, &mut b);
-            }
-            v.samples
-                .push(t.elapsed().as_secs_f64() * 1e6 / reps as f64);
-        }
-    }
+    // Every variant on its own operands (as kernel-bench runs them): one variant's output
+    // must not be the next one's cache state.
+    let mut buffers: Vec<Buffers> = vs.iter().map(|_| b.clone()).collect();
+    let mut closures: Vec<Box<dyn FnMut() -> Result<(), ()> + '_>> = vs
+        .iter()
+        .zip(buffers.iter_mut())
+        .map(|(v, b)| {
+            let k = &v.kernel;
+            Box::new(move || {
+                run_once(k, launch, b);
+                Ok(())
+            }) as Box<dyn FnMut() -> Result<(), ()> + '_>
+        })
+        .collect();
+    let mut refs: Vec<kernel_timing::Run<'_, ()>> =
+        closures.iter_mut().map(|c| &mut **c as _).collect();
+    let medians = kernel_timing::interleaved(
+        &mut refs,
+        &kernel_timing::Config::benchmark(std::time::Duration::ZERO, rounds),
+    )
+    .expect("the runs do not fail")
+    .us;
+    drop(refs);
+    drop(closures);
     let flops = 2.0 * p.nnz() as f64 * batch as f64;
     println!(
         "{op} {rows}x{cols} density {density} nnz {} batch {batch} ld {ld}{}:",
@@ -160,8 +181,7 @@ fn bench_case(
             String::new()
         }
     );
-    for v in vs.iter_mut() {
-        let us = median(&mut v.samples);
+    for (v, us) in vs.iter().zip(medians) {
         let chose = if v.kernel.strategy() != Strategy::Generic && v.name.starts_with("auto") {
             format!(" -> {}", v.kernel.strategy())
         } else if v.name.starts_with("auto") {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sparse_ir::backend::{Backend, CacheKey, Kernel};
 use sparse_ir::{
@@ -367,13 +367,21 @@ impl CpuBackend {
                 Box::new(move || {
                     let r = ops.run(k, launch);
                     if !wait.is_zero() {
-                        spin(wait);
+                        kernel_timing::spin(wait);
                     }
                     r
                 }) as Box<dyn FnMut() -> Result<(), BackendError> + '_>
             })
             .collect();
-        let (medians, rounds) = interleaved_medians(&mut runs, budget)?;
+        let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
+            runs.iter_mut().map(|r| &mut **r as _).collect();
+        let config = kernel_timing::Config {
+            min_rounds: TIMING_MIN_ROUNDS,
+            max_rounds: TIMING_MAX_ROUNDS,
+            ..kernel_timing::Config::planner(budget)
+        };
+        let timings = kernel_timing::interleaved(&mut refs, &config)?;
+        let (medians, rounds) = (timings.us, timings.rounds);
         let measured = candidates
             .iter()
             .zip(medians)
@@ -493,96 +501,6 @@ impl Backend for CpuBackend {
         };
         Ok(self.kernel(spec, plan, compiled))
     }
-}
-
-/// Busy-waits `d` (a sleep would give the core away and distort the neighbour's sample).
-fn spin(d: Duration) {
-    let t = Instant::now();
-    while t.elapsed() < d {
-        std::hint::spin_loop();
-    }
-}
-
-/// Runs shorter than this are repeated within one sample: the clock's resolution stays
-/// negligible, and so does the first run's refill of caches its competitors evicted (the
-/// time measured is the steady state of repeated calls, as benchmarks see it; with one run
-/// per sample, 720 KB of JIT code timed 1.4–1.7× slower than in `kernel-bench`).
-const SAMPLE_MIN: Duration = Duration::from_micros(250);
-
-/// Warm-up per competitor: at least two runs and [`WARMUP_MIN`], at most
-/// [`WARMUP_MAX_RUNS`] runs.
-const WARMUP_MIN: Duration = Duration::from_micros(300);
-const WARMUP_MAX_RUNS: usize = 20;
-
-/// Runs competitors in interleaved rounds (the order alternating between rounds) after a
-/// warm-up each: up to [`TIMING_MAX_ROUNDS`] rounds, stopping once `budget` is spent
-/// after [`TIMING_MIN_ROUNDS`] (or after 3 when even those would overrun it by far). Returns
-/// each competitor's time per run in µs (the first competitor's median; for the others, the
-/// median of their per-round ratio to the first, times that median) and the rounds taken.
-pub(crate) fn interleaved_medians(
-    runs: &mut [Box<dyn FnMut() -> Result<(), BackendError> + '_>],
-    budget: Duration,
-) -> Result<(Vec<f64>, usize), BackendError> {
-    let start = Instant::now();
-    let mut reps = Vec::with_capacity(runs.len());
-    let mut round_cost = Duration::ZERO;
-    for run in runs.iter_mut() {
-        // Warm-up: fresh JIT code and cold operands settle over the first runs.
-        let warm = Instant::now();
-        let mut n = 0;
-        while n < 2 || (n < WARMUP_MAX_RUNS && warm.elapsed() < WARMUP_MIN) {
-            run()?;
-            n += 1;
-        }
-        let t = Instant::now();
-        run()?;
-        let once = t.elapsed().max(Duration::from_nanos(20));
-        let n = (SAMPLE_MIN.as_nanos() / once.as_nanos()).clamp(1, 10_000) as u32;
-        reps.push(n);
-        round_cost += once * n;
-    }
-    // Rounds the budget allows beyond the warm-up, at least 3.
-    let left = budget.saturating_sub(start.elapsed());
-    let affordable = (left.as_nanos() / round_cost.as_nanos().max(1)) as usize;
-    let min_rounds = TIMING_MIN_ROUNDS.min(affordable).max(3);
-    let mut samples = vec![Vec::with_capacity(TIMING_MAX_ROUNDS); runs.len()];
-    let mut rounds = 0;
-    while rounds < TIMING_MAX_ROUNDS && (rounds < min_rounds || start.elapsed() < budget) {
-        let order: Vec<usize> = if rounds % 2 == 0 {
-            (0..runs.len()).collect()
-        } else {
-            (0..runs.len()).rev().collect()
-        };
-        for i in order {
-            let t = Instant::now();
-            for _ in 0..reps[i] {
-                (runs[i])()?;
-            }
-            samples[i].push(t.elapsed().as_secs_f64() * 1e6 / f64::from(reps[i]));
-        }
-        rounds += 1;
-    }
-    // Paired estimates: the median over rounds of each competitor's time relative to the
-    // first one's in the same round (neighbouring samples share the machine's load), scaled
-    // by the first one's median. On a loaded machine this ranks close competitors more
-    // consistently than comparing their medians.
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let first = median(samples[0].clone());
-    let medians = samples
-        .iter()
-        .map(|v| {
-            let ratios = v
-                .iter()
-                .zip(&samples[0])
-                .map(|(t, t0)| t / t0.max(1e-9))
-                .collect();
-            first * median(ratios)
-        })
-        .collect();
-    Ok((medians, rounds))
 }
 
 /// Random operands of one spec at one launch shape, for timing: 64-byte aligned, as the
@@ -1321,32 +1239,6 @@ mod tests {
     /// 1024×1024 at 5 %, batch 128: generic by far (the JIT is not even a candidate).
     fn spec_clear() -> KernelSpec {
         spec(Op::SPMM, 1024, 1024, 0.05, 128)
-    }
-
-    #[test]
-    fn interleaved_medians_rank_a_slow_competitor_last() {
-        let mut fast = || -> Result<(), BackendError> { Ok(()) };
-        let mut slow = || -> Result<(), BackendError> {
-            spin(Duration::from_micros(300));
-            Ok(())
-        };
-        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> =
-            vec![Box::new(&mut slow), Box::new(&mut fast)];
-        let (medians, rounds) = interleaved_medians(&mut runs, Duration::from_millis(20)).unwrap();
-        assert!((3..=TIMING_MAX_ROUNDS).contains(&rounds), "{rounds}");
-        assert!(medians[0] >= 300.0, "{medians:?}");
-        assert!(medians[1] < medians[0], "{medians:?}");
-        // An error of a competitor stops the measurement.
-        let mut failing = || -> Result<(), BackendError> {
-            Err(BackendError::Launch {
-                layer: "fc".into(),
-                op: "spmm",
-                message: "boom".into(),
-            })
-        };
-        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> =
-            vec![Box::new(&mut failing)];
-        assert!(interleaved_medians(&mut runs, Duration::from_millis(1)).is_err());
     }
 
     #[test]

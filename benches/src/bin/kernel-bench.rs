@@ -21,10 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use benches::{
-    case_spec, full_suite, geomean, interleaved_medians, quick_suite, BenchReport, BenchResult,
-    Case, Operands,
-};
+use benches::{case_spec, full_suite, quick_suite, BenchReport, BenchResult, Case, Operands};
 use clap::{Parser, ValueEnum};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use serde::Serialize;
@@ -198,7 +195,7 @@ fn main() -> Result<()> {
         println!(
             "planner: fastest/picked over {} cases: geomean {:.3}, worst {:.3} ({}), {} cases below 0.9",
             pick_ratios.len(),
-            geomean(&pick_ratios),
+            kernel_timing::geomean(&pick_ratios),
             w,
             label.trim(),
             pick_ratios.iter().filter(|&&r| r < 0.9).count()
@@ -216,7 +213,7 @@ fn main() -> Result<()> {
                 results,
             },
             planner: (!pick_ratios.is_empty()).then(|| PlannerSummary {
-                geomean_ratio: geomean(&pick_ratios),
+                geomean_ratio: kernel_timing::geomean(&pick_ratios),
                 min_ratio: pick_ratios.iter().copied().fold(f64::INFINITY, f64::min),
                 cases: planner_cases,
             }),
@@ -349,12 +346,11 @@ fn bench_case(
         .iter_mut()
         .map(|c| &mut **c as &mut dyn FnMut() -> Result<(), BackendError>)
         .collect();
-    let medians = interleaved_medians(
+    let medians = kernel_timing::interleaved(
         &mut refs,
-        Duration::from_micros(500),
-        Duration::from_millis(budget_ms),
-        7,
-    )?;
+        &kernel_timing::Config::benchmark(Duration::from_millis(budget_ms), 7),
+    )?
+    .us;
     drop(refs);
     drop(closures);
 
@@ -482,7 +478,7 @@ mod opencl {
             println!(
                 "opencl planner: fastest/picked over {} cases: geomean {:.3}, worst {:.3} ({}), picks the fastest in {} (within 5 % in {}), {} cases below 0.9",
                 ratios.len(),
-                geomean(&ratios),
+                kernel_timing::geomean(&ratios),
                 w,
                 label.trim(),
                 ratios.iter().filter(|&&r| r >= 1.0).count(),

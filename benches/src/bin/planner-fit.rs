@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use benches::{case_spec, interleaved_medians, Case, Operands};
+use benches::{case_spec, Case, Operands};
 use clap::Parser;
 use codegen_cpu::planner::{self, Features};
 use codegen_cpu::{CpuBackend, CpuOptions};
@@ -130,12 +130,11 @@ fn measure(backend: &CpuBackend, case: &Case, seed: u64, cli: &Cli) -> Result<St
         .iter_mut()
         .map(|c| &mut **c as &mut dyn FnMut() -> Result<(), BackendError>)
         .collect();
-    let medians = interleaved_medians(
+    let medians = kernel_timing::interleaved(
         &mut refs,
-        Duration::from_micros(200),
-        Duration::from_millis(cli.budget_ms),
-        7,
-    )?;
+        &kernel_timing::Config::benchmark(Duration::from_millis(cli.budget_ms), 7),
+    )?
+    .us;
     let measured = |s: Strategy| {
         strategies
             .iter()
@@ -294,9 +293,9 @@ fn replay(path: &std::path::Path) -> Result<()> {
         "{} cases, {} timed; with timing: geomean {:.3}, min {:.3}; model alone: geomean {:.3}, min {:.3}",
         ratios.len(),
         timed,
-        benches::geomean(&ratios),
+        kernel_timing::geomean(&ratios),
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
-        benches::geomean(&model_ratios),
+        kernel_timing::geomean(&model_ratios),
         model_ratios.iter().copied().fold(f64::INFINITY, f64::min),
     );
     Ok(())

@@ -13,13 +13,13 @@
 //!   `spmm(bias, relu)`, the macro kernel with its weights baked in.
 //!
 //! Every competitor's output is first checked against `sparse_ir::interp`; then all four are
-//! timed interleaved round by round (`benches::interleaved_medians`) and the medians reported.
+//! timed interleaved round by round (`kernel_timing::interleaved`, the project's one timing loop) and the medians reported.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use benches::{interleaved_medians, random_values};
+use benches::random_values;
 use clap::Parser;
 use codegen_cpu::jit::JitKernel;
 use codegen_cpu::{CpuBackend, CpuOptions};
@@ -222,7 +222,11 @@ fn bench(
     };
     let mut competitors: [&mut dyn FnMut() -> Result<(), BackendError>; 4] =
         [&mut run_macro, &mut run_fused, &mut run_jit, &mut run_gen];
-    let m = interleaved_medians(&mut competitors, Duration::from_micros(500), budget, 9)?;
+    let m = kernel_timing::interleaved(
+        &mut competitors,
+        &kernel_timing::Config::benchmark(budget, 9),
+    )?
+    .us;
     println!(
         "{:<8} {:>3}x{:<3} nnz {:>5} ({:>5.2} %) b={:<3} ld={:<3} | macro {:>8.2} us  fma {:>8.2} us  jit {:>8.2} us  generic {:>8.2} us | generic/fma {:>5.2}x  jit/fma {:>5.2}x  macro/fma {:>5.2}x",
         case.label,
