@@ -1001,6 +1001,16 @@ impl Kernel for CpuKernel {
         }
         Ok(())
     }
+
+    /// The generic and dense kernels write columns `0..batch` only; the JIT's `spmm` and
+    /// `spmm_t` store whole `f32x4` blocks, which at a batch above 1 that is not a multiple
+    /// of 4 run over the padding ([`crate::jit::JitKernel`]'s `writes_padding`).
+    fn writes_padding(&self) -> bool {
+        match &self.compiled.imp {
+            Imp::Generic(_) | Imp::Dense(_) => false,
+            Imp::Jit(j) => j.writes_padding(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ struct Shared {
 /// A kernel that runs the generic code until its JIT code is ready, then the JIT code.
 pub struct SwapKernel {
     spec: KernelSpec,
+    writes_padding: bool,
     plan: Plan,
     generic: CpuKernel,
     shared: Arc<Shared>,
@@ -88,6 +89,12 @@ impl SwapKernel {
                 reason: "the JIT needs a fixed batch and ld and has no dense_grad".into(),
             });
         }
+        let writes_padding = match (spec.batch(), spec.ld()) {
+            (sparse_ir::Dim::Fixed(batch), sparse_ir::Dim::Fixed(ld)) => {
+                crate::jit::code_writes_padding(spec.op(), batch, ld, options.block_vectors)
+            }
+            _ => false,
+        };
         let generic = backend.compile(spec, Strategy::Generic)?;
         let shared = Arc::new(Shared::default());
         let job = (Arc::clone(&shared), spec.clone());
@@ -107,6 +114,7 @@ impl SwapKernel {
             }));
         }
         Ok(SwapKernel {
+            writes_padding,
             spec: spec.clone(),
             plan,
             generic,
@@ -182,6 +190,12 @@ impl Kernel for SwapKernel {
 
     fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
         SwapKernel::run(self, launch, args)
+    }
+
+    /// Whether the JIT code it swaps to may write the padding (the generic code it runs
+    /// until then never does).
+    fn writes_padding(&self) -> bool {
+        self.writes_padding
     }
 }
 

@@ -1,13 +1,14 @@
-//! Differential tests of the Cranelift JIT against the reference interpreter.
+//! Differential tests of the Cranelift JIT with its own options (code shapes, chunk sizes,
+//! register allocators) against the reference interpreter, on guarded operands
+//! (`test-support`). The JIT through the CPU backend is tested beside the generic and dense
+//! strategies in `differential.rs`.
 
 use std::sync::Arc;
 
 use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use sparse_ir::interp::{compare, reference};
 use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern};
+use test_support::{check_kernel, named_patterns, random_pattern, strides, Run};
 
 /// Every op the JIT compiles: all of [`Op::ALL`] but `dense_grad`.
 const OPS: [Op; 6] = {
@@ -15,31 +16,10 @@ const OPS: [Op; 6] = {
     [a, b, c, d, e, f]
 };
 
-fn random_pattern(rows: usize, cols: usize, density: f64, rng: &mut ChaCha8Rng) -> Pattern {
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    Pattern::from_dense_mask(rows, cols, &mask).unwrap()
-}
-
-fn random_vec(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-/// A `features × ld` matrix with random values in the batch columns and NaN in the padding
-/// (a kernel that mixes padding into real outputs fails the comparison).
-fn random_matrix(features: usize, batch: usize, ld: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    let mut m = vec![f32::NAN; features * ld];
-    for f in 0..features {
-        for b in 0..batch {
-            m[f * ld + b] = rng.random_range(-1.0f32..1.0);
-        }
-    }
-    m
-}
-
-/// Compiles `op` on `pattern` for `(batch, ld)`, runs it on random data and compares every
-/// output element with the interpreter. Outputs start as NaN, so unwritten elements fail.
+/// Compiles `op` on `pattern` for `(batch, ld)` with `options` and checks it on guarded
+/// operands (`test_support::check_kernel`): against the interpreter, guard zones, inputs,
+/// and the output's padding wherever the kernel says it leaves it alone. The operand offset
+/// follows the seed, so runs meet aligned and misaligned operands.
 fn check(
     pattern: &Arc<Pattern>,
     op: Op,
@@ -51,108 +31,15 @@ fn check(
     let spec = KernelSpec::new("t", op, pattern.clone(), Dim::Fixed(batch), Dim::Fixed(ld))
         .map_err(|e| e.to_string())?;
     let kernel = JitKernel::compile_with(&spec, options).map_err(|e| e.to_string())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (rows, cols, nnz) = (pattern.rows(), pattern.cols(), pattern.nnz());
-    let values = random_vec(nnz, &mut rng);
-    let launch = Launch::new(batch, ld);
-    let (want, got) = match op {
-        Op::Spmm { bias, .. } => {
-            let x = random_matrix(cols, batch, ld, &mut rng);
-            let b = random_vec(rows, &mut rng);
-            let bias = bias.then_some(&b[..]);
-            let mut y = vec![f32::NAN; rows * ld];
-            let mut dummy = vec![0.0; rows * ld];
-            let want = reference(
-                &spec,
-                launch,
-                &Args::Spmm {
-                    values: &values,
-                    x: &x,
-                    bias,
-                    y: &mut dummy,
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            kernel
-                .run(
-                    launch,
-                    Args::Spmm {
-                        values: &values,
-                        x: &x,
-                        bias,
-                        y: &mut y,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            (want, y)
-        }
-        Op::SpmmT => {
-            let dy = random_matrix(rows, batch, ld, &mut rng);
-            let mut dx = vec![f32::NAN; cols * ld];
-            let mut dummy = vec![0.0; cols * ld];
-            let want = reference(
-                &spec,
-                launch,
-                &Args::SpmmT {
-                    values: &values,
-                    dy: &dy,
-                    dx: &mut dummy,
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            kernel
-                .run(
-                    launch,
-                    Args::SpmmT {
-                        values: &values,
-                        dy: &dy,
-                        dx: &mut dx,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            (want, dx)
-        }
-        Op::Sddmm => {
-            let dy = random_matrix(rows, batch, ld, &mut rng);
-            let x = random_matrix(cols, batch, ld, &mut rng);
-            let mut dw = vec![f32::NAN; nnz];
-            let mut dummy = vec![0.0; nnz];
-            let want = reference(
-                &spec,
-                launch,
-                &Args::Sddmm {
-                    dy: &dy,
-                    x: &x,
-                    dw: &mut dummy,
-                },
-            )
-            .map_err(|e| e.to_string())?;
-            kernel
-                .run(
-                    launch,
-                    Args::Sddmm {
-                        dy: &dy,
-                        x: &x,
-                        dw: &mut dw,
-                    },
-                )
-                .map_err(|e| e.to_string())?;
-            (want, dw)
-        }
-        Op::DenseGrad => unreachable!(),
-    };
-    compare(&want, &got, ld).map_err(|m| {
-        format!(
-            "{op} on {}x{} nnz {nnz}, batch {batch}, ld {ld}, {options:?}: {m}",
-            rows, cols
-        )
-    })
+    let run = Run::new(batch, ld, seed).offset(seed as usize % 16);
+    check_kernel(&kernel, run)
+        .map(|_| ())
+        .map_err(|e| format!("{e}, {options:?}"))
 }
 
-fn check_all_ops(pattern: &Pattern, batch: usize, ld: usize, options: &JitOptions) {
-    let pattern = Arc::new(pattern.clone());
+fn check_all_ops(pattern: &Arc<Pattern>, batch: usize, ld: usize, options: &JitOptions) {
     for (i, op) in OPS.into_iter().enumerate() {
-        check(&pattern, op, batch, ld, options, i as u64).unwrap_or_else(|e| panic!("{e}"));
+        check(pattern, op, batch, ld, options, i as u64).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
@@ -164,34 +51,32 @@ fn small_chunks() -> JitOptions {
 }
 
 #[test]
-fn edge_case_patterns() {
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    // empty rows and empty columns
-    let holes = Pattern::from_coo(6, 5, &[(0, 0), (0, 3), (2, 1), (2, 3), (5, 0)]).unwrap();
-    let one = Pattern::from_coo(4, 9, &[(2, 7)]).unwrap();
-    let mut dense_row = vec![0u8; 5 * 40];
-    dense_row[2 * 40..3 * 40].fill(1);
-    dense_row[7] = 1;
-    let dense_row = Pattern::from_dense_mask(5, 40, &dense_row).unwrap();
-    let zero = Pattern::empty(8, 6).unwrap();
-    let full = Pattern::dense(5, 6).unwrap();
-    let odd = random_pattern(7, 96, 0.2, &mut rng);
-    for p in [&holes, &one, &dense_row, &zero, &full, &odd] {
-        for (batch, ld) in [(1, 1), (1, 16), (3, 3), (3, 16), (5, 7), (17, 17), (17, 32)] {
-            check_all_ops(p, batch, ld, &JitOptions::default());
-            check_all_ops(p, batch, ld, &small_chunks());
+fn named_edge_cases() {
+    for (name, p) in named_patterns() {
+        for (batch, ld) in [
+            (1, 1),
+            (1, 16),
+            (3, 3),
+            (3, 16),
+            (5, 7),
+            (8, 8),
+            (17, 17),
+            (17, 32),
+        ] {
+            for options in [JitOptions::default(), small_chunks()] {
+                for (i, op) in OPS.into_iter().enumerate() {
+                    check(&p, op, batch, ld, &options, i as u64)
+                        .unwrap_or_else(|e| panic!("{name}: {e}"));
+                }
+            }
         }
     }
 }
 
 #[test]
-fn long_rows() {
+fn long_rows_in_small_chunks() {
     // rows of 300 and 129 nonzeros: longer than the chunk target and than sddmm's segment
-    let mut mask = vec![0u8; 4 * 300];
-    mask[300..600].fill(1);
-    mask[900..1029].fill(1);
-    mask[5] = 1;
-    let p = Pattern::from_dense_mask(4, 300, &mask).unwrap();
+    let p = test_support::named("long_rows");
     let options = JitOptions {
         chunk_nnz: 100,
         ..JitOptions::default()
@@ -203,10 +88,9 @@ fn long_rows() {
 
 #[test]
 fn named_batches() {
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let p = random_pattern(23, 41, 0.15, &mut rng);
-    for batch in [1usize, 3, 17, 100, 128] {
-        for ld in [batch, batch.next_multiple_of(16), batch + 3] {
+    let p = random_pattern(23, 41, 0.15, 2);
+    for batch in [1usize, 3, 8, 17, 100, 128] {
+        for ld in strides(batch) {
             check_all_ops(&p, batch, ld, &small_chunks());
         }
     }
@@ -214,8 +98,7 @@ fn named_batches() {
 
 #[test]
 fn largest_lenet_layer() {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let p = random_pattern(300, 784, 0.05, &mut rng);
+    let p = test_support::lenet_fc1();
     for (batch, ld) in [(1, 1), (8, 16), (100, 112)] {
         check_all_ops(&p, batch, ld, &JitOptions::default());
     }
@@ -223,8 +106,7 @@ fn largest_lenet_layer() {
 
 #[test]
 fn every_code_shape_option() {
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let p = random_pattern(19, 33, 0.3, &mut rng);
+    let p = random_pattern(19, 33, 0.3, 4);
     for accumulators in 1..=4 {
         for block_vectors in 1..=4 {
             let options = JitOptions {
@@ -233,7 +115,7 @@ fn every_code_shape_option() {
                 chunk_nnz: 40,
                 ..JitOptions::default()
             };
-            for (batch, ld) in [(1, 2), (6, 6), (9, 16), (37, 37)] {
+            for (batch, ld) in [(1, 2), (6, 6), (9, 16), (12, 16), (37, 37)] {
                 check_all_ops(&p, batch, ld, &options);
             }
         }
@@ -249,8 +131,7 @@ fn every_code_shape_option() {
 
 #[test]
 fn estimates_code_size_without_compiling() {
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let p = Arc::new(random_pattern(120, 250, 0.06, &mut rng));
+    let p = random_pattern(120, 250, 0.06, 5);
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         for (batch, ld) in [(1, 16), (3, 16), (8, 16), (13, 16), (40, 48)] {
             let spec = KernelSpec::new("fc", op, p.clone(), Dim::Fixed(batch), Dim::Fixed(ld));
@@ -364,10 +245,60 @@ proptest! {
         op in 0usize..OPS.len(),
         seed in any::<u64>(),
     ) {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let pattern = Arc::new(random_pattern(rows, cols, density, &mut rng));
+        let pattern = random_pattern(rows, cols, density, seed);
         let options = JitOptions { chunk_nnz, accumulators, block_vectors, ..JitOptions::default() };
         let result = check(&pattern, OPS[op], batch, batch + pad, &options, seed);
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+}
+
+/// `writes_padding` is exact: true exactly where the last `f32x4` block of `spmm`/`spmm_t`
+/// runs over the padding, and then a run does write padding (where it is false the guarded
+/// checks above prove the padding untouched).
+#[test]
+fn writes_padding_is_exact() {
+    let p = random_pattern(9, 13, 0.4, 6);
+    // (batch, ld, block_vectors, spmm and spmm_t write padding)
+    let cases = [
+        (1, 1, 1, false),
+        (1, 16, 1, false),
+        (3, 3, 1, false),
+        (3, 16, 1, true),
+        (5, 7, 1, false),
+        (5, 8, 1, true),
+        (8, 16, 1, false),
+        (12, 16, 2, true),
+        (12, 12, 2, false),
+        (17, 32, 1, true),
+        (100, 112, 1, false),
+        (100, 112, 2, true),
+    ];
+    for (batch, ld, block_vectors, writes) in cases {
+        let options = JitOptions {
+            block_vectors,
+            ..JitOptions::default()
+        };
+        for op in OPS {
+            let spec = KernelSpec::new("t", op, p.clone(), Dim::Fixed(batch), Dim::Fixed(ld));
+            let kernel = JitKernel::compile_with(&spec.unwrap(), &options).unwrap();
+            let want = writes && op != Op::Sddmm;
+            let what = format!("{op} batch {batch} ld {ld} block_vectors {block_vectors}");
+            assert_eq!(
+                sparse_ir::backend::Kernel::writes_padding(&kernel),
+                want,
+                "{what}"
+            );
+            if op == Op::Sddmm {
+                continue; // its output is the value array: no padding
+            }
+            let mut operands = test_support::Operands::new(kernel.spec(), Run::new(batch, ld, 1));
+            kernel.run(Launch::new(batch, ld), operands.args()).unwrap();
+            let written = operands.out.get().chunks(ld).any(|row| {
+                row[batch..]
+                    .iter()
+                    .any(|v| v.to_bits() != test_support::PAD_SENTINEL.to_bits())
+            });
+            assert_eq!(written, want, "{what}");
+        }
     }
 }

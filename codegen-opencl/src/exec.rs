@@ -963,6 +963,13 @@ impl Kernel for OpenClKernel {
         self.compiled.strategy
     }
 
+    /// Never: every emitted kernel returns early for work-items past the batch, and a
+    /// work-item holding a vector of batch columns stores only its first `min(w, batch − b)`
+    /// lanes (`sj_store`).
+    fn writes_padding(&self) -> bool {
+        false
+    }
+
     fn run(&self, launch: Launch, args: Args<'_, DeviceBuffer>) -> Result<(), BackendError> {
         args.check(&self.spec, launch)?;
         for b in buffers(&args) {

@@ -12,7 +12,8 @@
 //! needs at least `f · ld` elements; the weight values exactly `nnz`; the bias exactly `rows`;
 //! the `sddmm` output exactly `nnz`; the `dense_grad` output exactly `rows · cols`. Kernels
 //! overwrite their output (elements `0..B` of each output row); the padding columns
-//! `B..ld` of an output are unspecified afterwards.
+//! `B..ld` of an output keep their contents unless [`Kernel::writes_padding`] says the kernel
+//! may write them, in which case they are unspecified afterwards.
 
 use std::fmt;
 use std::str::FromStr;
@@ -369,6 +370,12 @@ pub trait Kernel {
 
     /// Runs the kernel. Checks the arguments with [`Args::check`] before touching memory.
     fn run(&self, launch: Launch, args: Args<'_, Self::Buffer>) -> Result<(), BackendError>;
+
+    /// Whether a run may write the output's padding columns `batch..ld` (leaving them
+    /// unspecified). When false, a run leaves every padding column of its output as it found
+    /// it, so a buffer shared with other code keeps them; when true, the caller clears them
+    /// if it needs them (CONTRACTS.md, "Data layout and kernel semantics").
+    fn writes_padding(&self) -> bool;
 }
 
 /// A place where kernels run, with its own buffers and compiler.

@@ -324,6 +324,7 @@ pub struct JitKernel {
     spec: KernelSpec,
     chunks: Vec<ChunkRun>,
     stats: CompileStats,
+    writes_padding: bool,
 }
 
 impl std::fmt::Debug for JitKernel {
@@ -642,9 +643,22 @@ pub(crate) fn compile_cancellable(
     };
     Ok(JitKernel {
         spec: spec.clone(),
+        writes_padding: !chunks.is_empty()
+            && code_writes_padding(spec.op(), batch, ld, options.block_vectors),
         chunks,
         stats,
     })
+}
+
+/// Whether `spmm`/`spmm_t` code for this batch and `ld` with `block_vectors` stores into the
+/// padding columns `batch..ld`: its passes ([`emit::plan_passes`]) store whole `f32x4`
+/// vectors, and when `ld` leaves room the last block runs over the padding instead of a
+/// scalar tail. `sddmm` writes the value array only. Batch 1 is one scalar pass.
+pub(crate) fn code_writes_padding(op: Op, batch: usize, ld: usize, block_vectors: usize) -> bool {
+    matches!(op, Op::Spmm { .. } | Op::SpmmT)
+        && emit::plan_passes(batch, ld, block_vectors)
+            .iter()
+            .any(|p| p.start + p.count * 4 * p.vectors + p.scalars > batch)
 }
 
 impl Kernel for JitKernel {
@@ -660,6 +674,13 @@ impl Kernel for JitKernel {
 
     fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
         JitKernel::run(self, launch, args)
+    }
+
+    /// True for `spmm`/`spmm_t` whose last `f32x4` block runs over the padding: a batch
+    /// above 1 that is not a multiple of the block width (4 floats times the
+    /// [`JitOptions::block_vectors`] the batch uses), where `ld` leaves room for the block.
+    fn writes_padding(&self) -> bool {
+        self.writes_padding
     }
 }
 
