@@ -216,10 +216,13 @@ impl SparseWeights {
         self.kernels.relu()
     }
 
+    /// Fuses (or not) ReLU into the forward kernel; the kernels are compiled again.
     pub(crate) fn set_relu(&mut self, relu: bool) {
         self.kernels.set_relu(relu);
     }
 
+    /// Whether the backward pass computes the input gradient; the kernels are compiled
+    /// again.
     pub(crate) fn set_needs_dx(&mut self, needs_dx: bool) {
         self.kernels.set_needs_dx(needs_dx);
     }

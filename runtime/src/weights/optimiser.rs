@@ -194,3 +194,57 @@ impl SgdArithmetic<Vec<f32>> for HostSgd<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lazy decay gives the dense momentum what decaying it every step gives.
+    #[test]
+    fn lazy_decay_matches_eager_decay() {
+        let mu = 0.9f32;
+        let modes = [false, false, true, false, true, true, false, false, false];
+        let mut decay = LazyDecay::default();
+        let (mut lazy, mut eager) = (1.0f32, 1.0f32);
+        for (i, &dense) in modes.iter().enumerate() {
+            let g = i as f32;
+            decay.record_backward(if dense {
+                WeightGradMode::Dense
+            } else {
+                WeightGradMode::Active
+            });
+            assert_eq!(decay.dense_grad_fresh(), dense);
+            eager = mu * eager + if dense { g } else { 0.0 };
+            decay
+                .on_step(mu, |factor| {
+                    lazy = factor * lazy + g;
+                    Ok::<(), Infallible>(())
+                })
+                .unwrap();
+        }
+        lazy *= decay.take_pending(mu).expect("three steps pending");
+        assert_eq!(decay.take_pending(mu), None);
+        assert!(
+            (lazy - eager).abs() <= 1e-6 * eager.abs(),
+            "{lazy} vs {eager}"
+        );
+    }
+
+    /// A failed accumulation leaves the pending steps for the next try.
+    #[test]
+    fn failed_accumulation_keeps_the_pending_decay() {
+        let mut decay = LazyDecay::default();
+        decay.on_step(0.5, |_| Ok::<(), ()>(())).unwrap();
+        decay.record_backward(WeightGradMode::Dense);
+        assert_eq!(decay.on_step(0.5, |_| Err(())), Err(()));
+        let mut seen = None;
+        decay
+            .on_step(0.5, |f| {
+                seen = Some(f);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(seen, Some(0.25));
+        assert_eq!(decay.take_pending(0.5), None);
+    }
+}
