@@ -25,11 +25,6 @@ use rand_chacha::ChaCha8Rng;
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
-/// Each entry present with probability `density` ([`Pattern::random`]).
-fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    Pattern::random(rows, cols, density, seed).expect("a valid random pattern")
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -84,7 +79,7 @@ fn compile() {
             .trim()
     );
     for (rows, cols) in shapes {
-        let p = Arc::new(random_pattern(rows, cols, 0.05, 1));
+        let p = Arc::new(Pattern::random(rows, cols, 0.05, 1).expect("a valid random pattern"));
         for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
             for batch in [1, 8] {
                 let s = spec(&p, op, batch, 16);
@@ -115,7 +110,7 @@ fn compile() {
 /// `compile-options`: compile time of other code generator options (verifier, `opt_level`,
 /// chunk size) on 300x784 at 5 %.
 fn compile_options() {
-    let p = Arc::new(random_pattern(300, 784, 0.05, 1));
+    let p = Arc::new(Pattern::random(300, 784, 0.05, 1).expect("a valid random pattern"));
     println!(
         "compile time, 300x784 at 5 % ({} nonzeros), µs per nonzero: median wall time of 5+ \
          compiles, and CPU time of all threads over them; code bytes",
@@ -284,7 +279,7 @@ fn kernel_case(
     ld: usize,
     variants: &[(&str, JitOptions)],
 ) {
-    let p = Arc::new(random_pattern(rows, cols, 0.05, 7));
+    let p = Arc::new(Pattern::random(rows, cols, 0.05, 7).expect("a valid random pattern"));
     let s = spec(&p, op, batch, ld);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let values: Vec<f32> = (0..p.nnz()).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -462,7 +457,7 @@ fn compile_loop() {
     let batch: usize = a.get(1).map_or(1, |s| s.parse().unwrap());
     let reps: usize = a.get(2).map_or(10, |s| s.parse().unwrap());
     let threads: usize = a.get(3).map_or(1, |s| s.parse().unwrap());
-    let p = Arc::new(random_pattern(300, 784, 0.05, 1));
+    let p = Arc::new(Pattern::random(300, 784, 0.05, 1).expect("a valid random pattern"));
     let s = spec(&p, op, batch, batch.next_multiple_of(16).min(batch.max(16)));
     let o = JitOptions {
         threads,
@@ -590,7 +585,9 @@ fn sizes() {
     ]
     .iter()
     .enumerate()
-    .map(|(i, &(r, c, d))| Arc::new(random_pattern(r, c, d, i as u64)))
+    .map(|(i, &(r, c, d))| {
+        Arc::new(Pattern::random(r, c, d, i as u64).expect("a valid random pattern"))
+    })
     .collect();
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         for (batch, ld) in (1..16).map(|b| (b, 16)).chain([(16, 16), (100, 112)]) {

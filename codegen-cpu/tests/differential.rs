@@ -15,9 +15,7 @@ use codegen_cpu::{CpuBackend, CpuOptions, IsaLevel};
 use proptest::prelude::*;
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
-use test_support::{
-    check, lenet_fc1, named_patterns, random_pattern, specs, strides, Run, BATCHES,
-};
+use test_support::{check, lenet_fc1, named_patterns, random, specs, strides, Run, BATCHES};
 
 /// Every (ISA level, threads) backend, with parallel splitting on even for tiny launches.
 fn backends() -> Vec<CpuBackend> {
@@ -83,7 +81,7 @@ proptest! {
         offset in 0usize..16,
         seed in any::<u64>(),
     ) {
-        let p = random_pattern(rows, cols, density, seed);
+        let p = random(rows, cols, density, seed);
         let run = Run::new(batch, batch + pad, seed).offset(offset);
         let r = check_ops(&backends(), &p, &Op::ALL, &BOTH, run);
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
@@ -99,7 +97,7 @@ proptest! {
         offset in 0usize..16,
         seed in any::<u64>(),
     ) {
-        let p = random_pattern(rows, cols, density, seed);
+        let p = random(rows, cols, density, seed);
         let run = Run::new(batch, batch + pad, seed).offset(offset);
         let b = CpuBackend::new(CpuOptions::default()).unwrap();
         for op in JIT_OPS {
@@ -126,7 +124,7 @@ fn named_edge_cases_at_named_batches() {
 
 #[test]
 fn named_batches_on_a_random_layer() {
-    let p = random_pattern(33, 45, 0.2, 1);
+    let p = random(33, 45, 0.2, 1);
     for batch in BATCHES {
         for ld in strides(batch) {
             check_both(&p, batch, ld, batch % 16, batch as u64);
@@ -182,7 +180,7 @@ fn wide_inputs_run_in_l2_panels() {
     // More than 2048 input rows at batch ≥ 64: spmm (and spmm_t of the transposed shape)
     // walk the pattern in panels of input rows, accumulating into the output.
     for (rows, cols) in [(3, 4200), (4200, 3)] {
-        let p = random_pattern(rows, cols, 0.3, 8);
+        let p = random(rows, cols, 0.3, 8);
         for (batch, ld) in [(100, 112), (130, 133), (64, 64)] {
             check_both(&p, batch, ld, 5, 13);
         }
@@ -216,7 +214,7 @@ fn largest_lenet_layer_300x784() {
 
 #[test]
 fn auto_plans_record_reasons_and_run_correctly() {
-    let sparse = random_pattern(64, 80, 0.05, 6);
+    let sparse = random(64, 80, 0.05, 6);
     let dense = Arc::new(Pattern::dense(48, 40).unwrap());
     for p in [sparse, dense] {
         check_ops(
@@ -229,7 +227,7 @@ fn auto_plans_record_reasons_and_run_correctly() {
         .unwrap();
     }
     // At batch 1 with a fixed shape the planner may pick the JIT: still exact.
-    let p = random_pattern(100, 300, 0.05, 7);
+    let p = random(100, 300, 0.05, 7);
     check_ops(
         &backends(),
         &p,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc};
 use proptest::prelude::*;
 use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern};
-use test_support::{check_kernel, named_patterns, random_pattern, strides, Run};
+use test_support::{check_kernel, named_patterns, random, strides, Run};
 
 /// Every op the JIT compiles: all of [`Op::ALL`] but `dense_grad`.
 const OPS: [Op; 6] = {
@@ -88,7 +88,7 @@ fn long_rows_in_small_chunks() {
 
 #[test]
 fn named_batches() {
-    let p = random_pattern(23, 41, 0.15, 2);
+    let p = random(23, 41, 0.15, 2);
     for batch in [1usize, 3, 8, 17, 100, 128] {
         for ld in strides(batch) {
             check_all_ops(&p, batch, ld, &small_chunks());
@@ -106,7 +106,7 @@ fn largest_lenet_layer() {
 
 #[test]
 fn every_code_shape_option() {
-    let p = random_pattern(19, 33, 0.3, 4);
+    let p = random(19, 33, 0.3, 4);
     for accumulators in 1..=4 {
         for block_vectors in 1..=4 {
             let options = JitOptions {
@@ -131,7 +131,7 @@ fn every_code_shape_option() {
 
 #[test]
 fn estimates_code_size_without_compiling() {
-    let p = random_pattern(120, 250, 0.06, 5);
+    let p = random(120, 250, 0.06, 5);
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         for (batch, ld) in [(1, 16), (3, 16), (8, 16), (13, 16), (40, 48)] {
             let spec = KernelSpec::new("fc", op, p.clone(), Dim::Fixed(batch), Dim::Fixed(ld));
@@ -245,7 +245,7 @@ proptest! {
         op in 0usize..OPS.len(),
         seed in any::<u64>(),
     ) {
-        let pattern = random_pattern(rows, cols, density, seed);
+        let pattern = random(rows, cols, density, seed);
         let options = JitOptions { chunk_nnz, accumulators, block_vectors, ..JitOptions::default() };
         let result = check(&pattern, OPS[op], batch, batch + pad, &options, seed);
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
@@ -257,7 +257,7 @@ proptest! {
 /// checks above prove the padding untouched).
 #[test]
 fn writes_padding_is_exact() {
-    let p = random_pattern(9, 13, 0.4, 6);
+    let p = random(9, 13, 0.4, 6);
     // (batch, ld, block_vectors, spmm and spmm_t write padding)
     let cases = [
         (1, 1, 1, false),

@@ -7,16 +7,10 @@ use std::sync::{Arc, Mutex};
 use codegen_cpu::jit::{chunk_rows, live_code, JitKernel, JitOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparse_ir::interp::{compare, reference};
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern};
+use sparse_ir::{Dim, KernelSpec, Op, Pattern};
+use test_support::{check_kernel, Run};
 
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn random_mask(rows: usize, cols: usize, density: f64, rng: &mut ChaCha8Rng) -> Vec<u8> {
-    (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect()
-}
 
 fn spec(p: &Arc<Pattern>, op: Op) -> KernelSpec {
     KernelSpec::new("fc1", op, p.clone(), Dim::Fixed(3), Dim::Fixed(16)).unwrap()
@@ -30,38 +24,12 @@ fn chunk_content(p: &Pattern, rows: std::ops::Range<usize>) -> Vec<u32> {
     c
 }
 
-/// Runs an `spmm` kernel and checks it against the interpreter.
-fn check_spmm(kernel: &JitKernel, rng: &mut ChaCha8Rng) {
-    let p = kernel.spec().pattern();
-    let launch = Launch::new(3, 16);
-    let values: Vec<f32> = (0..p.nnz()).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let x: Vec<f32> = (0..p.cols() * 16)
-        .map(|_| rng.random_range(-1.0..1.0))
-        .collect();
-    let mut y = vec![f32::NAN; p.rows() * 16];
-    let want = reference(
-        kernel.spec(),
-        launch,
-        &Args::Spmm {
-            values: &values,
-            x: &x,
-            bias: None,
-            y: &mut y.clone(),
-        },
-    )
-    .unwrap();
-    kernel
-        .run(
-            launch,
-            Args::Spmm {
-                values: &values,
-                x: &x,
-                bias: None,
-                y: &mut y,
-            },
-        )
-        .unwrap();
-    compare(&want, &y, 16).unwrap();
+/// Runs a kernel (batch 3, ld 16) on guarded operands and checks it against the
+/// interpreter (`test_support::check_kernel`).
+fn check_any(kernel: &JitKernel, rng: &mut ChaCha8Rng) {
+    let seed: u64 = rng.random();
+    check_kernel(kernel, Run::new(3, 16, seed).offset(seed as usize % 16))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -72,7 +40,9 @@ fn chunks_are_reused_recompiled_and_freed() {
     let options = JitOptions::default();
     let (chunks_before, bytes_before) = live_code();
 
-    let mut mask = random_mask(rows, cols, 0.05, &mut rng);
+    let mut mask = Pattern::random(rows, cols, 0.05, rng.random())
+        .unwrap()
+        .to_dense_mask();
     let p1 = Arc::new(Pattern::from_dense_mask(rows, cols, &mask).unwrap());
     let k1 = JitKernel::compile_with(&spec(&p1, Op::SPMM), &options).unwrap();
     let s = k1.stats().clone();
@@ -82,7 +52,7 @@ fn chunks_are_reused_recompiled_and_freed() {
     assert_eq!(s.compiled_nnz, p1.nnz());
     assert!(s.code_bytes > 0);
     assert_eq!(live_code().0, chunks_before + s.compiled);
-    check_spmm(&k1, &mut rng);
+    check_any(&k1, &mut rng);
 
     // The same spec again: every chunk is alive, nothing compiles.
     let k1b = JitKernel::compile_with(&spec(&p1, Op::SPMM), &options).unwrap();
@@ -130,7 +100,7 @@ fn chunks_are_reused_recompiled_and_freed() {
         k2.stats().reused,
         k2.stats().functions - k2.stats().compiled
     );
-    check_spmm(&k2, &mut rng);
+    check_any(&k2, &mut rng);
 
     // Add a nonzero to row 100: what compiles is exactly the chunks not seen before.
     let off = (0..cols).find(|&c| mask[100 * cols + c] == 0).unwrap();
@@ -147,7 +117,7 @@ fn chunks_are_reused_recompiled_and_freed() {
     let k3 = JitKernel::compile_with(&spec(&p3, Op::SPMM), &options).unwrap();
     assert!((1..=2).contains(&new_chunks), "{new_chunks}");
     assert_eq!(k3.stats().compiled, new_chunks, "{:?}", k3.stats());
-    check_spmm(&k3, &mut rng);
+    check_any(&k3, &mut rng);
 
     // Dropping kernels frees the code that no live kernel uses.
     drop(k1);
@@ -195,43 +165,6 @@ fn identical_chunks_compile_once() {
     assert_eq!(k.stats().shared, 9);
 }
 
-/// Runs a kernel of `spmm` or `sddmm` (batch 3, ld 16) and checks it against the interpreter.
-fn check_any(kernel: &JitKernel, rng: &mut ChaCha8Rng) {
-    if kernel.spec().op() != Op::Sddmm {
-        return check_spmm(kernel, rng);
-    }
-    let p = kernel.spec().pattern();
-    let launch = Launch::new(3, 16);
-    let dy: Vec<f32> = (0..p.rows() * 16)
-        .map(|_| rng.random_range(-1.0..1.0))
-        .collect();
-    let x: Vec<f32> = (0..p.cols() * 16)
-        .map(|_| rng.random_range(-1.0..1.0))
-        .collect();
-    let mut dw = vec![f32::NAN; p.nnz()];
-    let want = reference(
-        kernel.spec(),
-        launch,
-        &Args::Sddmm {
-            dy: &dy,
-            x: &x,
-            dw: &mut dw.clone(),
-        },
-    )
-    .unwrap();
-    kernel
-        .run(
-            launch,
-            Args::Sddmm {
-                dy: &dy,
-                x: &x,
-                dw: &mut dw,
-            },
-        )
-        .unwrap();
-    compare(&want, &dw, p.nnz().max(1)).unwrap();
-}
-
 /// An update that changes a few rows of a large layer (their nonzero counts too) compiles
 /// only the chunks holding those rows (at most one more each, where a content boundary
 /// moved): the rest of the kernel's code is reused, so recompiling costs in proportion to the
@@ -242,7 +175,9 @@ fn a_few_changed_rows_recompile_only_their_chunks() {
     let mut rng = ChaCha8Rng::seed_from_u64(29);
     let (rows, cols) = (1024, 1024);
     let options = JitOptions::default();
-    let mut mask = random_mask(rows, cols, 0.05, &mut rng);
+    let mut mask = Pattern::random(rows, cols, 0.05, rng.random())
+        .unwrap()
+        .to_dense_mask();
     for op in [Op::SPMM, Op::Sddmm] {
         let p = Arc::new(Pattern::from_dense_mask(rows, cols, &mask).unwrap());
         let mut kernel = JitKernel::compile_with(&spec(&p, op), &options).unwrap();

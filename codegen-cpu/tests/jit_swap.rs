@@ -1,6 +1,6 @@
 //! Hot swap: a [`SwapKernel`] is correct before, during and after its switch from the
 //! generic kernel to the JIT code compiled on a background thread (differential against the
-//! interpreter), and [`compile_hot`] swaps exactly where the planner's cost model picks the JIT.
+//! interpreter, on the guarded operands of `test-support`), and [`compile_hot`] swaps exactly where the planner's cost model picks the JIT.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -10,12 +10,9 @@ use codegen_cpu::swap::{background_options, compile_hot, HotKernel, SwapKernel};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sparse_ir::interp::{compare, reference};
+use sparse_ir::backend::Kernel;
 use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
-
-fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
-    Arc::new(Pattern::random(rows, cols, density, seed).unwrap())
-}
+use test_support::{args_of, check_fn, random, Operands, Run};
 
 /// A hot-swap kernel for `s` whose background compilation waits until the returned sender
 /// sends (or is dropped).
@@ -38,87 +35,23 @@ fn spec(p: &Arc<Pattern>, op: Op, batch: usize, ld: usize) -> KernelSpec {
     KernelSpec::new("fc", op, p.clone(), Dim::Fixed(batch), Dim::Fixed(ld)).unwrap()
 }
 
-/// Random inputs for `spec`, NaN in every output element and in the padding columns.
-struct Case {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    bias: Vec<f32>,
-    out_len: usize,
-}
-
-impl Case {
-    fn new(spec: &KernelSpec, rng: &mut ChaCha8Rng) -> Case {
-        let p = spec.pattern();
-        let (Dim::Fixed(batch), Dim::Fixed(ld)) = (spec.batch(), spec.ld()) else {
-            unreachable!()
-        };
-        let matrix = |rows: usize, rng: &mut ChaCha8Rng| -> Vec<f32> {
-            let mut m = vec![f32::NAN; rows * ld];
-            for r in 0..rows {
-                for c in 0..batch {
-                    m[r * ld + c] = rng.random_range(-1.0..1.0);
-                }
-            }
-            m
-        };
-        let values: Vec<f32> = (0..p.nnz()).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let (a, b, out_len) = match spec.op() {
-            Op::Spmm { .. } => (values, matrix(p.cols(), rng), p.rows() * ld),
-            Op::SpmmT => (values, matrix(p.rows(), rng), p.cols() * ld),
-            Op::Sddmm => (matrix(p.rows(), rng), matrix(p.cols(), rng), p.nnz()),
-            Op::DenseGrad => unreachable!(),
-        };
-        let bias = (0..p.rows()).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Case {
-            a,
-            b,
-            bias,
-            out_len,
-        }
-    }
-
-    fn args<'a>(&'a self, spec: &KernelSpec, out: &'a mut [f32]) -> Args<'a, [f32]> {
-        match spec.op() {
-            Op::Spmm { bias, .. } => Args::Spmm {
-                values: &self.a,
-                x: &self.b,
-                bias: bias.then_some(&self.bias[..]),
-                y: out,
-            },
-            Op::SpmmT => Args::SpmmT {
-                values: &self.a,
-                dy: &self.b,
-                dx: out,
-            },
-            _ => Args::Sddmm {
-                dy: &self.a,
-                x: &self.b,
-                dw: out,
-            },
-        }
-    }
-
-    /// Runs `run` and compares its output with the interpreter.
-    fn check(
-        &self,
-        spec: &KernelSpec,
-        run: impl FnOnce(Launch, Args<'_, [f32]>) -> Result<(), BackendError>,
-    ) {
-        let launch = match (spec.batch(), spec.ld()) {
-            (Dim::Fixed(b), Dim::Fixed(l)) => Launch::new(b, l),
-            _ => unreachable!(),
-        };
-        let mut scratch = vec![f32::NAN; self.out_len];
-        let want = reference(spec, launch, &self.args(spec, &mut scratch)).unwrap();
-        let mut out = vec![f32::NAN; self.out_len];
-        run(launch, self.args(spec, &mut out)).unwrap();
-        let stride = if spec.op() == Op::Sddmm {
-            self.out_len.max(1)
-        } else {
-            launch.ld
-        };
-        compare(&want, &out, stride).unwrap_or_else(|e| panic!("{}: {e}", spec.op()));
-    }
+/// Runs `run` on guarded operands for `spec` (its fixed launch) from `seed` and checks the
+/// result against the interpreter (`test_support::check_fn`); `writes_padding` is the
+/// kernel's [`Kernel::writes_padding`].
+fn check(
+    spec: &KernelSpec,
+    seed: u64,
+    writes_padding: bool,
+    run: impl FnOnce(Launch, Args<'_, [f32]>) -> Result<(), BackendError>,
+) {
+    let (Dim::Fixed(batch), Dim::Fixed(ld)) = (spec.batch(), spec.ld()) else {
+        unreachable!()
+    };
+    let run_at = Run::new(batch, ld, seed).offset(seed as usize % 16);
+    check_fn(spec, run_at, writes_padding, |l, a| {
+        run(l, a).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 const OPS: [Op; 4] = [
@@ -139,8 +72,8 @@ fn runs_generic_until_the_jit_code_is_ready_then_jit() {
     let backend = CpuBackend::new(CpuOptions::default()).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let patterns = [
-        random_pattern(100, 300, 0.05, 2),
-        random_pattern(7, 96, 0.2, 3),
+        random(100, 300, 0.05, 2),
+        random(7, 96, 0.2, 3),
         Arc::new(Pattern::empty(5, 9).unwrap()),
         Arc::new(Pattern::from_coo(4, 6, &[(2, 3)]).unwrap()),
     ];
@@ -153,7 +86,7 @@ fn runs_generic_until_the_jit_code_is_ready_then_jit() {
                 assert!(!k.is_swapped() && k.jit_stats().is_none() && k.error().is_none());
                 assert_eq!(sparse_ir::backend::Kernel::strategy(&k), Strategy::Jit);
                 for _ in 0..2 {
-                    Case::new(&s, &mut rng).check(&s, |l, a| k.run(l, a));
+                    check(&s, rng.random(), k.writes_padding(), |l, a| k.run(l, a));
                 }
                 release.send(()).unwrap();
                 assert!(k.wait(), "{:?}", k.error());
@@ -162,7 +95,7 @@ fn runs_generic_until_the_jit_code_is_ready_then_jit() {
                 assert_eq!(stats.nnz, p.nnz());
                 assert_eq!(stats.threads, 1);
                 for _ in 0..2 {
-                    Case::new(&s, &mut rng).check(&s, |l, a| k.run(l, a));
+                    check(&s, rng.random(), k.writes_padding(), |l, a| k.run(l, a));
                 }
             }
         }
@@ -174,19 +107,20 @@ fn runs_generic_until_the_jit_code_is_ready_then_jit() {
 #[test]
 fn runs_during_the_swap_are_correct() {
     let backend = CpuBackend::new(CpuOptions::default()).unwrap();
-    let p = random_pattern(300, 784, 0.05, 5);
+    let p = random(300, 784, 0.05, 5);
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         let s = spec(&p, op, 1, 16);
         let (k, release) = gated(&backend, &s);
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let cases: Vec<Case> = (0..4).map(|_| Case::new(&s, &mut rng)).collect();
+        let seeds: Vec<u64> = (0..4).map(|_| rng.random()).collect();
         let seen = std::thread::scope(|scope| {
             let runner = scope.spawn(|| {
                 let mut seen = Vec::new();
                 let mut i = 0;
                 loop {
                     let before = k.active();
-                    cases[i % cases.len()].check(&s, |l, a| k.run(l, a));
+                    let seed = seeds[i % seeds.len()];
+                    check(&s, seed, k.writes_padding(), |l, a| k.run(l, a));
                     seen.push(before);
                     i += 1;
                     if before == Strategy::Jit && i > 8 {
@@ -216,7 +150,7 @@ fn runs_during_the_swap_are_correct() {
 #[test]
 fn drop_failure_and_unsupported() {
     let backend = CpuBackend::new(CpuOptions::default()).unwrap();
-    let p = random_pattern(100, 300, 0.05, 6);
+    let p = random(100, 300, 0.05, 6);
     let s = spec(&p, Op::SPMM, 1, 16);
     let (release, gate) = mpsc::channel::<()>();
     let (done_tx, done) = mpsc::channel::<()>();
@@ -249,7 +183,7 @@ fn drop_failure_and_unsupported() {
         k.error()
     );
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    Case::new(&s, &mut rng).check(&s, |l, a| k.run(l, a));
+    check(&s, rng.random(), k.writes_padding(), |l, a| k.run(l, a));
 
     let dense = KernelSpec::new(
         "fc",
@@ -271,13 +205,12 @@ fn drop_failure_and_unsupported() {
     // a wrong launch is an error before and after the swap, never a crash
     let k = SwapKernel::start(&backend, &s, backend.predict(&s), background_options()).unwrap();
     for _ in 0..2 {
-        let case = Case::new(&s, &mut rng);
-        let mut out = vec![0.0; case.out_len];
-        assert!(k.run(Launch::new(2, 16), case.args(&s, &mut out)).is_err());
-        let mut short = vec![0.0; case.out_len - 1];
-        assert!(k
-            .run(Launch::new(1, 16), case.args(&s, &mut short))
-            .is_err());
+        let mut ops = Operands::new(&s, Run::new(1, 16, rng.random()));
+        assert!(k.run(Launch::new(2, 16), ops.args()).is_err());
+        let mut short = vec![0.0; ops.out.len() - 1];
+        let (values, bias, x, dy) = (ops.values.get(), ops.bias.get(), ops.x.get(), ops.dy.get());
+        let args = args_of(s.op(), values, bias, x, dy, &mut short);
+        assert!(k.run(Launch::new(1, 16), args).is_err());
         k.wait();
     }
 }
@@ -291,7 +224,7 @@ fn compile_hot_swaps_where_the_plan_is_jit() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let mut swaps = 0;
     for (rows, cols) in [(10, 100), (100, 300), (300, 784)] {
-        let p = random_pattern(rows, cols, 0.05, 7);
+        let p = random(rows, cols, 0.05, 7);
         for op in OPS {
             for (batch, ld) in [(1, 16), (8, 16), (100, 112)] {
                 let s = spec(&p, op, batch, ld);
@@ -305,7 +238,11 @@ fn compile_hot_swaps_where_the_plan_is_jit() {
                         assert_eq!(k.plan().strategy, Strategy::Jit);
                         assert!(k.wait(), "{:?}", k.error());
                     }
-                    Case::new(&s, &mut rng).check(&s, |l, a| hot.run(l, a));
+                    let writes_padding = match &hot {
+                        HotKernel::Ready(k) => k.writes_padding(),
+                        HotKernel::Swap(k) => k.writes_padding(),
+                    };
+                    check(&s, rng.random(), writes_padding, |l, a| hot.run(l, a));
                 }
             }
         }

@@ -82,19 +82,16 @@ pub fn named(name: &str) -> Arc<Pattern> {
         .unwrap_or_else(|| panic!("no pattern {name:?} in patterns/edge_cases.sir"))
 }
 
-/// A random pattern ([`Pattern::random`]: each entry present with probability `density`).
-pub fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
+/// [`Pattern::random`] (each entry present with probability `density`) in an `Arc`, the
+/// form specs take; the one random pattern generator of every test, so one seed means one
+/// pattern in every crate.
+pub fn random(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
     Arc::new(Pattern::random(rows, cols, density, seed).expect("a random pattern is valid"))
 }
 
 /// The largest LeNet-300-100 layer: 300×784 at 5 %, seed 42.
 pub fn lenet_fc1() -> Arc<Pattern> {
-    random_pattern(300, 784, 0.05, 42)
-}
-
-/// A dense `u8` mask of `rows × cols` (row-major) drawn by [`Pattern::random`].
-pub fn random_mask(rows: usize, cols: usize, density: f64, seed: u64) -> Vec<u8> {
-    random_pattern(rows, cols, density, seed).to_dense_mask()
+    random(300, 784, 0.05, 42)
 }
 
 /// The specs of `op` on `pattern` for `launch`: one with batch and `ld` fixed, and one that
@@ -301,6 +298,14 @@ impl Operands {
             out,
             inputs,
         }
+    }
+
+    /// The same operands with the weight values replaced by `values` (a kernel with its
+    /// values baked in); panics unless `values` has `nnz` elements.
+    pub fn with_values(mut self, values: &[f32]) -> Operands {
+        self.values.get_mut().copy_from_slice(values);
+        self.inputs[0] = values.to_vec();
+        self
     }
 
     /// The op these operands are for.
@@ -797,10 +802,9 @@ mod tests {
     }
 
     #[test]
-    fn random_masks_come_from_pattern_random() {
-        let m = random_mask(30, 40, 0.1, 9);
+    fn random_is_pattern_random_and_strides_dedup() {
         assert_eq!(
-            Pattern::from_dense_mask(30, 40, &m).unwrap(),
+            *random(30, 40, 0.1, 9),
             Pattern::random(30, 40, 0.1, 9).unwrap()
         );
         assert_eq!(strides(1), vec![1, 4, 16]);
