@@ -365,21 +365,28 @@ impl Kernel {
         self.compile_time
     }
 
+    /// Whether a run may write the padding columns `batch..ld` of its output on the host
+    /// ([`sparse_ir::backend::Kernel::writes_padding`]): the backend kernel says so (the JIT
+    /// when its last `f32x4` block runs over them); the interpreter never does; the OpenCL
+    /// adapter always may, since it copies the whole device buffer back.
+    pub fn writes_padding(&self) -> bool {
+        match &self.imp {
+            Imp::Reference(_) => false,
+            Imp::Cpu(k) => k.writes_padding(),
+            Imp::Swap(k) => k.writes_padding(),
+            #[cfg(feature = "opencl")]
+            Imp::OpenCl(_) => true,
+        }
+    }
+
     /// Runs the kernel on host slices; every length is checked first. On OpenCL the inputs
     /// are copied to the device and the output back.
     ///
-    /// Kernels may leave the padding columns `batch..ld` of an output unspecified (the JIT runs
-    /// its last `f32x4` block over them; OpenCL copies whole device buffers back); the runtime
-    /// keeps them at zero, so after such a kernel the padding of the output is cleared.
+    /// Kernels may leave the padding columns `batch..ld` of an output unspecified
+    /// ([`writes_padding`](Self::writes_padding)); the runtime keeps them at zero, so after
+    /// such a kernel the padding of the output is cleared.
     pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
-        let may_write_padding = match &self.imp {
-            Imp::Reference(_) => false,
-            Imp::Cpu(k) => k.strategy() == Strategy::Jit,
-            Imp::Swap(_) => true,
-            #[cfg(feature = "opencl")]
-            Imp::OpenCl(_) => true,
-        };
-        if launch.ld == launch.batch || !may_write_padding {
+        if launch.ld == launch.batch || !self.writes_padding() {
             return self.run_unpadded(launch, args);
         }
         match args {
