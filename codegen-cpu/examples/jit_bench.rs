@@ -518,9 +518,9 @@ fn incremental() {
             let (mut worst, mut sum_c, mut sum_g, mut chunks) = (0, 0, 0, 0);
             let trials = 100;
             for _ in 0..trials {
-                let mut mask: Vec<u8> = (0..rows * cols)
-                    .map(|_| u8::from(rng.random_bool(0.05)))
-                    .collect();
+                let mut mask = Pattern::random(rows, cols, 0.05, rng.random())
+                    .expect("a valid random pattern")
+                    .to_dense_mask();
                 let old = Pattern::from_dense_mask(rows, cols, &mask).unwrap();
                 let flip = |mask: &mut [u8],
                             rng: &mut ChaCha8Rng,

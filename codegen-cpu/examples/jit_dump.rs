@@ -8,8 +8,6 @@
 use std::sync::Arc;
 
 use codegen_cpu::jit::{JitKernel, JitOptions};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use sparse_ir::{Dim, KernelSpec, Op, Pattern};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,11 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let density: f64 = arg(3, "0.3").parse()?;
     let batch: usize = arg(4, "1").parse()?;
     let ld: usize = arg(5, &batch.to_string()).parse()?;
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    let pattern = Arc::new(Pattern::from_dense_mask(rows, cols, &mask)?);
+    let pattern = Arc::new(Pattern::random(rows, cols, density, 1)?);
     let spec = KernelSpec::new("dump", op, pattern, Dim::Fixed(batch), Dim::Fixed(ld))?;
     let options = JitOptions {
         capture_clif: true,

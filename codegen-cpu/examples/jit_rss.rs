@@ -52,9 +52,9 @@ fn main() {
     let backend = CpuBackend::new(CpuOptions::default()).unwrap();
     let (rows, cols) = (300, 784);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(0.05)))
-        .collect();
+    let mut mask = Pattern::random(rows, cols, 0.05, rng.random())
+        .expect("a valid random pattern")
+        .to_dense_mask();
     let ops: Vec<(Op, usize, usize)> = if all_ops {
         vec![
             (

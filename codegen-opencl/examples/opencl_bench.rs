@@ -20,11 +20,6 @@ use rand_chacha::ChaCha8Rng;
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
-/// Each entry present with probability `density` ([`Pattern::random`]).
-fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    Pattern::random(rows, cols, density, seed).expect("a valid random pattern")
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -96,7 +91,9 @@ fn main() {
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         let mut totals = Vec::new();
         for seed in 0..3 {
-            let big = Arc::new(random_pattern(1000, 1000, 0.05, 100 + seed));
+            let big = Arc::new(
+                Pattern::random(1000, 1000, 0.05, 100 + seed).expect("a valid random pattern"),
+            );
             let spec =
                 KernelSpec::new("big", op, big.clone(), Dim::Fixed(128), Dim::Fixed(128)).unwrap();
             let k = backend.compile(&spec, Strategy::Table).unwrap();
@@ -136,7 +133,7 @@ fn main() {
         "case", "strategy", "nnz", "compile_ms", "median_us", "gflops", "vs_csr"
     );
     for (name, rows, cols, density, batch, ld) in cases {
-        let p = Arc::new(random_pattern(rows, cols, density, 7));
+        let p = Arc::new(Pattern::random(rows, cols, density, 7).expect("a valid random pattern"));
         let op = Op::Spmm {
             bias: true,
             relu: true,

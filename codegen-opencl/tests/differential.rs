@@ -1,8 +1,11 @@
 //! Differential tests on the first OpenCL device (PoCL here): every op and every strategy
 //! against the interpreter (`sparse_ir::interp`), on named edge cases and random patterns.
 //!
-//! Inputs carry NaN in their padding columns (`batch..ld`) and outputs start as NaN, so a
-//! kernel that reads past the batch or leaves an element unwritten fails the comparison.
+//! The shared harness (`test-support`) builds the operands: inputs carry NaN in their
+//! padding columns (`batch..ld`), outputs start as NaN with a sentinel in their padding, and
+//! every buffer that may be longer than its operand has a trailing guard zone, so a kernel
+//! that reads past the batch, leaves an element unwritten, writes padding or writes past an
+//! operand fails. The patterns are the named edge cases of `test-support`.
 //! Each case builds programs (PoCL: a fraction of a second each), so case counts are small.
 #![cfg(feature = "opencl")]
 
@@ -10,198 +13,19 @@ mod common;
 
 use std::sync::Arc;
 
-use codegen_opencl::{DeviceBuffer, DeviceKind, OpenClBackend, OpenClKernel};
+use codegen_opencl::{DeviceKind, OpenClBackend, OpenClKernel};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use sparse_ir::backend::{Backend, Kernel};
-use sparse_ir::interp::{compare, reference};
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use test_support::{check_compiled, named_patterns, random, Device, Run};
 
-/// A pattern with about `density` of its entries, from `seed`.
-fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mask: Vec<u8> = (0..rows * cols)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect();
-    Pattern::from_dense_mask(rows, cols, &mask).unwrap()
-}
-
-/// The named edge cases: (name, pattern).
-fn named_patterns() -> Vec<(&'static str, Pattern)> {
-    // empty rows 0 and 4, empty columns 2 and 10
-    let base = random_pattern(9, 11, 0.5, 1);
-    let mut mask = base.to_dense_mask();
-    for r in [0, 4] {
-        mask[r * 11..(r + 1) * 11].fill(0);
-    }
-    for r in 0..9 {
-        mask[r * 11 + 2] = 0;
-        mask[r * 11 + 10] = 0;
-    }
-    let empty_rows_cols = Pattern::from_dense_mask(9, 11, &mask).unwrap();
-    // a fully dense row 2 among sparse ones
-    let mut mask = random_pattern(6, 40, 0.1, 2).to_dense_mask();
-    mask[2 * 40..3 * 40].fill(1);
-    let dense_row = Pattern::from_dense_mask(6, 40, &mask).unwrap();
-    vec![
-        ("empty rows and columns", empty_rows_cols),
-        ("one nonzero", Pattern::from_coo(5, 6, &[(2, 3)]).unwrap()),
-        ("all-zero", Pattern::empty(4, 5).unwrap()),
-        ("fully dense row", dense_row),
-        ("7x96", random_pattern(7, 96, 0.2, 3)),
-    ]
-}
-
-/// Host data: `rows × ld` with values in the batch columns and NaN in the padding.
-fn matrix(rng: &mut ChaCha8Rng, rows: usize, launch: Launch) -> Vec<f32> {
-    (0..rows * launch.ld)
-        .map(|i| {
-            if i % launch.ld < launch.batch {
-                rng.random_range(-1.0f32..1.0)
-            } else {
-                f32::NAN
-            }
-        })
-        .collect()
-}
-
-fn vector(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn upload(backend: &OpenClBackend, data: &[f32]) -> DeviceBuffer {
-    let mut buffer = backend.alloc(data.len()).unwrap();
-    backend.upload(data, &mut buffer).unwrap();
-    buffer
-}
-
-fn download(backend: &OpenClBackend, buffer: &DeviceBuffer) -> Vec<f32> {
-    let mut out = vec![0.0; buffer.len()];
-    backend.download(buffer, &mut out).unwrap();
-    out
-}
-
-/// Runs `kernel` on random data at `launch` and compares with the interpreter.
+/// Runs `kernel` on guarded operands from `seed` at `launch` and checks it against the
+/// interpreter (`test_support::check_compiled` through `Device`: every operand in a device
+/// buffer of its own, trailing guard zones, inputs unchanged, padding untouched).
 fn check_kernel(backend: &OpenClBackend, kernel: &OpenClKernel, launch: Launch, seed: u64) {
-    let spec = kernel.spec();
-    let p = spec.pattern();
-    let what = format!(
-        "layer {} {} {} on {}x{} nnz {} batch {} ld {}",
-        spec.layer(),
-        spec.op(),
-        kernel.strategy(),
-        p.rows(),
-        p.cols(),
-        p.nnz(),
-        launch.batch,
-        launch.ld
-    );
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (rows, cols, nnz) = (p.rows(), p.cols(), p.nnz());
-    let (want, got) = match spec.op() {
-        Op::Spmm { bias, .. } => {
-            let values = vector(&mut rng, nnz);
-            let x = matrix(&mut rng, cols, launch);
-            let b = bias.then(|| vector(&mut rng, rows));
-            let mut scratch = vec![0.0; rows * launch.ld];
-            let want = reference(
-                spec,
-                launch,
-                &Args::Spmm {
-                    values: &values,
-                    x: &x,
-                    bias: b.as_deref(),
-                    y: &mut scratch,
-                },
-            )
-            .unwrap();
-            let (dv, dx) = (upload(backend, &values), upload(backend, &x));
-            let db = b.as_deref().map(|b| upload(backend, b));
-            let mut dy = upload(backend, &vec![f32::NAN; rows * launch.ld]);
-            let args = Args::Spmm {
-                values: &dv,
-                x: &dx,
-                bias: db.as_ref(),
-                y: &mut dy,
-            };
-            kernel
-                .run(launch, args)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            (want, download(backend, &dy))
-        }
-        Op::SpmmT => {
-            let values = vector(&mut rng, nnz);
-            let dy = matrix(&mut rng, rows, launch);
-            let mut scratch = vec![0.0; cols * launch.ld];
-            let want = reference(
-                spec,
-                launch,
-                &Args::SpmmT {
-                    values: &values,
-                    dy: &dy,
-                    dx: &mut scratch,
-                },
-            )
-            .unwrap();
-            let (dv, ddy) = (upload(backend, &values), upload(backend, &dy));
-            let mut ddx = upload(backend, &vec![f32::NAN; cols * launch.ld]);
-            let args = Args::SpmmT {
-                values: &dv,
-                dy: &ddy,
-                dx: &mut ddx,
-            };
-            kernel
-                .run(launch, args)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            (want, download(backend, &ddx))
-        }
-        Op::Sddmm | Op::DenseGrad => {
-            let dy = matrix(&mut rng, rows, launch);
-            let x = matrix(&mut rng, cols, launch);
-            let out_len = if spec.op() == Op::Sddmm {
-                nnz
-            } else {
-                rows * cols
-            };
-            let mut scratch = vec![0.0; out_len];
-            let host: Args<'_, [f32]> = if spec.op() == Op::Sddmm {
-                Args::Sddmm {
-                    dy: &dy,
-                    x: &x,
-                    dw: &mut scratch,
-                }
-            } else {
-                Args::DenseGrad {
-                    dy: &dy,
-                    x: &x,
-                    grad: &mut scratch,
-                }
-            };
-            let want = reference(spec, launch, &host).unwrap();
-            let (ddy, dx) = (upload(backend, &dy), upload(backend, &x));
-            let mut out = upload(backend, &vec![f32::NAN; out_len]);
-            let args = if spec.op() == Op::Sddmm {
-                Args::Sddmm {
-                    dy: &ddy,
-                    x: &dx,
-                    dw: &mut out,
-                }
-            } else {
-                Args::DenseGrad {
-                    dy: &ddy,
-                    x: &dx,
-                    grad: &mut out,
-                }
-            };
-            kernel
-                .run(launch, args)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            (want, download(backend, &out))
-        }
-    };
-    if let Err(m) = compare(&want, &got, launch.ld) {
-        panic!("{what}: {m}");
+    let run = Run::new(launch.batch, launch.ld, seed);
+    if let Err(e) = check_compiled(&Device(backend), kernel, run) {
+        panic!("{e}");
     }
 }
 
@@ -225,12 +49,11 @@ fn compile(backend: &OpenClBackend, spec: &KernelSpec, strategy: Strategy) -> Op
 fn check_pattern(
     backend: &OpenClBackend,
     name: &str,
-    pattern: Pattern,
+    pattern: Arc<Pattern>,
     strategy: Strategy,
     launches: &[Launch],
     seed: u64,
 ) {
-    let pattern = Arc::new(pattern);
     let layer = name.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
     for (i, op) in Op::ALL.into_iter().enumerate() {
         let spec = KernelSpec::any_batch(format!("l{layer}"), op, pattern.clone()).unwrap();
@@ -266,7 +89,7 @@ fn named_cases(strategy: Strategy) {
     for (i, (name, pattern)) in named_patterns().into_iter().enumerate() {
         check_pattern(
             backend,
-            name,
+            &name,
             pattern,
             strategy,
             &small_launches(),
@@ -300,7 +123,7 @@ fn lenet_fc1(strategies: &[Strategy], ops: &[Op]) {
     let Some(backend) = common::backend() else {
         return;
     };
-    let pattern = Arc::new(random_pattern(300, 784, 0.05, 42));
+    let pattern = test_support::lenet_fc1();
     for &strategy in strategies {
         for &op in ops {
             let spec = KernelSpec::any_batch("fc1", op, pattern.clone()).unwrap();
@@ -341,7 +164,7 @@ fn chunked_table_and_unrolled() {
             ..Default::default()
         })
         .unwrap();
-    let pattern = random_pattern(20, 30, 0.2, 9);
+    let pattern = random(20, 30, 0.2, 9);
     for op in [
         Op::Spmm {
             bias: true,
@@ -350,7 +173,7 @@ fn chunked_table_and_unrolled() {
         Op::SpmmT,
         Op::Sddmm,
     ] {
-        let spec = KernelSpec::any_batch("chunked", op, Arc::new(pattern.clone())).unwrap();
+        let spec = KernelSpec::any_batch("chunked", op, pattern.clone()).unwrap();
         let kernel = compile(&backend, &spec, Strategy::Unrolled);
         assert!(kernel.report().kernels >= 3, "{op}: {:?}", kernel.report());
         check_kernel(&backend, &kernel, Launch::new(5, 8), 1);
@@ -360,7 +183,7 @@ fn chunked_table_and_unrolled() {
     info.max_constant_buffer_size = 1024 + 200;
     let small = OpenClBackend::new(&info).unwrap();
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
-        let spec = KernelSpec::any_batch("chunked", op, Arc::new(pattern.clone())).unwrap();
+        let spec = KernelSpec::any_batch("chunked", op, pattern.clone()).unwrap();
         let kernel = compile(&small, &spec, Strategy::Table);
         assert!(kernel.report().programs >= 2, "{op}: {:?}", kernel.report());
         check_kernel(&small, &kernel, Launch::new(5, 8), 2);
@@ -384,7 +207,7 @@ fn random_cases(strategy: Strategy, cases: u32) {
         pad in 0usize..5,
         seed in any::<u64>(),
     )| {
-        let pattern = random_pattern(rows, cols, density, seed);
+        let pattern = random(rows, cols, density, seed);
         let launches = [Launch::new(batch, batch + pad)];
         check_pattern(backend, "random", pattern, strategy, &launches, seed);
     });
@@ -422,11 +245,11 @@ fn gpu_shaped_code() {
     let launches = [Launch::new(17, 32), Launch::new(1, 1)];
     for strategy in [Strategy::Csr, Strategy::Table, Strategy::Unrolled] {
         for (i, (name, pattern)) in named_patterns().into_iter().enumerate().take(2) {
-            check_pattern(&gpu, name, pattern, strategy, &launches, 50 + i as u64);
+            check_pattern(&gpu, &name, pattern, strategy, &launches, 50 + i as u64);
         }
     }
     // 1024 x 1024 at 5 %: tables over several 64 KiB programs
-    let big = Arc::new(random_pattern(1024, 1024, 0.05, 12));
+    let big = random(1024, 1024, 0.05, 12);
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         let spec = KernelSpec::any_batch("big", op, big.clone()).unwrap();
         let kernel = compile(&gpu, &spec, Strategy::Table);

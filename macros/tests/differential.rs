@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use macros::sparse_kernel;
 use proptest::prelude::*;
-use sparse_ir::interp;
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern};
+use sparse_ir::{Args, Dim, KernelSpec, Op, Pattern};
+use test_support::{Operands, Run};
 
 sparse_kernel! {
     name = tiny,
@@ -202,7 +202,10 @@ fn values(seed: u64, len: usize) -> Vec<f32> {
 
 type RunFn = fn(&[f32], &[f32], Option<&[f32]>, &mut [f32], usize, usize) -> Result<(), String>;
 
-/// Runs a generated kernel and the interpreter on the same inputs and compares.
+/// Runs a generated kernel on the guarded operands of `test-support` (with `vals` as the
+/// weight values) and checks it against the interpreter: the tolerance, guard zones around
+/// every operand (offsets from a cache line follow the seed), inputs unchanged, and the
+/// output's padding columns untouched (generated kernels never write them).
 fn check(
     pattern: Arc<Pattern>,
     op: Op,
@@ -212,39 +215,17 @@ fn check(
     ld: usize,
     seed: u64,
 ) {
-    let mut x = values(seed, pattern.cols() * ld);
-    // Padding columns of `x` hold NaN: a kernel may read them but must not let them into `y`.
-    for c in 0..pattern.cols() {
-        for b in batch..ld {
-            x[c * ld + b] = f32::NAN;
-        }
-    }
-    let bias = values(seed + 1, pattern.rows());
-    let has_bias = matches!(op, Op::Spmm { bias: true, .. });
-    let spec = KernelSpec::new("k", op, pattern.clone(), Dim::Any, Dim::Any).unwrap();
-    let launch = Launch::new(batch, ld);
-    let mut y_ref = vec![0.0; pattern.rows() * ld];
-    let args = Args::Spmm {
-        values: vals,
-        x: &x,
-        bias: has_bias.then_some(&bias[..]),
-        y: &mut y_ref,
+    let spec = KernelSpec::new("k", op, pattern, Dim::Any, Dim::Any).unwrap();
+    let at = Run::new(batch, ld, seed).offset(seed as usize % 16);
+    let mut operands = Operands::new(&spec, at).with_values(vals);
+    let want = operands.reference(&spec).unwrap();
+    let Args::Spmm { values, x, bias, y } = operands.args() else {
+        unreachable!("sparse_kernel! generates spmm")
     };
-    let reference = interp::reference(&spec, launch, &args).unwrap();
-    let sentinel = 12345.0;
-    let mut y = vec![sentinel; pattern.rows() * ld];
-    run(vals, &x, has_bias.then_some(&bias[..]), &mut y, batch, ld).unwrap();
-    if let Err(m) = interp::compare(&reference, &y, ld) {
-        panic!("batch {batch}, ld {ld}: {m}");
-    }
-    for r in 0..pattern.rows() {
-        for b in batch..ld {
-            assert_eq!(
-                y[r * ld + b],
-                sentinel,
-                "padding column {b} of row {r} was written"
-            );
-        }
+    run(values, x, bias, y, batch, ld)
+        .unwrap_or_else(|e| panic!("{}: {e}", test_support::describe(&spec, at)));
+    if let Err(e) = operands.verify(&want, false) {
+        panic!("{}: {e}", test_support::describe(&spec, at));
     }
 }
 

@@ -15,19 +15,6 @@ fn small() -> Pattern {
     Pattern::from_csr(3, 5, vec![0, 2, 2, 5], vec![1, 4, 0, 1, 3]).unwrap()
 }
 
-/// A deterministic pseudo-random pattern with about `density` of its entries.
-fn random(rows: usize, cols: usize, density: f64, seed: u64) -> Pattern {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut mask = vec![0u8; rows * cols];
-    for m in &mut mask {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *m = ((state % 1_000_000) as f64 / 1e6 < density) as u8;
-    }
-    Pattern::from_dense_mask(rows, cols, &mask).unwrap()
-}
-
 fn spec(layer: &str, op: Op, p: Pattern, batch: Dim, ld: Dim) -> KernelSpec {
     KernelSpec::new(layer, op, Arc::new(p), batch, ld).unwrap()
 }
@@ -94,7 +81,10 @@ fn csr_is_one_program_per_device() {
     let gpu = DeviceProfile::nvidia_gpu();
     let cpu = DeviceProfile::pocl_cpu();
     let mut sources = std::collections::HashSet::new();
-    for (layer, p) in [("fc1", small()), ("conv2.w", random(20, 30, 0.2, 7))] {
+    for (layer, p) in [
+        ("fc1", small()),
+        ("conv2.w", Pattern::random(20, 30, 0.2, 7).unwrap()),
+    ] {
         for op in Op::ALL {
             let s = spec(layer, op, p.clone(), Dim::Any, Dim::Any);
             let e = emit_ok(&s, Strategy::Csr, &gpu);
@@ -186,7 +176,7 @@ fn fixed_dims_are_literals_and_any_dims_are_parameters() {
 
 #[test]
 fn table_holds_the_exact_pattern() {
-    let p = random(40, 300, 0.1, 3);
+    let p = Pattern::random(40, 300, 0.1, 3).unwrap();
     let gpu = DeviceProfile::nvidia_gpu();
     let e = emit_ok(
         &spec("fc1", Op::SPMM, p.clone(), Dim::Any, Dim::Any),
@@ -242,7 +232,7 @@ fn constant_bytes(source: &str) -> usize {
 #[test]
 fn table_chunks_fit_the_constant_buffer_and_cover_every_row() {
     // 1024 x 1024 at 5 %: about 52k nonzeros, ~105 KB of ushort columns, more than 64 KiB
-    let p = random(1024, 1024, 0.05, 11);
+    let p = Pattern::random(1024, 1024, 0.05, 11).unwrap();
     let gpu = DeviceProfile::nvidia_gpu();
     for op in [Op::SPMM, Op::SpmmT, Op::Sddmm] {
         let e = emit_ok(
@@ -280,7 +270,7 @@ fn table_chunks_fit_the_constant_buffer_and_cover_every_row() {
 #[test]
 fn table_beyond_its_limits_is_unsupported() {
     let gpu = DeviceProfile::nvidia_gpu();
-    let p = random(1024, 1024, 0.05, 11);
+    let p = Pattern::random(1024, 1024, 0.05, 11).unwrap();
     let opts = EmitOptions {
         table_max_programs: 1,
         ..EmitOptions::default()
@@ -307,7 +297,7 @@ fn table_beyond_its_limits_is_unsupported() {
 
 #[test]
 fn unrolled_code_spells_out_every_nonzero() {
-    let p = random(50, 70, 0.2, 5);
+    let p = Pattern::random(50, 70, 0.2, 5).unwrap();
     let opts = EmitOptions {
         unroll_chunk_nnz: 100,
         ..EmitOptions::default()
