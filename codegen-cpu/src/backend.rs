@@ -83,6 +83,8 @@ pub enum PlanTiming {
 /// The shape a measured decision is kept under: op, shape, batch, `ld`, threads, ISA level.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct DecisionKey {
+    /// The strategy whose thread count was raced (`Auto` for a race between strategies).
+    strategy: Strategy,
     op: Op,
     rows: usize,
     cols: usize,
@@ -99,6 +101,7 @@ struct PatternSize([usize; 3]);
 impl DecisionKey {
     fn of(f: &Features) -> (DecisionKey, PatternSize) {
         let key = DecisionKey {
+            strategy: Strategy::Auto,
             op: f.op,
             rows: f.rows,
             cols: f.cols,
@@ -129,8 +132,40 @@ impl PatternSize {
 /// 8.7 % of a 100-epoch LeNet-300-100 run's wall time (2 threads, 2.9 of 34 s).
 const SAME_SIZE: f64 = 0.15;
 
-/// Measured decisions by shape: the size of each pattern measured and its candidates' times.
-type Decisions = HashMap<DecisionKey, Vec<(PatternSize, Vec<Measurement>)>>;
+/// Measured decisions by shape: the size of each pattern measured and what was measured on
+/// it (the candidates' times, or one strategy's time per thread count).
+type Decisions<T> = HashMap<DecisionKey, Vec<(PatternSize, T)>>;
+
+/// The measurement kept for the nearest pattern size within [`SAME_SIZE`] of `size`.
+fn recall<T: Clone>(
+    decisions: &Mutex<Decisions<T>>,
+    key: &DecisionKey,
+    size: PatternSize,
+) -> Option<T> {
+    let decisions = decisions.lock().unwrap_or_else(|e| e.into_inner());
+    decisions.get(key).and_then(|sizes| {
+        sizes
+            .iter()
+            .map(|(s, m)| (s.distance(size), m))
+            .filter(|(d, _)| *d <= SAME_SIZE)
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, m)| m.clone())
+    })
+}
+
+/// Keeps a measurement (forgetting the oldest beyond [`SIZES_MAX`] sizes a shape and
+/// [`DECISIONS_MAX`] shapes).
+fn remember<T>(decisions: &Mutex<Decisions<T>>, key: DecisionKey, size: PatternSize, measured: T) {
+    let mut decisions = decisions.lock().unwrap_or_else(|e| e.into_inner());
+    if decisions.len() >= DECISIONS_MAX {
+        decisions.clear();
+    }
+    let sizes = decisions.entry(key).or_default();
+    if sizes.len() >= SIZES_MAX {
+        sizes.remove(0);
+    }
+    sizes.push((size, measured));
+}
 
 /// Most pattern sizes kept per shape (the oldest goes first).
 const SIZES_MAX: usize = 64;
@@ -163,8 +198,11 @@ pub struct CpuBackend {
     parallel_min_fmas: usize,
     cache: Mutex<HashMap<CacheKey, Weak<Compiled>>>,
     timing: PlanTiming,
-    /// Measured decisions, by shape, with the size of the pattern each was measured on.
-    decisions: Mutex<Decisions>,
+    /// Measured strategy decisions, by shape, with the size of the pattern each was
+    /// measured on.
+    decisions: Mutex<Decisions<Vec<Measurement>>>,
+    /// Measured thread counts, by shape and strategy (`(threads, µs)`).
+    thread_decisions: Mutex<Decisions<Vec<(usize, f64)>>>,
     timings_run: AtomicUsize,
 }
 
@@ -206,6 +244,7 @@ impl CpuBackend {
             cache: Mutex::new(HashMap::new()),
             timing: PlanTiming::default(),
             decisions: Mutex::new(HashMap::new()),
+            thread_decisions: Mutex::new(HashMap::new()),
             timings_run: AtomicUsize::new(0),
         })
     }
@@ -266,8 +305,22 @@ impl CpuBackend {
     ) -> Result<(Plan, Option<Arc<Compiled>>), BackendError> {
         let features = Features::of(spec, self.threads(), self.isa);
         let mut plan = planner::plan(&features);
+        let mut chosen = self.decide_strategy(spec, &features, &mut plan, delay)?;
+        self.decide_threads(spec, &features, &mut plan, &mut chosen)?;
+        Ok((plan, chosen))
+    }
+
+    /// The strategy of `plan`: the model's, or where its best candidates are close and
+    /// timing is on, the measured fastest. Returns the chosen kernel where timing built it.
+    fn decide_strategy(
+        &self,
+        spec: &KernelSpec,
+        features: &Features,
+        plan: &mut Plan,
+        delay: &dyn Fn(Strategy) -> Duration,
+    ) -> Result<Option<Arc<Compiled>>, BackendError> {
         let Some(close) = plan.close_candidates() else {
-            return Ok((plan, None));
+            return Ok(None);
         };
         let budget = match self.timing {
             PlanTiming::Off => {
@@ -277,25 +330,14 @@ impl CpuBackend {
                     names.join(" and "),
                     planner::CONFIRM_RATIO
                 ));
-                return Ok((plan, None));
+                return Ok(None);
             }
             PlanTiming::On { budget } => budget,
         };
-        let (key, size) = DecisionKey::of(&features);
-        let known = {
-            let decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-            decisions.get(&key).and_then(|sizes| {
-                sizes
-                    .iter()
-                    .map(|(s, m)| (s.distance(size), m))
-                    .filter(|(d, _)| *d <= SAME_SIZE)
-                    .min_by(|a, b| a.0.total_cmp(&b.0))
-                    .map(|(_, m)| m.clone())
-            })
-        };
-        if let Some(measured) = known {
+        let (key, size) = DecisionKey::of(features);
+        if let Some(measured) = recall(&self.decisions, &key, size) {
             plan.confirm(measured, Timed::Cached);
-            return Ok((plan, None));
+            return Ok(None);
         }
         let mut candidates = Vec::with_capacity(close.len());
         for strategy in close {
@@ -309,33 +351,111 @@ impl CpuBackend {
         }
         if candidates.len() < 2 {
             // Only one candidate compiled (the JIT failed): it is the choice.
-            return Ok(match candidates.pop() {
-                Some((s, c)) => {
-                    plan.strategy = s;
-                    (plan, Some(c))
-                }
-                None => (plan, None),
-            });
+            return Ok(candidates.pop().map(|(s, c)| {
+                plan.strategy = s;
+                c
+            }));
         }
         let (measured, rounds) = self.time_candidates(spec, &candidates, budget, delay)?;
         self.timings_run.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-            if decisions.len() >= DECISIONS_MAX {
-                decisions.clear();
-            }
-            let sizes = decisions.entry(key).or_default();
-            if sizes.len() >= SIZES_MAX {
-                sizes.remove(0);
-            }
-            sizes.push((size, measured.clone()));
-        }
+        remember(&self.decisions, key, size, measured.clone());
         plan.confirm(measured, Timed::Now { rounds });
-        let chosen = candidates
+        Ok(candidates
             .into_iter()
             .find(|(s, _)| *s == plan.strategy)
-            .map(|(_, c)| c);
-        Ok((plan, chosen))
+            .map(|(_, c)| c))
+    }
+
+    /// The thread count of `plan`'s strategy: 1 where the kernel would not split a launch;
+    /// else the model's, or with timing on, the measured faster of one thread and the
+    /// backend's count, on operands the calling thread writes before every run (as the
+    /// previous layer leaves them in a training step). Builds the kernel into `chosen`
+    /// where it times it.
+    fn decide_threads(
+        &self,
+        spec: &KernelSpec,
+        features: &Features,
+        plan: &mut Plan,
+        chosen: &mut Option<Arc<Compiled>>,
+    ) -> Result<(), BackendError> {
+        let n = self.threads();
+        plan.set_threads(planner::model_threads(features, plan.strategy));
+        if n < 2 || spec.op() == Op::DenseGrad || !self.splits(features, plan.strategy) {
+            return Ok(());
+        }
+        let budget = match self.timing {
+            PlanTiming::Off => return Ok(()),
+            PlanTiming::On { budget } => budget,
+        };
+        let (mut key, size) = DecisionKey::of(features);
+        key.strategy = plan.strategy;
+        if let Some(measured) = recall(&self.thread_decisions, &key, size) {
+            plan.confirm_threads(measured, Timed::Cached);
+            return Ok(());
+        }
+        let compiled = match chosen {
+            Some(c) => Arc::clone(c),
+            None => {
+                let c = self.compiled(spec, plan.strategy)?;
+                *chosen = Some(Arc::clone(&c));
+                c
+            }
+        };
+        let counts = [1, n];
+        let kernels: Vec<CpuKernel> = counts
+            .iter()
+            .map(|&t| {
+                let mut fixed = Plan::fixed(plan.strategy, features);
+                fixed.threads = t;
+                self.kernel(spec, fixed, Arc::clone(&compiled))
+            })
+            .collect();
+        let launch = Launch::new(features.batch, features.ld);
+        let mut operands: Vec<TimingOperands> = kernels
+            .iter()
+            .map(|_| TimingOperands::new(spec, launch, 0x5eed))
+            .collect();
+        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = kernels
+            .iter()
+            .zip(operands.iter_mut())
+            .map(|(k, ops)| {
+                Box::new(move || {
+                    ops.refresh_inputs(k.spec.op());
+                    ops.run(k, launch)
+                }) as Box<dyn FnMut() -> Result<(), BackendError> + '_>
+            })
+            .collect();
+        let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
+            runs.iter_mut().map(|r| &mut **r as _).collect();
+        let config = kernel_timing::Config {
+            min_rounds: TIMING_MIN_ROUNDS,
+            max_rounds: TIMING_MAX_ROUNDS,
+            ..kernel_timing::Config::planner(budget)
+        };
+        let timings = kernel_timing::interleaved(&mut refs, &config)?;
+        drop(refs);
+        drop(runs);
+        self.timings_run.fetch_add(1, Ordering::Relaxed);
+        let measured: Vec<(usize, f64)> = counts.iter().copied().zip(timings.us).collect();
+        remember(&self.thread_decisions, key, size, measured.clone());
+        plan.confirm_threads(
+            measured,
+            Timed::Now {
+                rounds: timings.rounds,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether a kernel of `strategy` would split a launch of this spec over the threads
+    /// (the threshold this backend's kernels use, see [`CpuBackend::set_parallel_min_fmas`]).
+    fn splits(&self, f: &Features, strategy: Strategy) -> bool {
+        let fmas = match strategy {
+            Strategy::Generic => f.nnz * f.batch,
+            Strategy::Dense => f.live_rows * f.live_cols * f.batch,
+            _ => return false,
+        };
+        self.threads() > 1 && fmas >= self.parallel_min_fmas
     }
 
     /// Times compiled candidates of `spec` on random operands of its shape (the spec's batch
@@ -352,7 +472,13 @@ impl CpuBackend {
         let launch = Launch::new(features.batch, features.ld);
         let kernels: Vec<CpuKernel> = candidates
             .iter()
-            .map(|(s, c)| self.kernel(spec, Plan::fixed(*s, &features), Arc::clone(c)))
+            .map(|(s, c)| {
+                // Each strategy on the model's thread count for it (the thread race that
+                // follows settles the winner's).
+                let mut fixed = Plan::fixed(*s, &features);
+                fixed.threads = planner::model_threads(&features, *s);
+                self.kernel(spec, fixed, Arc::clone(c))
+            })
             .collect();
         let mut operands: Vec<TimingOperands> = kernels
             .iter()
@@ -395,6 +521,7 @@ impl CpuBackend {
 
     fn kernel(&self, spec: &KernelSpec, plan: Plan, compiled: Arc<Compiled>) -> CpuKernel {
         CpuKernel {
+            threads: plan.threads.clamp(1, self.threads()),
             spec: spec.clone(),
             strategy: plan.strategy,
             plan,
@@ -511,6 +638,9 @@ struct TimingOperands {
     dy: AlignedVec,
     bias: Option<AlignedVec>,
     out: AlignedVec,
+    /// What [`TimingOperands::refresh_inputs`] writes into `x` and `dy`.
+    x_source: AlignedVec,
+    dy_source: AlignedVec,
 }
 
 impl TimingOperands {
@@ -536,12 +666,28 @@ impl TimingOperands {
             Op::Sddmm => p.nnz(),
             Op::DenseGrad => p.rows() * p.cols(),
         };
+        let x = random(p.cols() * ld);
+        let dy = random(p.rows() * ld);
         TimingOperands {
             values: random(p.nnz()),
-            x: random(p.cols() * ld),
-            dy: random(p.rows() * ld),
             bias: matches!(spec.op(), Op::Spmm { bias: true, .. }).then(|| random(p.rows())),
             out: AlignedVec::zeros(out_len),
+            x_source: x.clone(),
+            dy_source: dy.clone(),
+            x,
+            dy,
+        }
+    }
+
+    /// Writes the inputs anew from the calling thread, as the previous layer of a training
+    /// step leaves them: a kernel that splits over threads then pays for moving them to the
+    /// other cores, as it does in training.
+    fn refresh_inputs(&mut self, op: Op) {
+        if op != Op::SpmmT {
+            self.x.copy_from_slice(&self.x_source);
+        }
+        if !matches!(op, Op::Spmm { .. }) {
+            self.dy.copy_from_slice(&self.dy_source);
         }
     }
 
@@ -707,6 +853,8 @@ fn balanced_parts(walk: &Walk<'_>, parts: usize) -> Vec<Range<usize>> {
 /// A compiled CPU kernel: one spec, the strategy that runs it and the plan that chose it.
 #[derive(Clone)]
 pub struct CpuKernel {
+    /// Threads a launch may split over (1 up to the pool's).
+    threads: usize,
     spec: KernelSpec,
     strategy: Strategy,
     plan: Plan,
@@ -740,9 +888,10 @@ impl CpuKernel {
         self.isa
     }
 
-    /// Threads the kernel runs on.
+    /// Threads a launch may split over: 1, or the backend's count where the plan chose to
+    /// split (launches below the size threshold still run on one).
     pub fn threads(&self) -> usize {
-        self.pool.threads()
+        self.threads
     }
 
     /// The JIT kernel, when the strategy is `Jit`.
@@ -755,14 +904,18 @@ impl CpuKernel {
 
     /// Whether a launch of `fmas` multiply-adds is worth splitting over the threads.
     fn parallel(&self, fmas: usize) -> bool {
-        self.pool.threads() > 1 && fmas >= self.parallel_min_fmas
+        self.threads > 1 && fmas >= self.parallel_min_fmas
     }
 
-    /// The pool dense GEMMs split over, with this kernel's threshold.
+    /// The pool dense GEMMs split over, with this kernel's threshold (never, on one thread).
     fn par_pool(&self) -> dense::Par<'_> {
         dense::Par {
             pool: &self.pool,
-            min_fmas: self.parallel_min_fmas,
+            min_fmas: if self.threads > 1 {
+                self.parallel_min_fmas
+            } else {
+                usize::MAX
+            },
         }
     }
 
@@ -1056,6 +1209,73 @@ mod tests {
     const GENEROUS: PlanTiming = PlanTiming::On {
         budget: Duration::from_millis(60),
     };
+
+    /// A 2-thread backend chooses per kernel: with timing off the model's count; with
+    /// timing on the measured faster, where a split must win by more than the tie margin.
+    /// On a tiny kernel (the split threshold lowered to 0) the fork-join costs more than
+    /// the work, so one thread wins, and a one-thread kernel never splits.
+    #[test]
+    fn thread_count_is_chosen_per_kernel() {
+        let two = |timing| {
+            let mut b = CpuBackend::new(CpuOptions {
+                threads: 2,
+                isa: None,
+            })
+            .unwrap();
+            b.set_plan_timing(timing);
+            b.set_parallel_min_fmas(0);
+            b
+        };
+        // Batch and ld given at run time: no JIT, and generic far ahead of dense.
+        let p = Arc::new(Pattern::random(10, 100, 0.05, 11).unwrap());
+        let tiny = KernelSpec::new("fc", Op::SPMM, p, Dim::Any, Dim::Any).unwrap();
+        let off = two(PlanTiming::Off);
+        let k = off.compile(&tiny, Strategy::Auto).unwrap();
+        assert_eq!(k.plan().strategy, Strategy::Generic, "{}", k.plan());
+        let features = Features::of(&tiny, 2, off.isa());
+        assert_eq!(
+            k.threads(),
+            planner::model_threads(&features, Strategy::Generic).min(2)
+        );
+        assert!(k.plan().measured_threads_us.is_empty());
+
+        let on = two(GENEROUS);
+        let k = on.compile(&tiny, Strategy::Auto).unwrap();
+        let m = &k.plan().measured_threads_us;
+        assert_eq!(
+            m.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![1, 2],
+            "{}",
+            k.plan()
+        );
+        let want = if m[1].1 * planner::TIE_MARGIN < m[0].1 {
+            2
+        } else {
+            1
+        };
+        assert_eq!(k.threads(), want, "{}", k.plan());
+        assert_eq!(
+            k.threads(),
+            1,
+            "a 2-part fork of a 0.1 µs kernel won: {}",
+            k.plan()
+        );
+        assert!(k.plan().reasons.iter().any(|r| r.contains("threads timed")));
+        // The decision is kept for patterns of the same size: no second race.
+        let timed = on.plan_timings_run();
+        let again = on.compile(&tiny, Strategy::Auto).unwrap();
+        assert_eq!(on.plan_timings_run(), timed, "{}", again.plan());
+        assert_eq!(again.threads(), k.threads());
+        // An explicit strategy splits as the backend does; the JIT never.
+        assert_eq!(on.compile(&tiny, Strategy::Generic).unwrap().threads(), 2);
+        let fixed = spec(Op::SPMM, 10, 100, 0.05, 8);
+        assert_eq!(on.compile(&fixed, Strategy::Jit).unwrap().threads(), 1);
+        // A one-thread backend races nothing.
+        let one = backend(GENEROUS);
+        let k = one.compile(&tiny, Strategy::Auto).unwrap();
+        assert_eq!(k.threads(), 1);
+        assert!(k.plan().measured_threads_us.is_empty());
+    }
 
     /// Timing picks the truly faster kernel: whichever close candidate is made 1 ms slower
     /// per run loses, whatever the model predicted.
