@@ -56,9 +56,9 @@ fn steps_allocate(builder: ModelBuilder, batch: usize, density: f64) -> usize {
     let mut model = builder.build(batch, &mut rng).unwrap();
     let sgd_cfg = SgdConfig::default();
     for w in model.sparse_layers_mut() {
-        let mask: Vec<u8> = (0..w.rows() * w.cols())
-            .map(|_| u8::from(rng.random_bool(density)))
-            .collect();
+        let mask = sparse_ir::Pattern::random(w.rows(), w.cols(), density, rng.random())
+            .unwrap()
+            .to_dense_mask();
         w.sync_dense(&sgd_cfg);
         let weight = w.dense_weight().to_vec();
         w.set_dense(&weight, &mask, None, None).unwrap();

@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use runtime::layers::{Conv2d, Layer, Linear, MaxPool2d, Relu};
 use runtime::loss::LogSoftmaxNll;
 use runtime::{ExecOptions, Executor, Matrix, ModelBuilder, Shape, WeightGradMode};
+use sparse_ir::Pattern;
 
 const EPS: f32 = 1e-2;
 
@@ -28,12 +29,6 @@ fn random_matrix(rng: &mut ChaCha8Rng, rows: usize, batch: usize) -> Matrix {
         }
     }
     m
-}
-
-fn random_mask(rng: &mut ChaCha8Rng, len: usize, density: f64) -> Vec<u8> {
-    (0..len)
-        .map(|_| u8::from(rng.random_bool(density)))
-        .collect()
 }
 
 /// `Σ C·y` over the valid columns, in f64.
@@ -236,7 +231,9 @@ fn sparse<L: Layer + 'static>(mut layer: L, seed: u64, density: f64) -> Box<dyn 
     let size = w.rows() * w.cols();
     let weight: Vec<f32> = (0..size).map(|_| rng.random_range(-1.0..1.0)).collect();
     let bias: Vec<f32> = (0..w.rows()).map(|_| rng.random_range(-0.5..0.5)).collect();
-    let mask = random_mask(&mut rng, size, density);
+    let mask = Pattern::random(w.rows(), w.cols(), density, rng.random())
+        .unwrap()
+        .to_dense_mask();
     w.set_dense(&weight, &mask, Some(&bias), None).unwrap();
     Box::new(layer)
 }
@@ -376,8 +373,9 @@ fn model_gradients_end_to_end() {
         .unwrap();
     let mut mrng = ChaCha8Rng::seed_from_u64(22);
     for w in model.sparse_layers_mut() {
-        let size = w.rows() * w.cols();
-        let mask = random_mask(&mut mrng, size, 0.7);
+        let mask = Pattern::random(w.rows(), w.cols(), 0.7, mrng.random())
+            .unwrap()
+            .to_dense_mask();
         w.sync_dense(&Default::default());
         let weight = w.dense_weight().to_vec();
         w.set_dense(&weight, &mask, None, None).unwrap();

@@ -3,14 +3,12 @@
 //! results agree with the reference interpreter before, during and after the swap, for
 //! single kernels and for whole training steps across a mask update.
 
-use std::sync::Arc;
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use runtime::models::lenet300_100;
 use runtime::{ExecOptions, Executor, Model, Sgd, SgdConfig, Shape, WeightGradMode};
-use sparse_ir::interp::{compare, reference};
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{Dim, KernelSpec, Op, Pattern, Strategy};
+use test_support::{check_fn, random, Run};
 
 fn hot_exec() -> Executor {
     Executor::new(ExecOptions {
@@ -21,38 +19,20 @@ fn hot_exec() -> Executor {
     .unwrap()
 }
 
-fn random_pattern(rows: usize, cols: usize, density: f64, seed: u64) -> Arc<Pattern> {
-    Arc::new(Pattern::random(rows, cols, density, seed).unwrap())
-}
-
-/// Runs `spmm` (bias, ReLU) with `kernel` on random inputs and compares with the interpreter.
+/// Runs `spmm` (bias, ReLU) with `kernel` on guarded random operands and checks it against
+/// the interpreter (`test_support::check_fn`: tolerance, guard zones, inputs, and padding
+/// wherever the kernel leaves it alone).
 fn check_spmm(kernel: &runtime::Kernel, rng: &mut ChaCha8Rng) {
     let spec = kernel.spec();
-    let p = spec.pattern();
     let (Dim::Fixed(batch), Dim::Fixed(ld)) = (spec.batch(), spec.ld()) else {
         unreachable!()
     };
-    let launch = Launch::new(batch, ld);
-    let values: Vec<f32> = (0..p.nnz()).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let x: Vec<f32> = (0..p.cols() * ld)
-        .map(|_| rng.random_range(-1.0..1.0))
-        .collect();
-    let bias: Vec<f32> = (0..p.rows()).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let mut y = vec![f32::NAN; p.rows() * ld];
-    fn args<'a>(v: &'a [f32], x: &'a [f32], b: &'a [f32], y: &'a mut [f32]) -> Args<'a, [f32]> {
-        Args::Spmm {
-            values: v,
-            x,
-            bias: Some(b),
-            y,
-        }
-    }
-    let mut scratch = y.clone();
-    let want = reference(spec, launch, &args(&values, &x, &bias, &mut scratch)).unwrap();
-    kernel
-        .run(launch, args(&values, &x, &bias, &mut y))
-        .unwrap();
-    compare(&want, &y, ld).unwrap();
+    let seed: u64 = rng.random();
+    let run = Run::new(batch, ld, seed).offset(seed as usize % 16);
+    check_fn(spec, run, kernel.writes_padding(), |l, a| {
+        kernel.run(l, a).map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -69,7 +49,7 @@ fn the_executor_swaps_where_the_plan_is_jit() {
         relu: true,
     };
     // batch 1 on a small layer: the planner's JIT case
-    let small = random_pattern(10, 100, 0.05, 1);
+    let small = random(10, 100, 0.05, 1);
     let spec = KernelSpec::new("fc3", op, small, Dim::Fixed(1), Dim::Fixed(16)).unwrap();
     let k = exec.compile(&spec, Strategy::Auto).unwrap();
     let planned = blocking.compile(&spec, Strategy::Auto).unwrap().strategy();
@@ -88,7 +68,7 @@ fn the_executor_swaps_where_the_plan_is_jit() {
 
     // batch 100: the planner's choice is not the JIT, so nothing swaps; explicit strategies
     // never swap
-    let large = random_pattern(300, 784, 0.05, 2);
+    let large = random(300, 784, 0.05, 2);
     let spec = KernelSpec::new("fc1", op, large, Dim::Fixed(100), Dim::Fixed(112)).unwrap();
     let k = exec.compile(&spec, Strategy::Auto).unwrap();
     assert!(k.swap().is_none());
@@ -97,7 +77,7 @@ fn the_executor_swaps_where_the_plan_is_jit() {
     let spec = KernelSpec::new(
         "fc3",
         op,
-        random_pattern(10, 100, 0.05, 4),
+        random(10, 100, 0.05, 4),
         Dim::Fixed(1),
         Dim::Fixed(16),
     )
@@ -125,9 +105,9 @@ fn remask(m: &mut Model, seed: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let sgd = SgdConfig::default();
     for w in m.sparse_layers_mut() {
-        let mask: Vec<u8> = (0..w.rows() * w.cols())
-            .map(|_| u8::from(rng.random_bool(0.05)))
-            .collect();
+        let mask = Pattern::random(w.rows(), w.cols(), 0.05, rng.random())
+            .unwrap()
+            .to_dense_mask();
         w.sync_dense(&sgd);
         let weight = w.dense_weight().to_vec();
         w.set_dense(&weight, &mask, None, None).unwrap();
