@@ -237,15 +237,17 @@ pub(crate) fn mat_part(level: IsaLevel, job: &MatJob<'_>, rows: Range<usize>, ou
     let gather_ok = job.batch == 1
         && w.in_rows.saturating_mul(job.ld) <= i32::MAX as usize
         && job.values.len() <= i32::MAX as usize;
-    // SAFETY (every call below): the lengths were checked above; the walk's invariants keep
-    // every nonzero's input row and value position in range; `usable` returned a level this
-    // CPU supports, so the `#[target_feature]` functions may be called.
+    // Every call below relies on the same facts: the asserts above checked every length
+    // against the walk; the walk's invariants keep every nonzero's input row and value
+    // position in range; `out` points at row `rows.start` of the output.
     match usable(level) {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX-512, so the CPU has `avx512f`, `avx2` and `fma`
+        // (`IsaLevel::detect` requires all three); the lengths hold (above); the gather
+        // kernels run only when `gather_ok` says their `i32` offsets fit.
         IsaLevel::Avx512 => unsafe {
             match (gather_ok, ind) {
-                // 8-wide gathers: 1.2–1.4× faster than 16-wide ones at batch 1 on the
-                // AVX-512 development machine (Emerald Rapids; `examples/spmm_bench.rs --all`).
+                // 8-wide gathers beat 16-wide ones at batch 1 (docs/MEASUREMENTS.md).
                 (true, false) => spmv_avx2::<false>(job, rows, out),
                 (true, true) => spmv_avx2::<true>(job, rows, out),
                 (false, false) => mat_avx512::<false>(job, rows, out),
@@ -253,6 +255,9 @@ pub(crate) fn mat_part(level: IsaLevel, job: &MatJob<'_>, rows: Range<usize>, ou
             }
         },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX2+FMA, so the CPU has `avx2` and `fma`; the lengths
+        // hold (above); the gather kernels run only when `gather_ok` says their `i32` offsets
+        // fit.
         IsaLevel::Avx2Fma => unsafe {
             match (gather_ok, ind) {
                 (true, false) => spmv_avx2::<false>(job, rows, out),
@@ -261,6 +266,8 @@ pub(crate) fn mat_part(level: IsaLevel, job: &MatJob<'_>, rows: Range<usize>, ou
                 (false, true) => mat_avx2::<true>(job, rows, out),
             }
         },
+        // SAFETY: the portable kernels need no target feature (`Portable`'s `Simd` methods are
+        // plain Rust); the lengths hold (above).
         _ => unsafe {
             match (job.batch == 1, ind) {
                 (true, false) => spmv_scalar::<false>(job, rows, out),
@@ -516,9 +523,10 @@ unsafe fn mat_block<
     let vals = job.values.as_ptr();
     let xb = job.x.as_ptr().wrapping_offset(s);
     let row0 = rows.start;
-    // SAFETY (whole loop): `r < walk.rows()`, so `r + 1 < row_ptr.len()`; nonzero positions
-    // lie in `row_ptr[r]..row_ptr[r+1] ⊆ 0..idx.len()`; `c < in_rows` and the input spans
-    // `in_rows` rows; output row `r - row0` lies in `out`; see `load_v` for the columns.
+    // SAFETY: (the whole loop) the caller guarantees the CPU supports `S`. `r < walk.rows()`,
+    // so `r + 1 < row_ptr.len()`; nonzero positions lie in `row_ptr[r]..row_ptr[r+1] ⊆
+    // 0..idx.len()`; `c < in_rows` and the input spans `in_rows` rows; output row `r - row0`
+    // lies in `out`; see `load_v` for the columns.
     unsafe {
         let zero = S::zero();
         for r in rows {
@@ -793,18 +801,25 @@ pub(crate) fn sddmm_part(
         len: dw.len(),
     };
     let ind = w.vidx.is_some();
-    // SAFETY (every call): lengths checked above, walk invariants bound the indices (output
-    // positions of a panel are checked one by one), and the level is supported by this CPU.
+    // Every call below relies on the same facts: the lengths were checked above, the walk's
+    // invariants bound the indices, and a panel's output positions are checked one by one
+    // (`Out`).
     match (usable(level), ind) {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX-512, so the CPU has `avx512f`; the lengths hold.
         (IsaLevel::Avx512, false) => unsafe { sddmm_avx512::<false>(job, rows, out) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the arm above.
         (IsaLevel::Avx512, true) => unsafe { sddmm_avx512::<true>(job, rows, out) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX2+FMA, so the CPU has `avx2` and `fma`; the lengths hold.
         (IsaLevel::Avx2Fma, false) => unsafe { sddmm_avx2::<false>(job, rows, out) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as the arm above.
         (IsaLevel::Avx2Fma, true) => unsafe { sddmm_avx2::<true>(job, rows, out) },
+        // SAFETY: the portable body needs no target feature; the lengths hold.
         (_, false) => unsafe { sddmm_body::<Portable, false>(job, rows, out) },
+        // SAFETY: as the arm above.
         (_, true) => unsafe { sddmm_body::<Portable, true>(job, rows, out) },
     }
 }
@@ -935,7 +950,7 @@ unsafe fn sddmm_block<
     let xb = job.x.as_ptr().wrapping_offset(s);
     let dyb = job.dy.as_ptr().wrapping_offset(s);
     let vidx = job.walk.vidx.map_or(std::ptr::null(), |v| v.as_ptr());
-    // SAFETY (whole loop): as in `mat_block`; output positions lie in `out` (checked for
+    // SAFETY: (the whole loop) as in `mat_block`; output positions lie in `out` (checked for
     // the rows by `sddmm_part`, or one by one for a panel).
     unsafe {
         for r in rows {

@@ -126,9 +126,8 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(crate) struct Avx512;
 
-    // SAFETY (whole impl): every intrinsic here needs `avx512f`, which the caller of these
-    // `unsafe` methods guarantees; pointer validity is the caller's contract as documented on
-    // the trait.
+    // Every intrinsic here needs `avx512f`, which the caller of these `unsafe` methods
+    // guarantees; pointer validity is the caller's contract as documented on the trait.
     impl Simd for Avx512 {
         const LANES: usize = 16;
         type V = __m512;
@@ -136,43 +135,62 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn zero() -> __m512 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_setzero_ps() }
         }
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m512 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_set1_ps(x) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m512 {
+            // SAFETY: the caller guarantees `avx512f` (Simd's contract) and `LANES` readable floats
+            // at `p`; the load is unaligned, so any `f32` alignment will do.
             unsafe { _mm512_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn load_masked(p: *const f32, m: __mmask16) -> __m512 {
-            // Masked-off lanes are not accessed (no fault) and read as zero.
+            // SAFETY: the caller guarantees `avx512f` and that the live lanes of `m` at `p` are
+            // readable; masked-off lanes are not accessed (no fault) and read as zero.
             unsafe { _mm512_maskz_loadu_ps(m, p) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m512) {
+            // SAFETY: the caller guarantees `avx512f` and `LANES` writable floats at `p`; the store
+            // is unaligned.
             unsafe { _mm512_storeu_ps(p, v) }
         }
         #[inline(always)]
         unsafe fn store_masked(p: *mut f32, v: __m512, m: __mmask16) {
+            // SAFETY: the caller guarantees `avx512f` and that the live lanes of `m` at `p` are
+            // writable; the masked-off lanes are not accessed.
             unsafe { _mm512_mask_storeu_ps(p, m, v) }
         }
         #[inline(always)]
         unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_fmadd_ps(a, b, c) }
         }
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_add_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_mul_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_max_ps(a, b) }
         }
         #[inline(always)]
@@ -181,6 +199,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn reduce_add(v: __m512) -> f32 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx512f` (Simd's contract).
             unsafe { _mm512_reduce_add_ps(v) }
         }
     }
@@ -189,8 +209,8 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(crate) struct Avx2;
 
-    // SAFETY (whole impl): every intrinsic here needs `avx2` and `fma`, which the caller of
-    // these `unsafe` methods guarantees; pointer validity is the caller's contract.
+    // Every intrinsic here needs `avx2` and `fma`, which the caller of these `unsafe` methods
+    // guarantees; pointer validity is the caller's contract.
     impl Simd for Avx2 {
         const LANES: usize = 8;
         type V = __m256;
@@ -198,47 +218,69 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn zero() -> __m256 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe { _mm256_setzero_ps() }
         }
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m256 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe { _mm256_set1_ps(x) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees `avx2` and `fma` (Simd's contract) and `LANES` readable
+            // floats at `p`; the load is unaligned, so any `f32` alignment will do.
             unsafe { _mm256_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn load_masked(p: *const f32, m: __m256i) -> __m256 {
             // Masked-off lanes are not accessed (no fault) and read as zero.
+            // SAFETY: the caller guarantees `avx2` and `fma` and that the live lanes of `m` at `p`
+            // are readable; the masked-off lanes are not accessed.
             unsafe { _mm256_maskload_ps(p, m) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m256) {
+            // SAFETY: the caller guarantees `avx2` and `fma` and `LANES` writable floats at `p`;
+            // the store is unaligned.
             unsafe { _mm256_storeu_ps(p, v) }
         }
         #[inline(always)]
         unsafe fn store_masked(p: *mut f32, v: __m256, m: __m256i) {
+            // SAFETY: the caller guarantees `avx2` and `fma` and that the live lanes of `m` at `p`
+            // are writable; the masked-off lanes are not accessed.
             unsafe { _mm256_maskstore_ps(p, m, v) }
         }
         #[inline(always)]
         unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe { _mm256_fmadd_ps(a, b, c) }
         }
         #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe { _mm256_add_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe { _mm256_mul_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe { _mm256_max_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn mask(lo: usize, hi: usize) -> __m256i {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe {
                 let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                 _mm256_and_si256(
@@ -249,6 +291,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn reduce_add(v: __m256) -> f32 {
+            // SAFETY: registers only, no memory access; the caller guarantees the CPU has
+            // `avx2` and `fma` (Simd's contract).
             unsafe {
                 let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));

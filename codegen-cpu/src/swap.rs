@@ -201,6 +201,10 @@ impl Kernel for SwapKernel {
 
 /// A kernel from [`compile_hot`]: compiled now, or swapping to JIT code when it is ready.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per layer and op, run on every step: boxing would add an indirection per run to save a few hundred bytes"
+)]
 pub enum HotKernel {
     /// Compiled as [`CpuBackend::compile`] compiles it.
     Ready(CpuKernel),

@@ -109,6 +109,10 @@ pub struct Executor {
 }
 
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per executor; the size of the CPU backend does not matter here"
+)]
 enum Inner {
     Reference,
     Cpu(CpuBackend),
