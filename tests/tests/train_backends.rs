@@ -20,9 +20,9 @@ fn twins(builder: ModelBuilder, batch: usize, density: f64, seed: u64) -> (Model
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
         let sgd = SgdConfig::default();
         for w in m.sparse_layers_mut() {
-            let mask: Vec<u8> = (0..w.rows() * w.cols())
-                .map(|_| u8::from(rng.random_bool(density)))
-                .collect();
+            let mask = sparse_ir::Pattern::random(w.rows(), w.cols(), density, rng.random())
+                .unwrap()
+                .to_dense_mask();
             w.sync_dense(&sgd);
             let weight = w.dense_weight().to_vec();
             w.set_dense(&weight, &mask, None, None).unwrap();
