@@ -37,12 +37,8 @@ use crate::weights::LayerPlan;
 pub const CHECKPOINT_FORMAT: &str = "sparsejit-checkpoint";
 /// The format version of `state.json`.
 pub const CHECKPOINT_VERSION: u32 = 1;
-/// File names inside a checkpoint folder.
-pub const MODEL_FILE: &str = "model.safetensors";
-/// See [`MODEL_FILE`].
-pub const STATE_FILE: &str = "state.json";
-/// The pointer file in a checkpoint directory.
-pub const LATEST_FILE: &str = "latest";
+// The file names of the checkpoint layout, shared with `kernel-dump` through `sparse-ir`.
+pub use sparse_ir::mask_io::checkpoint::{LATEST_FILE, MODEL_FILE, STATE_FILE};
 
 /// What the data set looked like (informational, checked on resume).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -375,32 +371,11 @@ fn sync_dir(path: &Path) -> Result<()> {
         .map_err(|e| RuntimeError::io(path, e))
 }
 
-/// Finds the checkpoint folder of `path`: the folder itself if it holds `state.json`, or the
-/// folder its `latest` pointer names.
+/// Finds the checkpoint folder of `path`: the folder itself if it holds `state.json` and
+/// `model.safetensors`, or the folder its `latest` pointer names (the rule of
+/// [`sparse_ir::mask_io::resolve_checkpoint`]).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.join(STATE_FILE).is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let latest = path.join(LATEST_FILE);
-    if latest.is_file() {
-        let name = fs::read_to_string(&latest).map_err(|e| RuntimeError::io(&latest, e))?;
-        let name = name.trim();
-        if name.is_empty() || name.contains('/') || name.contains("..") {
-            return Err(ck_err(&latest, format!("bad pointer {name:?}")));
-        }
-        let folder = path.join(name);
-        if !folder.join(STATE_FILE).is_file() {
-            return Err(ck_err(
-                &folder,
-                "the latest pointer names a folder without state.json",
-            ));
-        }
-        return Ok(folder);
-    }
-    Err(ck_err(
-        path,
-        "no checkpoint here (neither a state.json nor a latest pointer)",
-    ))
+    Ok(sparse_ir::mask_io::resolve_checkpoint(path)?)
 }
 
 /// Reads `state.json` of a checkpoint folder, checking the format and version.

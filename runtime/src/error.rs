@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use sparse_ir::mask_io::{CheckpointError, CheckpointProblem};
 use sparse_ir::{BackendError, PatternError, VerifyError};
 use thiserror::Error;
 
@@ -59,6 +60,23 @@ impl RuntimeError {
         RuntimeError::Io {
             path: path.into(),
             source,
+        }
+    }
+}
+
+/// A path that leads to no checkpoint: an unreadable `latest` pointer is an I/O error, every
+/// other problem a [`RuntimeError::Checkpoint`] naming the path.
+impl From<CheckpointError> for RuntimeError {
+    fn from(e: CheckpointError) -> Self {
+        match e.problem {
+            CheckpointProblem::Unreadable(source) => RuntimeError::Io {
+                path: e.path,
+                source,
+            },
+            problem => RuntimeError::Checkpoint {
+                path: e.path,
+                message: problem.to_string(),
+            },
         }
     }
 }

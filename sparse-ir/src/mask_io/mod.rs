@@ -37,6 +37,11 @@
 //! the header length and every `data_offsets` pair against the file size, so hostile offsets
 //! become errors rather than arithmetic overflow.
 //!
+//! ## Checkpoints
+//!
+//! [`resolve_checkpoint`] (in [`checkpoint`]) finds a training checkpoint's folder from a
+//! folder or a checkpoint directory, by the one rule the runtime and `kernel-dump` share.
+//!
 //! ## Errors
 //!
 //! The byte-level functions ([`parse_npy`], [`parse_safetensors`], …) return a
@@ -44,6 +49,7 @@
 //! [`MaskIoError`] whose message starts with the file's path. No input makes any of them
 //! panic; the `mask_readers` fuzz target in `fuzz/` checks that.
 
+pub mod checkpoint;
 mod npy;
 mod st;
 
@@ -54,6 +60,9 @@ use thiserror::Error;
 
 use crate::pattern::{Pattern, PatternError};
 
+pub use checkpoint::{
+    resolve_checkpoint, CheckpointError, CheckpointProblem, LATEST_FILE, MODEL_FILE, STATE_FILE,
+};
 pub use npy::{encode_npy, parse_npy};
 pub use st::{encode_safetensors, parse_safetensors, parse_safetensors_all, safetensors_names};
 
