@@ -309,35 +309,16 @@ fn load_mask(path: &Path, cli: &Cli) -> Result<Input> {
     })
 }
 
-/// Resolves a checkpoint path: a folder holding `model.safetensors`, or a checkpoint
-/// directory whose `latest` file names its newest checkpoint folder.
+/// Finds the checkpoint folder of `path` (a checkpoint folder, or a `--checkpoint-dir` meaning
+/// the folder its `latest` pointer names) by the rule of
+/// [`sparse_ir::mask_io::resolve_checkpoint`], which the runtime's resume uses too.
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join("model.safetensors").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let latest = path.join("latest");
-    if latest.exists() {
-        let target = std::fs::read_to_string(&latest)
-            .with_context(|| format!("{}: cannot read", latest.display()))?;
-        let folder = path.join(target.trim());
-        if folder.join("model.safetensors").is_file() {
-            return Ok(folder);
-        }
-        bail!(
-            "{}: names {:?}, which holds no model.safetensors",
-            latest.display(),
-            target.trim()
-        );
-    }
-    bail!(
-        "{}: not a checkpoint (no model.safetensors) nor a checkpoint directory (no latest)",
-        path.display()
-    )
+    Ok(sparse_ir::mask_io::resolve_checkpoint(path)?)
 }
 
 fn load_checkpoint_layer(path: &Path, layer: &str) -> Result<Input> {
     let folder = resolve_checkpoint(path)?;
-    let file = folder.join("model.safetensors");
+    let file = folder.join(sparse_ir::mask_io::MODEL_FILE);
     let tensor = format!("{layer}.mask");
     let loaded = sparse_ir::mask_io::read_mask(&file, Some(&tensor))
         .map_err(|e| anyhow!("layer {layer}: {e}"))?;
