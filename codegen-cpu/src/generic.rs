@@ -10,9 +10,10 @@
 //! accumulator sets (`NACC`) so the FMA latency is hidden. Batch blocks are aligned to the
 //! vector width of `X` when every row shares one alignment (`ld` a multiple of the lanes): the
 //! first vector of a row then starts before column 0 and its leading lanes are masked off, so
-//! no load of `X` splits a cache line (measured: worth up to 1.5× from L2). `spmm_t` walks
-//! the transposed pattern (computed once when the kernel is compiled), reading each weight
-//! through the transpose's value index, so it needs no atomics. Batch 1 has its own shape: a
+//! no load of `X` splits a cache line (split loads cost the most when `X` streams from L2;
+//! `docs/MEASUREMENTS.md`). `spmm_t` walks the transposed pattern (computed once when the
+//! kernel is compiled), reading each weight through the transpose's value index, so it needs
+//! no atomics. Batch 1 has its own shape: a
 //! gather of 16 (or 8) `X` elements per step.
 //!
 //! `sddmm` keeps a block of the `dY` row in registers and takes a dot product per nonzero.
@@ -120,8 +121,8 @@ struct PanelData {
     vidx: Vec<u32>,
 }
 
-/// Input rows per panel: 512 KB of input at 128 columns (measured on 4096², batch 128:
-/// 7.2 ms with 1024-row panels, 8.4 ms with 2048, 10.8 ms with 512, 11.2 ms without).
+/// Input rows per panel: 512 KB of input at 128 columns, the fastest of the panel heights
+/// tried on 4096² at batch 128 (figures in `docs/MEASUREMENTS.md`).
 pub(crate) const PANEL_ROWS: usize = 1024;
 
 impl Panels {
@@ -299,8 +300,8 @@ pub(crate) const L2_BLOCK_BYTES: usize = 1 << 20;
 
 /// Vectors per batch block: eight (sixteen registers of AVX2 hold eight accumulators and
 /// the operands), nine with AVX-512's 32 registers so that a batch of 128 whose blocks start
-/// 1–15 columns early for alignment still takes one pass (measured on 1024², batch 128,
-/// `X` 16 bytes off: 264 µs with two passes, 219 µs aligned).
+/// 1–15 columns early for alignment still takes one pass (two passes were
+/// measurably slower; `docs/MEASUREMENTS.md`).
 fn max_vectors<S: Simd>() -> usize {
     if S::LANES >= 16 {
         9
@@ -322,7 +323,7 @@ fn align_shift<S: Simd>(x: *const f32, batch: usize, ld: usize) -> usize {
         return 0;
     }
     // An extra pass for the last few columns still beats loads that split cache lines
-    // (measured on 1024², batch 128: 263 µs against 444 µs).
+    // (`docs/MEASUREMENTS.md`).
     let more_vectors = (batch + k).div_ceil(l) > batch.div_ceil(l);
     if more_vectors && batch < 4 * l {
         0
@@ -599,8 +600,8 @@ fn epilogue(v: f32, bias: Option<&[f32]>, r: usize, relu: bool) -> f32 {
 }
 
 /// `spmm_t` at batch 1 as a scatter over the rows of `W` (`dX[c_k] += w_k·dY[r]`), which
-/// reads the values in order instead of gathering them through the transpose's value index
-/// (measured on 300×784 at 5 %: 14.8 µs with the gather kernel). One thread: the outputs of
+/// reads the values in order instead of gathering them through the transpose's value index,
+/// which was slower (`docs/MEASUREMENTS.md`). One thread: the outputs of
 /// different rows collide.
 ///
 /// `walk` is the walk of `W`; `dx` holds `walk.in_rows` rows of stride `ld`.

@@ -32,20 +32,19 @@ pub enum KernelLifetime {
 }
 
 /// The largest pattern for which the planner picks `unrolled` on a CPU device: PoCL builds
-/// straight-line code slowly (1.7–2.4 s for 1,500 nonzeros of `spmm`, about 35 s for 11,700).
+/// straight-line code slowly, seconds for a few thousand nonzeros (`docs/MEASUREMENTS.md`).
 pub const CPU_UNROLLED_MAX_NNZ: usize = 4_000;
 
-/// The batch up to which specialised kernels beat `csr` on a CPU device. Measured on PoCL
-/// (`kernel-bench --backend opencl --suite quick`, device time): `unrolled` `spmm`/`spmm_t`
-/// 1.4–4.2× `csr` at batch 1 and 8, 0.4–1.3× at batch 100; `table` `sddmm` 1.2–3.2× at
-/// batch 1 and 8, 0.95–1.07× at batch 100; `table` `spmm`/`spmm_t` within noise of `csr`
-/// everywhere.
+/// The batch up to which specialised kernels beat `csr` on a CPU device: on PoCL
+/// (`kernel-bench --backend opencl --suite quick`, device time) `unrolled` `spmm`/`spmm_t`
+/// and `table` `sddmm` win at batches 1 and 8 and not at 100; `table` `spmm`/`spmm_t` never
+/// beats `csr` (figures in `docs/MEASUREMENTS.md`).
 pub const CPU_SPECIALISED_MAX_BATCH: usize = 8;
 
-/// The fewest launches per pattern for which a CPU device builds specialised kernels. The
-/// largest saving measured on PoCL was 15 µs a launch (`sddmm` 300×784 at batch 1: `table`
-/// 8.9 µs against `csr` 23.6 µs), which repays a 0.2 s build after about 14,000 launches;
-/// the other savings are 1–5 µs against builds of up to 2.4 s.
+/// The fewest launches per pattern for which a CPU device builds specialised kernels: on
+/// PoCL a build takes a fraction of a second to seconds and saves microseconds a launch, so
+/// even the largest saving repays its build only after about 14,000 launches
+/// (`docs/MEASUREMENTS.md`).
 pub const CPU_MIN_LAUNCHES_TO_BUILD: u64 = 20_000;
 
 /// Chooses the strategy for `spec` on a device, for kernels that run `lifetime` long.

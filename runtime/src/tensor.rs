@@ -15,8 +15,8 @@ pub const LD_ALIGN: usize = 16;
 
 /// The row stride the runtime uses for a batch: `batch` rounded up to [`LD_ALIGN`], except
 /// that batch 1 is a plain vector (`ld = 1`): padding one column to 16 puts every feature on
-/// a cache line of its own, and the batch-1 kernels ran 1.2× slower that way (300×784 at 5 %,
-/// `codegen-cpu/examples/spmm_bench.rs`).
+/// a cache line of its own, and the batch-1 kernels ran slower that way
+/// (`docs/MEASUREMENTS.md`).
 pub fn padded_ld(batch: usize) -> usize {
     if batch <= 1 {
         1

@@ -2,11 +2,10 @@
 //!
 //! Vector loads of a feature-major matrix stay within one cache line only when its rows start
 //! on one: with `ld` a multiple of 16 floats, that holds for every row once the first element
-//! is 64-byte aligned. A plain `Vec<f32>` is only as aligned as the allocator makes it (16
-//! bytes here), and the generic AVX-512 `spmm` at batch 8 on 300×784 at 5 % ran 1.65× slower
-//! with `X` 48 bytes off a cache line (8.8 µs against 5.3 µs at the three other offsets;
-//! `codegen-cpu/examples/spmm_bench.rs --offsets`), so which offset an allocation happened to
-//! get decided a benchmark's result. The runtime's matrices, the CPU backend's buffers and
+//! is 64-byte aligned. A plain `Vec<f32>` is only as aligned as the allocator makes it (often
+//! 16 bytes), and the vectorised kernels run measurably slower when loads of `X` split cache
+//! lines (figures in `docs/MEASUREMENTS.md`), so which offset an allocation happened to get
+//! would decide a benchmark's result. The runtime's matrices, the CPU backend's buffers and
 //! the planner's timing operands all use this type, so they all run the aligned case.
 //!
 //! It over-allocates 15 floats and starts the slice at the first aligned one, which needs no

@@ -52,9 +52,8 @@
 //! accumulation where the feature is on (batch 1 with [`CodeShape::fused_accumulators`]
 //! chains per row and without the `black_box` on `x`, which measured slower once the
 //! products are fused), the plain code otherwise. `FMA` in the
-//! module says which one was compiled. Measured with `macro-bench` (built with
-//! `-C target-feature=+fma`), random 5 % 100×300 at batch 1: 0.34–0.35 µs against the
-//! plain code's 0.48 µs; see `inference-example/RESULTS.md`.
+//! module says which one was compiled. The fused code is the faster one at batch 1
+//! (`macro-bench` figures in `docs/MEASUREMENTS.md` and `inference-example/RESULTS.md`).
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::quote;

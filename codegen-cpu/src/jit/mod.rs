@@ -20,25 +20,24 @@
 //! ([`crate::swap`]) takes that compilation off the training thread.
 //!
 //! The code shapes are described in the `emit` module. The defaults of [`JitOptions`] were
-//! chosen by measurement on the 2-core development machine (`examples/jit_bench.rs`, single
-//! thread, medians of interleaved runs):
+//! chosen by measurement (`examples/jit_bench.rs`, single thread, medians of interleaved
+//! runs; the figures are in `docs/MEASUREMENTS.md`):
 //!
-//! - `opt_level` `none`: `speed` compiles 8× slower and its kernels run 3–4× slower (it
-//!   hoists the weight loads out of the rows and spills them);
+//! - `opt_level` `none`: `speed` compiles slower and its kernels run slower (it hoists the
+//!   weight loads out of the rows and spills them);
 //! - one `f32x4` per batch block (`block_vectors = 1`), looping over the blocks: half the code
-//!   of two vectors, and code size is what decides (1.2–1.8× faster at batch 8);
-//! - four accumulator sets per row: one set is 1.2–1.4× slower, two are within noise of four;
-//! - chunks of ~1000 nonzeros: 250 or 4000 compile 10–30 % slower per nonzero;
-//! - the backtracking register allocator with the verifier off: 3–4.5 µs of CPU per nonzero
-//!   for `spmm`/`spmm_t` and `sddmm` at batch 1, 11–16 for `sddmm` at batch 8 (`jit_bench
-//!   compile`); the verifier doubles that; `single_pass` halves it, at a cost of 1–10 % kernel
-//!   speed for `spmm`/`spmm_t` but 1.5–1.8× for `sddmm` (1.6× more code)
-//!   ([`Regalloc::SinglePass`], `jit_bench regalloc`).
+//!   of two vectors, and code size is what decides;
+//! - four accumulator sets per row: one set hides too little FMA latency, two are within
+//!   noise of four;
+//! - chunks of ~1000 nonzeros: smaller and larger chunks compile slower per nonzero;
+//! - the backtracking register allocator with the verifier off: the verifier doubles the
+//!   compile time; `single_pass` ([`Regalloc::SinglePass`]) halves it but costs kernel speed,
+//!   most for `sddmm`, whose code it makes larger.
 //!
-//! Compile time follows the machine instructions emitted, at about 1.7 µs each: `spmm` at
-//! batch 8 emits ~2.5 per nonzero (the batch blocks loop over one copy of the code), `sddmm`
-//! at batch 8 ~6.5 (the batch unrolled per nonzero, two loads and two multiplies, plus a
-//! quarter of a 4×4 transpose-and-add per nonzero), which is why it compiles 3–4× slower.
+//! Compile time follows the machine instructions emitted: `spmm` at batch 8 emits ~2.5 per
+//! nonzero (the batch blocks loop over one copy of the code), `sddmm` at batch 8 ~6.5 (the
+//! batch unrolled per nonzero, two loads and two multiplies, plus a quarter of a 4×4
+//! transpose-and-add per nonzero), which is why `sddmm` compiles several times slower.
 
 mod code;
 mod emit;
@@ -182,8 +181,8 @@ pub fn live_code() -> (usize, usize) {
 pub struct JitEstimate {
     /// Machine code bytes of all the kernel's functions (a fit of measured sizes, within 4 %).
     pub code_bytes: usize,
-    /// Single-thread compile time, microseconds (about 0.2 µs per byte of code with the
-    /// default options, measured on the 2-core development machine).
+    /// Single-thread compile time, microseconds: a fixed rate per byte of code with the
+    /// default options, fitted on the development machine (`docs/MEASUREMENTS.md`).
     pub compile_us: f64,
     /// Whether the code fits the 32 KiB L1 instruction cache with room to spare (24 KiB):
     /// the measured region where the JIT beats the generic kernels (batch 1 and small
