@@ -1,5 +1,5 @@
 //! LeNet-300-100 inference with every layer's mask and weights baked into the binary at
-//! compile time by `sparse_kernel!` (issue 6, item 4).
+//! compile time by `sparse_kernel!`.
 //!
 //! The model is `model/lenet300_5pct.safetensors`, exported from a `sparse-train` checkpoint
 //! by `scripts/export_model.py` (which documents the run). The three kernels below are

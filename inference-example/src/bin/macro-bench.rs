@@ -1,6 +1,6 @@
 //! `macro-bench`: the `sparse_kernel!` kernel, plain and with `fma = true`, against the
 //! Cranelift JIT (`codegen_cpu::jit::JitKernel`) and the generic kernel (`CpuBackend`,
-//! `Strategy::Generic`, one thread) on the LeNet shapes (issue 6, Targets). The fused version
+//! `Strategy::Generic`, one thread) on the LeNet shapes. The fused version
 //! runs when the binary is built with the `fma` target feature, as this workspace's
 //! `.cargo/config.toml` does; the header line says which one ran.
 //!
@@ -8,7 +8,7 @@
 //! - `random5`: two random 5 % masks committed as `model/bench/*.npy` (made by
 //!   `scripts/make_bench_masks.py`), plain `spmm`, values given at run time (the same random
 //!   values for every competitor). The 300×784 one has ~11.7k nonzeros: it is also the
-//!   "12k-nonzero macro kernel" whose compile time the issue asks for.
+//!   12k-nonzero macro kernel whose compile time is worth knowing.
 //! - `trained`: fc1 and fc2 of the exported model (fc1 3.8 %, fc2 11.7 % after training),
 //!   `spmm(bias, relu)`, the macro kernel with its weights baked in.
 //!

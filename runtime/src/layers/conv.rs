@@ -1,4 +1,6 @@
-//! [`Conv2d`]: sparse convolution as im2col + `spmm`.
+//! [`Conv2d`]: a direct sparse convolution: the weights unrolled over the output positions
+//! into one sparse matrix, so forward and backward data are one `spmm` and one `spmm_t`;
+//! im2col only for the dense weight gradient.
 
 use rand::Rng;
 use sparse_ir::Launch;

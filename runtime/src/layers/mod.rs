@@ -1,7 +1,8 @@
 //! Layers on feature-major activations, each with a hand-written backward pass.
 //!
 //! - [`Linear`]: sparse `y = W·x + b` (optionally fused with ReLU), `W` masked;
-//! - [`Conv2d`]: sparse convolution as im2col + `spmm`, the mask over `[out, in·kh·kw]`;
+//! - [`Conv2d`]: a direct sparse convolution (one `spmm` on the weights unrolled over the
+//!   output positions), the mask over `[out, in·kh·kw]`;
 //! - [`Relu`], [`MaxPool2d`]: elementwise and pooling layers;
 //! - the loss, log-softmax + negative log-likelihood, is in [`crate::loss`].
 //!
