@@ -4,24 +4,11 @@
 use std::sync::Arc;
 
 use inference_example::{accuracy, fc1, fc2, fc3, Biases, Lenet, TestSet, MNIST_DIR, MODEL_FILE};
-use sparse_ir::interp;
 use sparse_ir::mask_io::{read_f32_tensor, read_mask};
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern};
+use sparse_ir::{Args, Dim, KernelSpec, Op, Pattern};
+use test_support::{Operands, Run};
 
 type Infer = fn(&[f32], &[f32], &mut [f32], usize, usize) -> Result<(), String>;
-
-/// Deterministic pseudo-random values in [-1, 1) (xorshift).
-fn values(seed: u64, len: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// The layer's pattern and CSR values as read from the model file by `sparse_ir::mask_io`.
 fn layer_from_file(layer: &str) -> (Arc<Pattern>, Vec<f32>) {
@@ -55,27 +42,23 @@ fn check_layer(
         .data;
     let op = Op::Spmm { bias: true, relu };
     let spec = KernelSpec::new(layer, op, pattern.clone(), Dim::Any, Dim::Any).unwrap();
+    // Guarded operands (test-support) with the layer's own values and bias: the tolerance,
+    // guard zones, inputs unchanged and padding untouched.
     for (seed, (batch, ld)) in [(1, 1), (1, 16), (3, 3), (17, 20), (100, 112), (128, 128)]
         .into_iter()
         .enumerate()
     {
-        let x = values(seed as u64 + 10, pattern.cols() * ld);
-        let mut y_ref = vec![0.0; pattern.rows() * ld];
-        let reference = interp::reference(
-            &spec,
-            Launch::new(batch, ld),
-            &Args::Spmm {
-                values: &vals,
-                x: &x,
-                bias: Some(&bias),
-                y: &mut y_ref,
-            },
-        )
-        .unwrap();
-        let mut y = vec![f32::NAN; pattern.rows() * ld];
-        infer(&x, &bias, &mut y, batch, ld).unwrap();
-        if let Err(m) = interp::compare(&reference, &y, ld) {
-            panic!("{layer} batch {batch} ld {ld}: {m}");
+        let run = Run::new(batch, ld, seed as u64 + 10).offset(seed * 5);
+        let mut operands = Operands::new(&spec, run)
+            .with_values(&vals)
+            .with_bias(&bias);
+        let want = operands.reference(&spec).unwrap();
+        let Args::Spmm { x, bias, y, .. } = operands.args() else {
+            unreachable!()
+        };
+        infer(x, bias.unwrap(), y, batch, ld).unwrap();
+        if let Err(m) = operands.verify(&want, false) {
+            panic!("{}: {m}", test_support::describe(&spec, run));
         }
     }
 }

@@ -190,15 +190,7 @@ fn print_pattern_is_a_complete_file() {
 #[test]
 fn lenet_sized_layer_round_trips() {
     // 300 × 784 at ~5 % density, the largest LeNet-300-100 layer.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut mask = vec![0u8; 300 * 784];
-    for m in mask.iter_mut() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        *m = u8::from(state.is_multiple_of(20));
-    }
-    let p = Pattern::from_dense_mask(300, 784, &mask).unwrap();
+    let p = Pattern::random(300, 784, 0.05, 42).unwrap();
     let mut m = Module::new();
     m.add_pattern("fc1", p.clone()).unwrap();
     m.add_kernel("fc1", Op::SPMM, "fc1", Dim::Fixed(100), Dim::Fixed(112))

@@ -308,6 +308,14 @@ impl Operands {
         self
     }
 
+    /// The same operands with the bias replaced by `bias` (a layer's real bias); panics
+    /// unless `bias` has `rows` elements.
+    pub fn with_bias(mut self, bias: &[f32]) -> Operands {
+        self.bias.get_mut().copy_from_slice(bias);
+        self.inputs[1] = bias.to_vec();
+        self
+    }
+
     /// The op these operands are for.
     pub fn op(&self) -> Op {
         self.op
