@@ -13,8 +13,7 @@
 //! no load of `X` splits a cache line (split loads cost the most when `X` streams from L2;
 //! `docs/MEASUREMENTS.md`). `spmm_t` walks the transposed pattern (computed once when the
 //! kernel is compiled), reading each weight through the transpose's value index, so it needs
-//! no atomics. Batch 1 has its own shape: a
-//! gather of 16 (or 8) `X` elements per step.
+//! no atomics. Batch 1 has its own shape: a gather of 16 (or 8) `X` elements per step.
 //!
 //! `sddmm` keeps a block of the `dY` row in registers and takes a dot product per nonzero.
 //!
