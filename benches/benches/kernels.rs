@@ -37,11 +37,8 @@ fn kernels(c: &mut Criterion) {
         isa: None,
     })
     .expect("the CPU backend");
-    for (i, case) in cases().into_iter().enumerate() {
-        let pattern = Arc::new(
-            Pattern::random(case.rows, case.cols, case.density, i as u64)
-                .expect("a generated pattern is valid"),
-        );
+    for case in cases() {
+        let pattern = Arc::new(case.pattern());
         let launch = Launch::new(case.batch, case.ld());
         let spec = case_spec(&case, Arc::clone(&pattern));
         let mut group = c.benchmark_group(format!(
@@ -68,7 +65,7 @@ fn kernels(c: &mut Criterion) {
                 .compile(&spec, strategy)
                 .expect("every CPU strategy compiles a LeNet-sized fixed-shape spec");
             let mut operands =
-                Operands::new(&backend, &case, &pattern, i as u64).expect("operands");
+                Operands::new(&backend, &case, &pattern, case.seed()).expect("operands");
             let name = match strategy {
                 Strategy::Auto => {
                     format!("auto ({})", sparse_ir::backend::Kernel::strategy(&kernel))
@@ -83,7 +80,7 @@ fn kernels(c: &mut Criterion) {
         let gemm = backend
             .compile(&case_spec(&case, Arc::clone(&dense)), Strategy::Dense)
             .expect("dense GEMM");
-        let mut operands = Operands::new(&backend, &case, &dense, i as u64).expect("operands");
+        let mut operands = Operands::new(&backend, &case, &dense, case.seed()).expect("operands");
         group.throughput(Throughput::Elements(
             2 * (case.rows * case.cols * case.batch) as u64,
         ));

@@ -41,6 +41,22 @@ impl Case {
         }
     }
 
+    /// The seed of this case's pattern and operands, a function of the case alone: every
+    /// tool that measures the case (`kernel-bench`, `spmm_bench`, `planner-fit`, the
+    /// criterion benches) runs the same pattern on the same data.
+    pub fn seed(&self) -> u64 {
+        // FNV-1a over the label.
+        self.label().bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
+    /// The case's random pattern ([`Pattern::random`] with [`Case::seed`]).
+    pub fn pattern(&self) -> Pattern {
+        Pattern::random(self.rows, self.cols, self.density, self.seed())
+            .expect("a density in [0, 1] gives a valid pattern")
+    }
+
     /// `op rows×cols b=batch d=density`, for tables.
     pub fn label(&self) -> String {
         format!(

@@ -82,18 +82,14 @@ pub fn warm_up(backend: &OpenClBackend) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Measures every OpenCL strategy on `case` (the pattern `Pattern::random(rows, cols,
-/// density, 1000 + seed)`, the same one the CPU rows of `kernel-bench` use).
+/// Measures every OpenCL strategy on `case` (its pattern [`Case::pattern`], the same one
+/// the CPU rows of `kernel-bench` use).
 pub fn bench_case(
     backend: &OpenClBackend,
     case: &Case,
-    seed: u64,
     limits: &Limits,
 ) -> Result<Outcome, BackendError> {
-    let pattern = Arc::new(
-        Pattern::random(case.rows, case.cols, case.density, 1000 + seed)
-            .expect("a generated pattern is valid"),
-    );
+    let pattern = Arc::new(case.pattern());
     let spec = case_spec(case, pattern.clone());
     let mut notes = Vec::new();
     let mut kernels: Vec<(Strategy, OpenClKernel)> = Vec::new();
@@ -118,7 +114,7 @@ pub fn bench_case(
     let launch = Launch::new(case.batch, case.ld());
     let mut operands = kernels
         .iter()
-        .map(|_| Operands::new(backend, case, &pattern, seed))
+        .map(|_| Operands::new(backend, case, &pattern, case.seed()))
         .collect::<Result<Vec<_>, _>>()?;
     let times = interleaved_device_times(&kernels, &mut operands, launch, limits)?;
     let rows = kernels

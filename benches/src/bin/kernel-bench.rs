@@ -122,14 +122,8 @@ fn main() -> Result<()> {
     let mut planner_cases = Vec::new();
     let mut worst: Option<(f64, String)> = None;
     let mut dense_rows_done = std::collections::HashSet::new();
-    for (i, case) in cases.iter().enumerate() {
-        let outcome = bench_case(
-            &backend,
-            case,
-            i as u64,
-            cli.budget_ms,
-            cli.suite == Suite::Full,
-        )?;
+    for case in &cases {
+        let outcome = bench_case(&backend, case, cli.budget_ms, cli.suite == Suite::Full)?;
         for line in &outcome.notes {
             println!("{:<32} note: {line}", case.label());
         }
@@ -276,14 +270,10 @@ struct CaseOutcome {
 fn bench_case(
     backend: &CpuBackend,
     case: &Case,
-    seed: u64,
     budget_ms: u64,
     full: bool,
 ) -> Result<CaseOutcome> {
-    let pattern = Arc::new(
-        Pattern::random(case.rows, case.cols, case.density, 1000 + seed)
-            .expect("a generated pattern is valid"),
-    );
+    let pattern = Arc::new(case.pattern());
     let spec = case_spec(case, pattern.clone());
     let mut notes = Vec::new();
     let mut kernels = Vec::new();
@@ -334,9 +324,9 @@ fn bench_case(
     let launch = Launch::new(case.batch, case.ld());
     let mut operands = Vec::new();
     for _ in &kernels {
-        operands.push(Operands::new(backend, case, &pattern, seed)?);
+        operands.push(Operands::new(backend, case, &pattern, case.seed())?);
     }
-    let mut gemm_operands = Operands::new(backend, case, &dense_pattern, seed)?;
+    let mut gemm_operands = Operands::new(backend, case, &dense_pattern, case.seed())?;
     let mut closures: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = Vec::new();
     for ((_, kernel, _), ops) in kernels.iter().zip(operands.iter_mut()) {
         closures.push(Box::new(move || ops.run(kernel, launch)));
@@ -399,8 +389,9 @@ fn bench_case(
 mod opencl {
     use anyhow::{Context, Result};
     use benches::opencl::{bench_case, speedup_table, warm_up, Limits};
-    use benches::{geomean, BenchResult, Case};
+    use benches::{BenchResult, Case};
     use codegen_opencl::OpenClBackend;
+    use kernel_timing::geomean;
     use sparse_ir::backend::Backend;
 
     /// Measures every case on the preferred OpenCL device, prints its rows, the planner's
@@ -432,8 +423,8 @@ mod opencl {
         };
         let (mut ratios, mut worst) = (Vec::new(), None::<(f64, String)>);
         let mut ocl_rows = Vec::new();
-        for (i, case) in cases.iter().enumerate() {
-            let outcome = bench_case(&backend, case, i as u64, &limits)
+        for case in cases.iter() {
+            let outcome = bench_case(&backend, case, &limits)
                 .with_context(|| format!("opencl {}", case.label()))?;
             for line in &outcome.notes {
                 println!("{:<32} note: {line}", case.label());
@@ -478,7 +469,7 @@ mod opencl {
             println!(
                 "opencl planner: fastest/picked over {} cases: geomean {:.3}, worst {:.3} ({}), picks the fastest in {} (within 5 % in {}), {} cases below 0.9",
                 ratios.len(),
-                kernel_timing::geomean(&ratios),
+                geomean(&ratios),
                 w,
                 label.trim(),
                 ratios.iter().filter(|&&r| r >= 1.0).count(),

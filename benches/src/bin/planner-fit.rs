@@ -21,7 +21,7 @@ use clap::Parser;
 use codegen_cpu::planner::{self, Features};
 use codegen_cpu::{CpuBackend, CpuOptions};
 use sparse_ir::backend::Backend;
-use sparse_ir::{BackendError, Launch, Op, Pattern, Strategy};
+use sparse_ir::{BackendError, Launch, Op, Strategy};
 
 /// Measures every CPU strategy over a grid, beside the planner's predictions.
 #[derive(Debug, Parser)]
@@ -71,7 +71,6 @@ fn main() -> Result<()> {
         "op,rows,cols,density,nnz,batch,ld,code_bytes,generic,jit,dense,pred_generic,pred_jit,pred_dense,model_pick\n",
     );
     print!("{csv}");
-    let mut seed = 0;
     for shape in &cli.shapes {
         let (r, c) = shape.split_once('x').context("shape RxC")?;
         let (rows, cols): (usize, usize) = (r.parse()?, c.parse()?);
@@ -79,7 +78,6 @@ fn main() -> Result<()> {
             for &batch in &cli.batches {
                 for op in &cli.ops {
                     let op: Op = op.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    seed += 1;
                     let case = Case {
                         op,
                         rows,
@@ -87,7 +85,7 @@ fn main() -> Result<()> {
                         batch,
                         density,
                     };
-                    let line = measure(&backend, &case, seed, &cli)?;
+                    let line = measure(&backend, &case, &cli)?;
                     print!("{line}");
                     csv.push_str(&line);
                 }
@@ -100,11 +98,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn measure(backend: &CpuBackend, case: &Case, seed: u64, cli: &Cli) -> Result<String> {
-    let pattern = Arc::new(
-        Pattern::random(case.rows, case.cols, case.density, 500 + seed)
-            .expect("a generated pattern is valid"),
-    );
+fn measure(backend: &CpuBackend, case: &Case, cli: &Cli) -> Result<String> {
+    let pattern = Arc::new(case.pattern());
     let spec = case_spec(case, pattern.clone());
     let features = Features::of(&spec, 1, backend.isa());
     let estimate = codegen_cpu::jit::estimate(&spec);
@@ -119,7 +114,7 @@ fn measure(backend: &CpuBackend, case: &Case, seed: u64, cli: &Cli) -> Result<St
     }
     let mut operands = Vec::new();
     for _ in &kernels {
-        operands.push(Operands::new(backend, case, &pattern, seed)?);
+        operands.push(Operands::new(backend, case, &pattern, case.seed())?);
     }
     let launch = Launch::new(case.batch, case.ld());
     let mut closures: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = Vec::new();
