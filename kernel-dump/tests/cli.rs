@@ -283,6 +283,8 @@ fn checkpoint_layers_and_errors() {
         &[("fc1.mask", &pattern, &[5, 7])],
     )
     .unwrap();
+    // A checkpoint folder holds both files (the runtime writes them together).
+    std::fs::write(ckpt.join("state.json"), "{}").unwrap();
     std::fs::write(dir.path().join("latest"), "epoch-001\n").unwrap();
     let root = dir.path().to_str().unwrap();
     let out = ok(&[
