@@ -3,16 +3,21 @@
 //! predictions are close ([`CONFIRM_RATIO`]) the backend confirms the choice by timing those
 //! kernels on the real shape ([`Plan::close_candidates`], [`Plan::confirm`]), as libxsmm
 //! does, and the measured fastest wins unless within [`TIE_MARGIN`] of the model's pick.
+//! The thread count is chosen per kernel the same way ([`model_threads`],
+//! [`Plan::confirm_threads`]): one thread or the backend's, by timing where timing is on.
 //!
-//! The constants were fitted to medians measured on the 2-core AVX-512 development machine
-//! (`benches` binary `planner-fit`, single-threaded, interleaved rounds); they are per ISA
-//! level where the generic kernels differ. Where the batch is not fixed at compile time, the
-//! planner predicts for a nominal batch ([`NOMINAL_BATCH`]) and says so in the reasons.
+//! The constants were fitted to medians measured on one CPU (`benches` binary
+//! `planner-fit`, single-threaded, interleaved rounds; docs/MEASUREMENTS.md names it); they
+//! are per ISA level where the generic kernels differ. Where the batch is not fixed at
+//! compile time, the planner predicts for a nominal batch ([`NOMINAL_BATCH`]) and says so in
+//! the reasons.
 //!
-//! The model is not asked to be exact: measured against its fit data it is within 1.5× of
-//! the measured time for the strategies that compete, which is what the confirmation by
-//! timing covers. It must be right about one thing: where the JIT cannot win, it predicts no
-//! JIT time at all ([`jit_us`] returns `None`), so no JIT code is compiled for that layer.
+//! The model is not asked to be exact, and on another CPU it is less so: timing covers its
+//! error. A candidate is timed unless even its floor ([`Prediction::floor_us`], the
+//! prediction without the terms whose constants belong to one CPU's caches) is far behind,
+//! so the choices hold on CPUs the model was not fitted on. Where the JIT cannot win even
+//! by its floor, the model predicts no JIT time at all ([`jit_us`] returns `None`), so no
+//! JIT code is compiled for that layer.
 
 use std::fmt;
 
@@ -28,17 +33,13 @@ pub const NOMINAL_BATCH: usize = 100;
 /// times the two best on the real shape and keeps the measured faster (when timing is on).
 ///
 /// Chosen by measurement (`planner-fit --replay`, which sweeps this ratio over measured
-/// grids): on the fit grid (225 cases: 10×100 … 300×784, densities 2–20 %, batches 1–100)
-/// 1.5 is the smallest ratio with no pick more than 10 % slower than the fastest (1.3 leaves
-/// one at 0.77); on a second grid (135 cases: other shapes, densities 3–30 %, batches 1–64)
-/// 1.5 left one case at 0.79 until the batch-1 `spmm_t` cost was refined, none after.
-/// Timing then runs for 38 % of the cases of those grids.
+/// grids): the smallest ratio that left no pick more than 10 % slower than the fastest on
+/// the grids measured (docs/MEASUREMENTS.md).
 pub const CONFIRM_RATIO: f64 = 1.5;
 
 /// Timing overrules the model's choice only when that measured more than this factor slower
-/// than the fastest: closer, the two are a tie within the noise of a shared machine
-/// (repeated `kernel-bench` runs of one case differ by 5–15 %), and the model's prior
-/// stands.
+/// than the fastest: closer, the two are a tie within the noise of a shared machine, and
+/// the model's prior stands.
 pub const TIE_MARGIN: f64 = 1.05;
 
 /// What the planner knows about a kernel.
@@ -698,8 +699,8 @@ pub fn generic_us(f: &Features) -> f64 {
 }
 
 /// Sustained single-thread GEMM rate of the `gemm` crate (AVX-512) for an `m × n × k`
-/// product, in multiply-adds per ns: ~70 on large products (1024×128×1024: 72), far less
-/// when a dimension is thin (300×1×784: 2.5, 300×8×784: 10).
+/// product, in multiply-adds per ns: high on large products, far less when a dimension is
+/// thin (fitted to `planner-fit` medians).
 fn gemm_fma_per_ns(m: usize, n: usize, k: usize) -> f64 {
     let eff = |d: usize, half: f64| d as f64 / (d as f64 + half);
     let peak = 80.0;
@@ -766,18 +767,9 @@ const JIT_ROW_BLOCK: f64 = 0.5;
 /// and block; its code (about 14–18 bytes per nonzero for
 /// `spmm`/`spmm_t`, 13–120 for `sddmm`) streams from L2 once it outgrows L1i, at about 32
 /// bytes per ns, and at a third of that beyond 512 KiB; `spmm`/`spmm_t` stream it once per
-/// batch block.
-///
-/// Measured (`planner-fit`, 1 thread, medians of interleaved rounds, 2-core AVX-512 machine,
-/// 2026-11-28), JIT against the generic kernel:
-/// - batch 1: 1.9× on 100×300 at 5 % (0.40 against 0.75 µs), 2.3–2.7× on 10×100 and
-///   30×200, 1.2–1.4× on 300×784 at 2–5 % (code 70–210 KB); at 20 % it is even (`spmm`,
-///   `sddmm`: 670 KB of code) or 1.8× (`spmm_t`);
-/// - batch 8: `spmm_t` 2.5–4.8× and `sddmm` 1.7–3× on the small layers, `spmm` 1.1–1.8×;
-///   even or behind on 300×784 at 20 %;
-/// - batch 16–32: within 1.5× either way on the small layers (timing decides);
-/// - batch 64–100: behind by 2–3× almost everywhere (the generic kernels use eight or nine
-///   512-bit accumulators per row), so no candidate.
+/// batch block. The JIT wins at small batches on small layers and loses by 2–3× at batches
+/// of 64 and more, where the generic kernels keep eight or nine 512-bit accumulators per
+/// row (the measurements are in docs/MEASUREMENTS.md).
 pub fn jit_us(f: &Features) -> Option<f64> {
     jit_prediction(f).map(|(us, _)| us)
 }
@@ -786,10 +778,10 @@ pub fn jit_us(f: &Features) -> Option<f64> {
 /// alone, as if every byte of code came from L1i), µs, where it may win.
 ///
 /// The code-fetch constants were fitted on one CPU and are the model's weakest part across
-/// CPUs: on an AMD EPYC (Zen 4, 1 MB of L2 per core against the fit machine's 2 MB)
-/// `sddmm` 300×784 at 20 %, batch 8 (660 KB of code) ran in 42 µs where the model said
-/// 162, and the generic kernel took 63. So the JIT stays a candidate, and is timed, while
-/// its floor is within [`JIT_HOPELESS`] of the generic prediction.
+/// CPUs (their caches differ: docs/MEASUREMENTS.md has a case where the model put the JIT
+/// at 1.9× the generic time and it ran 1.5× faster). So the JIT stays a candidate, and is
+/// timed where close, while its floor is within [`JIT_HOPELESS`] of the generic
+/// prediction.
 fn jit_prediction(f: &Features) -> Option<(f64, f64)> {
     if !f.fixed_shape || f.op == Op::DenseGrad || f.nnz == 0 || jit_writes_padding(f) {
         return None;
@@ -1056,10 +1048,8 @@ mod tests {
         );
     }
 
-    /// Where the JIT's code outgrows L2 the model's code-fetch term depends on the CPU
-    /// (AMD EPYC Zen 4: `sddmm` 300×784 at 20 %, batch 8, measured 42 µs for the JIT
-    /// against 63 for the generic kernel, where the model predicts the JIT at 1.9× the
-    /// generic time): its floor keeps it a timed candidate.
+    /// Where the JIT's code outgrows L2 the model's code-fetch term depends on the CPU: the
+    /// two cases where it mispredicted on AMD EPYC (docs/MEASUREMENTS.md) are timed.
     #[test]
     fn the_jit_is_timed_where_only_code_fetch_puts_it_behind() {
         for (op, batch) in [(Op::Sddmm, 8), (Op::SPMM, 1)] {
