@@ -21,6 +21,10 @@ use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions, IsaLevel};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{AlignedVec, Args, BackendError, Launch, Op, Strategy};
 
+/// Measuring time per case, and the fewest rounds: `kernel-bench`'s defaults.
+const BUDGET: Duration = Duration::from_millis(400);
+const MIN_ROUNDS: usize = 7;
+
 /// One variant of a case: a name, the backend and the strategy it compiles with.
 type Variant<'a> = (String, &'a CpuBackend, Strategy);
 
@@ -60,7 +64,7 @@ impl Inputs {
 
 /// Times `variants` on `case`; with `x_offset`, `X` starts that many floats past a 64-byte
 /// boundary.
-fn bench_case(case: Case, variants: &[Variant<'_>], rounds: usize, x_offset: Option<usize>) {
+fn bench_case(case: Case, variants: &[Variant<'_>], x_offset: Option<usize>) {
     let pattern = Arc::new(case.pattern());
     let spec = case_spec(&case, Arc::clone(&pattern));
     let launch = Launch::new(case.batch, case.ld());
@@ -100,7 +104,7 @@ fn bench_case(case: Case, variants: &[Variant<'_>], rounds: usize, x_offset: Opt
         closures.iter_mut().map(|c| &mut **c as _).collect();
     let medians = kernel_timing::interleaved(
         &mut refs,
-        &kernel_timing::Config::benchmark(Duration::ZERO, rounds),
+        &kernel_timing::Config::benchmark(BUDGET, MIN_ROUNDS),
     )
     .expect("the kernels run")
     .us;
@@ -143,7 +147,6 @@ fn bench_case(case: Case, variants: &[Variant<'_>], rounds: usize, x_offset: Opt
 fn main() {
     let all = std::env::args().any(|a| a == "--all");
     let big = std::env::args().any(|a| a == "--big");
-    let rounds = 15;
     let mk = |threads, isa| {
         CpuBackend::new(CpuOptions {
             threads,
@@ -182,50 +185,38 @@ fn main() {
             bench_case(
                 case(spmm, 300, 784, 0.05, 8),
                 &variants[..1],
-                rounds,
                 Some(x_offset),
             );
         }
         return;
     }
     if big {
-        bench_case(case(spmm, 4096, 4096, 0.05, 128), &variants[..1], 7, None);
-        bench_case(
-            case(Op::SpmmT, 4096, 4096, 0.05, 128),
-            &variants[..1],
-            7,
-            None,
-        );
-        bench_case(
-            case(Op::Sddmm, 4096, 4096, 0.05, 128),
-            &variants[..1],
-            7,
-            None,
-        );
+        bench_case(case(spmm, 4096, 4096, 0.05, 128), &variants[..1], None);
+        bench_case(case(Op::SpmmT, 4096, 4096, 0.05, 128), &variants[..1], None);
+        bench_case(case(Op::Sddmm, 4096, 4096, 0.05, 128), &variants[..1], None);
         return;
     }
-    bench_case(case(spmm, 1024, 1024, 0.05, 128), &variants, rounds, None);
-    bench_case(case(spmm, 300, 784, 0.05, 1), &variants, rounds, None);
-    bench_case(case(spmm, 300, 784, 0.05, 8), &variants, rounds, None);
-    bench_case(case(spmm, 300, 784, 0.05, 100), &variants, rounds, None);
-    bench_case(case(spmm, 100, 300, 0.05, 100), &variants, rounds, None);
+    bench_case(case(spmm, 1024, 1024, 0.05, 128), &variants, None);
+    bench_case(case(spmm, 300, 784, 0.05, 1), &variants, None);
+    bench_case(case(spmm, 300, 784, 0.05, 8), &variants, None);
+    bench_case(case(spmm, 300, 784, 0.05, 100), &variants, None);
+    bench_case(case(spmm, 100, 300, 0.05, 100), &variants, None);
     if all {
-        bench_case(case(spmm, 10, 100, 0.05, 100), &variants, rounds, None);
-        bench_case(case(spmm, 100, 300, 0.05, 1), &variants, rounds, None);
-        bench_case(case(spmm, 300, 784, 0.2, 100), &variants, rounds, None);
-        bench_case(case(spmm, 300, 784, 0.5, 100), &variants, rounds, None);
+        bench_case(case(spmm, 10, 100, 0.05, 100), &variants, None);
+        bench_case(case(spmm, 100, 300, 0.05, 1), &variants, None);
+        bench_case(case(spmm, 300, 784, 0.2, 100), &variants, None);
+        bench_case(case(spmm, 300, 784, 0.5, 100), &variants, None);
         for op in [Op::SpmmT, Op::Sddmm] {
-            bench_case(case(op, 300, 784, 0.05, 100), &variants, rounds, None);
-            bench_case(case(op, 100, 300, 0.05, 100), &variants, rounds, None);
-            bench_case(case(op, 300, 784, 0.05, 1), &variants, rounds, None);
-            bench_case(case(op, 1024, 1024, 0.05, 128), &variants, rounds, None);
+            bench_case(case(op, 300, 784, 0.05, 100), &variants, None);
+            bench_case(case(op, 100, 300, 0.05, 100), &variants, None);
+            bench_case(case(op, 300, 784, 0.05, 1), &variants, None);
+            bench_case(case(op, 1024, 1024, 0.05, 128), &variants, None);
         }
         bench_case(
             case(Op::DenseGrad, 300, 784, 0.05, 100),
             &variants[..2],
-            rounds,
             None,
         );
-        bench_case(case(spmm, 4096, 4096, 0.05, 128), &variants[..3], 7, None);
+        bench_case(case(spmm, 4096, 4096, 0.05, 128), &variants[..3], None);
     }
 }

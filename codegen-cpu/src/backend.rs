@@ -415,6 +415,9 @@ impl CpuBackend {
             .iter()
             .map(|_| TimingOperands::new(spec, launch, 0x5eed))
             .collect();
+        // The inputs' write is timed with the kernel: a split kernel makes its producer pay
+        // for taking the lines back from the other cores, as the step's gather or the
+        // previous layer does in training.
         let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = kernels
             .iter()
             .zip(operands.iter_mut())
@@ -1248,6 +1251,8 @@ mod tests {
             "{}",
             k.plan()
         );
+        // The model says 1 here (below PARALLEL_MIN_FMAS): 2 must win by the tie margin.
+        assert_eq!(planner::model_threads(&features, Strategy::Generic), 1);
         let want = if m[1].1 * planner::TIE_MARGIN < m[0].1 {
             2
         } else {

@@ -85,11 +85,27 @@ pub type Run<'a, E> = &'a mut dyn FnMut() -> Result<(), E>;
 
 /// Times `competitors` as the crate docs say and returns their paired medians. The first
 /// error a run returns stops the measurement and is returned.
-///
-/// # Panics
-/// Never for an empty slice (it returns no times); the samples are always non-empty.
 pub fn interleaved<E>(competitors: &mut [Run<'_, E>], config: &Config) -> Result<Timings, E> {
-    let n = competitors.len();
+    measure(
+        competitors.len(),
+        &mut |i, reps| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                (competitors[i])()?;
+            }
+            Ok(t.elapsed())
+        },
+        config,
+    )
+}
+
+/// The measurement behind [`interleaved`]: `sample(i, reps)`
+/// runs competitor `i` `reps` times and returns the time to count.
+fn measure<E>(
+    n: usize,
+    sample: &mut dyn FnMut(usize, u32) -> Result<Duration, E>,
+    config: &Config,
+) -> Result<Timings, E> {
     if n == 0 {
         return Ok(Timings {
             us: Vec::new(),
@@ -101,16 +117,14 @@ pub fn interleaved<E>(competitors: &mut [Run<'_, E>], config: &Config) -> Result
     let start = Instant::now();
     let mut reps = Vec::with_capacity(n);
     let mut round_cost = Duration::ZERO;
-    for run in competitors.iter_mut() {
+    for i in 0..n {
         let warm = Instant::now();
         let mut runs = 0;
         while runs < 2 || (runs < WARMUP_MAX_RUNS && warm.elapsed() < WARMUP_MIN) {
-            run()?;
+            sample(i, 1)?;
             runs += 1;
         }
-        let t = Instant::now();
-        run()?;
-        let once = t.elapsed().max(Duration::from_nanos(20));
+        let once = sample(i, 1)?.max(Duration::from_nanos(20));
         let r = (config.sample_min.as_nanos().div_ceil(once.as_nanos())).clamp(1, MAX_REPS as u128)
             as u32;
         reps.push(r);
@@ -131,15 +145,11 @@ pub fn interleaved<E>(competitors: &mut [Run<'_, E>], config: &Config) -> Result
     {
         for k in 0..n {
             let i = if rounds % 2 == 0 { k } else { n - 1 - k };
-            let run = &mut competitors[i];
             if n > 1 {
-                run()?;
+                sample(i, 1)?;
             }
-            let t = Instant::now();
-            for _ in 0..reps[i] {
-                run()?;
-            }
-            samples[i].push(t.elapsed().as_secs_f64() * 1e6 / f64::from(reps[i]));
+            let t = sample(i, reps[i])?;
+            samples[i].push(t.as_secs_f64() * 1e6 / f64::from(reps[i]));
         }
         rounds += 1;
     }
