@@ -127,7 +127,7 @@ pub struct TrainConfig {
     pub weight_decay: f32,
     /// Seed of every random stream.
     pub seed: u64,
-    /// Threads the kernels use.
+    /// Most threads a kernel uses (the CPU planner chooses one or this many per kernel).
     pub threads: usize,
     /// The backend.
     #[serde(with = "as_text")]

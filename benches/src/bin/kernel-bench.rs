@@ -54,7 +54,8 @@ struct Cli {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Threads per kernel.
+    /// Threads of the backend: explicit strategies split over all of them; `auto` chooses
+    /// one thread or all per kernel.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Which backend's strategies to measure.

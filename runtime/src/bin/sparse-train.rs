@@ -47,7 +47,9 @@ struct Cli {
     /// Seed of every random stream [default: 17].
     #[arg(long)]
     seed: Option<u64>,
-    /// Threads the kernels use [default: 2].
+    /// Most threads a kernel uses [default: 2]: the planner runs each kernel on one thread or
+    /// on this many, whichever measured faster in a training step's conditions (with
+    /// --deterministic, whichever its cost model predicts).
     #[arg(long)]
     threads: Option<usize>,
     /// Where kernels run: cpu or opencl [default: cpu]. opencl needs a build with the cargo
