@@ -418,25 +418,17 @@ impl CpuBackend {
         // The inputs' write is timed with the kernel: a split kernel makes its producer pay
         // for taking the lines back from the other cores, as the step's gather or the
         // previous layer does in training.
-        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = kernels
+        let mut runs: Vec<RaceRun<'_>> = kernels
             .iter()
             .zip(operands.iter_mut())
             .map(|(k, ops)| {
                 Box::new(move || {
                     ops.refresh_inputs(k.spec.op());
                     ops.run(k, launch)
-                }) as Box<dyn FnMut() -> Result<(), BackendError> + '_>
+                }) as RaceRun<'_>
             })
             .collect();
-        let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
-            runs.iter_mut().map(|r| &mut **r as _).collect();
-        let config = kernel_timing::Config {
-            min_rounds: TIMING_MIN_ROUNDS,
-            max_rounds: TIMING_MAX_ROUNDS,
-            ..kernel_timing::Config::planner(budget)
-        };
-        let timings = kernel_timing::interleaved(&mut refs, &config)?;
-        drop(refs);
+        let timings = race(&mut runs, budget)?;
         drop(runs);
         self.timings_run.fetch_add(1, Ordering::Relaxed);
         let measured: Vec<(usize, f64)> = counts.iter().copied().zip(timings.us).collect();
@@ -488,7 +480,7 @@ impl CpuBackend {
             .enumerate()
             .map(|(i, _)| TimingOperands::new(spec, launch, 0x5eed + i as u64))
             .collect();
-        let mut runs: Vec<Box<dyn FnMut() -> Result<(), BackendError> + '_>> = kernels
+        let mut runs: Vec<RaceRun<'_>> = kernels
             .iter()
             .zip(operands.iter_mut())
             .map(|(k, ops)| {
@@ -499,17 +491,10 @@ impl CpuBackend {
                         kernel_timing::spin(wait);
                     }
                     r
-                }) as Box<dyn FnMut() -> Result<(), BackendError> + '_>
+                }) as RaceRun<'_>
             })
             .collect();
-        let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
-            runs.iter_mut().map(|r| &mut **r as _).collect();
-        let config = kernel_timing::Config {
-            min_rounds: TIMING_MIN_ROUNDS,
-            max_rounds: TIMING_MAX_ROUNDS,
-            ..kernel_timing::Config::planner(budget)
-        };
-        let timings = kernel_timing::interleaved(&mut refs, &config)?;
+        let timings = race(&mut runs, budget)?;
         let (medians, rounds) = (timings.us, timings.rounds);
         let measured = candidates
             .iter()
@@ -631,6 +616,25 @@ impl Backend for CpuBackend {
         };
         Ok(self.kernel(spec, plan, compiled))
     }
+}
+
+/// A timed run of one competitor of a planner race.
+type RaceRun<'a> = Box<dyn FnMut() -> Result<(), BackendError> + 'a>;
+
+/// Times the competitors of a planner race with `kernel_timing`: 250 µs samples,
+/// [`TIMING_MIN_ROUNDS`] to [`TIMING_MAX_ROUNDS`] rounds within `budget`.
+fn race(
+    runs: &mut [RaceRun<'_>],
+    budget: Duration,
+) -> Result<kernel_timing::Timings, BackendError> {
+    let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
+        runs.iter_mut().map(|r| &mut **r as _).collect();
+    let config = kernel_timing::Config {
+        min_rounds: TIMING_MIN_ROUNDS,
+        max_rounds: TIMING_MAX_ROUNDS,
+        ..kernel_timing::Config::planner(budget)
+    };
+    kernel_timing::interleaved(&mut refs, &config)
 }
 
 /// Random operands of one spec at one launch shape, for timing: 64-byte aligned, as the
