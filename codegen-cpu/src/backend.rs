@@ -128,8 +128,8 @@ impl PatternSize {
 /// A measured decision is reused for a pattern of the same [`DecisionKey`] whose counts each
 /// lie within this fraction of the measured pattern's (the nearest such one). Sparse momentum
 /// changes a layer's pattern at every mask update but its size only slowly, and the
-/// candidates' speeds follow the size, not the positions: timing every new pattern again took
-/// 8.7 % of a 100-epoch LeNet-300-100 run's wall time (2 threads, 2.9 of 34 s).
+/// candidates' speeds follow the size, not the positions, and timing every new pattern again
+/// took a sizeable share of a training run (docs/MEASUREMENTS.md).
 const SAME_SIZE: f64 = 0.15;
 
 /// Measured decisions by shape: the size of each pattern measured and what was measured on
@@ -638,7 +638,8 @@ fn race(
 }
 
 /// Random operands of one spec at one launch shape, for timing: 64-byte aligned, as the
-/// runtime's matrices are (a misaligned `X` can be 1.65× slower and would decide the race).
+/// runtime's matrices are (a misaligned `X` runs slower and would decide the race; see
+/// docs/MEASUREMENTS.md).
 struct TimingOperands {
     values: AlignedVec,
     x: AlignedVec,
