@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use sparse_ir::{AlignedVec, Pattern};
+use sparse_ir::Pattern;
 
 use crate::pool::Pool;
 
@@ -179,10 +179,10 @@ pub(crate) fn dense_grad(
 }
 
 /// Scratch matrices of a dense kernel, reused between runs.
+#[derive(Default)]
 struct Scratch {
-    /// The compact weights `nr × nc`, zero except at the pattern's positions; 64-byte
-    /// aligned, so every process's GEMM reads it the same way.
-    w: AlignedVec,
+    /// The compact weights `nr × nc`, zero except at the pattern's positions.
+    w: Vec<f32>,
     /// A gathered input.
     a: Vec<f32>,
     /// A compact output (or a second gathered input).
@@ -200,16 +200,6 @@ pub(crate) struct DenseKernel {
     rows: usize,
     cols: usize,
     scratch: Mutex<Scratch>,
-}
-
-impl Default for Scratch {
-    fn default() -> Scratch {
-        Scratch {
-            w: AlignedVec::zeros(0),
-            a: Vec::new(),
-            b: Vec::new(),
-        }
-    }
 }
 
 impl std::fmt::Debug for DenseKernel {
@@ -304,10 +294,10 @@ impl DenseKernel {
         }
     }
 
-    fn compact_weights(&self, values: &[f32], w: &mut AlignedVec) {
+    fn compact_weights(&self, values: &[f32], w: &mut Vec<f32>) {
         let (nr, nc) = self.live();
         if w.len() != nr * nc {
-            *w = AlignedVec::zeros(nr * nc);
+            *w = vec![0.0; nr * nc];
         }
         for (&p, &v) in self.pos.iter().zip(values) {
             w[p as usize] = v;
@@ -464,7 +454,7 @@ impl DenseKernel {
                 let lhs = Self::live_operand(dy, &self.live_rows, all_rows, shape, &mut s.a, false);
                 let rhs = Self::live_operand(x, &self.live_cols, all_cols, shape, &mut s.b, true);
                 if s.w.len() != nr * nc {
-                    s.w = AlignedVec::zeros(nr * nc);
+                    s.w = vec![0.0; nr * nc];
                 }
                 gemm_par(par, &mut s.w, nc, lhs, rhs, false);
                 for (o, &p) in dw.iter_mut().zip(&self.pos) {
