@@ -137,6 +137,12 @@ fn sgd_step_is_nesterov_with_weight_decay() {
 #[test]
 fn dense_momentum_window_counts_and_exact_agrees() {
     let data = synthetic(300, 100, 100, 1);
+    // The runs are compared bit for bit: their plans must not depend on timing, which
+    // other tests running beside this one disturb.
+    let config = |epochs| TrainConfig {
+        deterministic: true,
+        ..config(epochs)
+    };
     // 6 steps per epoch, 3 epochs: updates after epochs 1 and 2.
     let (_, exact) = run(
         TrainConfig {
