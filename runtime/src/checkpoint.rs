@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -404,25 +405,87 @@ pub fn read_state(folder: &Path) -> Result<TrainState> {
     serde_json::from_value(value).map_err(|e| ck_err(&path, format!("malformed: {e}")))
 }
 
+/// The lock file of a checkpoint directory: a writer holds an exclusive lock on it for its
+/// whole life, so two runs never write into one directory.
+pub const LOCK_FILE: &str = ".lock";
+
 /// Writes checkpoints into a directory: `DIR/epoch-NNN/` after every epoch (an interrupted
 /// epoch gives `DIR/epoch-NNN-step-SSSSSS/`), the `DIR/latest` pointer, and keeps the newest
 /// `keep`.
+///
+/// The writer holds an exclusive lock on `DIR/.lock` (the operating system releases it when
+/// the process ends, however it ends), so a second run on the same directory is refused
+/// before it writes anything.
 #[derive(Debug, Clone)]
 pub struct CheckpointWriter {
     dir: PathBuf,
     keep: usize,
     crash_in_epoch: Option<u32>,
+    /// The open lock file; the lock lasts as long as any clone of the writer.
+    _lock: Arc<File>,
 }
 
 impl CheckpointWriter {
     /// A writer into `dir` (created if missing) keeping the newest `keep` (at least 1).
+    ///
+    /// Takes the directory's lock (an error naming the directory if another run holds it),
+    /// then tidies what interrupted writes left: a checkpoint moved aside (`.old-NAME-PID`)
+    /// whose replacement never arrived goes back to `NAME`; unfinished copies (`.tmp-*`) and
+    /// pointers (`.latest-*`) are removed.
     pub fn new(dir: &Path, keep: usize) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| RuntimeError::io(dir, e))?;
-        Ok(CheckpointWriter {
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| RuntimeError::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ck_err(
+                    dir,
+                    "in use by another run (it holds the lock on .lock in this folder): wait \
+                     for it to end or choose another --checkpoint-dir",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(RuntimeError::io(&lock_path, e)),
+        }
+        let writer = CheckpointWriter {
             dir: dir.to_path_buf(),
             keep: keep.max(1),
             crash_in_epoch: None,
-        })
+            _lock: Arc::new(lock),
+        };
+        writer.tidy()?;
+        Ok(writer)
+    }
+
+    /// Recovers or removes what interrupted writes left in the directory (see
+    /// [`CheckpointWriter::new`]); safe because this writer holds the lock.
+    fn tidy(&self) -> Result<()> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| RuntimeError::io(&self.dir, e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let path = e.path();
+            if let Some(rest) = name.strip_prefix(".old-") {
+                // `.old-NAME-PID`: NAME was moved aside for its replacement.
+                let original = rest.rsplit_once('-').map_or(rest, |(n, _)| n);
+                let target = self.dir.join(original);
+                if checkpoint_key(original).is_some() && !target.exists() {
+                    tracing::info!(from = %path.display(), "restoring a checkpoint moved aside by an interrupted write");
+                    fs::rename(&path, &target).map_err(|e| RuntimeError::io(&target, e))?;
+                } else {
+                    let _ = fs::remove_dir_all(&path);
+                }
+            } else if name.starts_with(".tmp-") {
+                let _ = fs::remove_dir_all(&path);
+            } else if name.starts_with(".latest-") {
+                let _ = fs::remove_file(&path);
+            }
+        }
+        Ok(())
     }
 
     /// Testing aid: abort the process half-way through writing the checkpoint of `epoch`.

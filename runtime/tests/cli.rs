@@ -251,9 +251,10 @@ fn checkpoint_killed_mid_write_leaves_previous_intact() {
     let leftovers = fs::read_dir(&ck)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.') && n != ".lock")
         .count();
-    assert_eq!(leftovers, 0, "the next write cleans up");
+    assert_eq!(leftovers, 0, "the next run cleans up");
     // The same result as an uninterrupted run.
     let m3 = dir.path().join("m3.jsonl");
     let mut full: Vec<&str> = SMALL.to_vec();
@@ -277,7 +278,8 @@ fn keeps_the_newest_checkpoints() {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .collect();
     names.sort();
-    assert_eq!(names, ["epoch-003", "epoch-004", "latest"]);
+    // `.lock` stays (empty): the lock on it went with the process.
+    assert_eq!(names, [".lock", "epoch-003", "epoch-004", "latest"]);
 }
 
 #[test]
@@ -494,4 +496,80 @@ fn bad_options_are_clear_errors() {
     let out = sparse_train(&["--resume", s(dir.path())]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint here"));
+}
+
+/// A checkpoint folder takes one run at a time: while a writer holds it, a second writer (as
+/// a second `sparse-train` would) is refused with an error naming the folder; the lock goes
+/// with its holder. The folder is then tidied: a checkpoint moved aside by an interrupted
+/// write comes back, unfinished copies and pointers go.
+#[test]
+fn a_checkpoint_folder_takes_one_run_and_is_tidied() {
+    use runtime::CheckpointWriter;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let first = CheckpointWriter::new(&ck, 3).unwrap();
+    let clone = first.clone();
+    let e = CheckpointWriter::new(&ck, 3).unwrap_err().to_string();
+    assert!(
+        e.contains(s(&ck)) && e.contains("in use by another run"),
+        "{e}"
+    );
+    drop(first);
+    // A clone keeps the lock.
+    assert!(CheckpointWriter::new(&ck, 3).is_err());
+    drop(clone);
+
+    // Leftovers of a write interrupted between its two renames: epoch-002 moved aside, its
+    // replacement still in .tmp, latest naming epoch-002.
+    fs::create_dir(ck.join(".old-epoch-002-4242")).unwrap();
+    fs::write(ck.join(".old-epoch-002-4242").join("state.json"), "{}").unwrap();
+    fs::create_dir(ck.join(".tmp-epoch-002-4242")).unwrap();
+    fs::write(ck.join(".latest-4242"), "epoch-002\n").unwrap();
+    // A superseded copy: epoch-001 is there, its old copy goes.
+    fs::create_dir(ck.join("epoch-001")).unwrap();
+    fs::create_dir(ck.join(".old-epoch-001-7")).unwrap();
+    let _w = CheckpointWriter::new(&ck, 3).unwrap();
+    assert!(ck.join("epoch-002").join("state.json").is_file());
+    assert!(ck.join("epoch-001").is_dir());
+    let hidden: Vec<String> = fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.') && n != ".lock")
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}
+
+/// Two `sparse-train` processes on one checkpoint folder: the second stops at start with
+/// the folder's name and a non-zero exit, and the first finishes its run.
+#[cfg(unix)]
+#[test]
+fn a_second_run_on_a_checkpoint_folder_is_refused() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut first = Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args(SMALL)
+        .args(["--epochs", "30", "--checkpoint-dir", s(&ck)])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The header line is printed after the lock is taken and the kernels are compiled.
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let header = lines.next().unwrap().unwrap();
+    assert!(header.starts_with("lenet300-100 on"), "{header}");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend(["--epochs", "1", "--checkpoint-dir", s(&ck)]);
+    let second = sparse_train(&args);
+    let err = String::from_utf8_lossy(&second.stderr).to_string();
+    assert!(!second.status.success(), "{err}");
+    assert!(err.contains("in use by another run"), "{err}");
+    for _ in lines.by_ref() {}
+    assert!(first.wait().unwrap().success());
+    assert_eq!(
+        fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "epoch-030"
+    );
 }

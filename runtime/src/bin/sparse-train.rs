@@ -262,6 +262,14 @@ fn run() -> Result<()> {
         )
         .init();
 
+    // The checkpoint folder's lock comes first: a second run on the same folder stops here,
+    // before it reads any data.
+    let writer = match &cli.checkpoint_dir {
+        Some(d) if !cli.eval_only => {
+            Some(CheckpointWriter::new(d, cli.keep)?.crash_in_epoch(cli.crash_in_checkpoint))
+        }
+        _ => None,
+    };
     let dir = data_dir(&cli);
     let data = Dataset::load_dir(&dir).with_context(|| "loading the data set")?;
     let started = Instant::now();
@@ -354,12 +362,6 @@ fn run() -> Result<()> {
         return Ok(());
     }
 
-    let writer = match &cli.checkpoint_dir {
-        Some(d) => {
-            Some(CheckpointWriter::new(d, cli.keep)?.crash_in_epoch(cli.crash_in_checkpoint))
-        }
-        None => None,
-    };
     if let Some(path) = &cli.metrics_out {
         if cli.resume.is_none() {
             std::fs::write(path, b"").with_context(|| format!("creating {}", path.display()))?;
