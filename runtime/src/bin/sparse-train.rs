@@ -94,7 +94,7 @@ struct Cli {
     /// Append one JSON line per epoch to this file (version 1).
     #[arg(long, value_name = "FILE.jsonl")]
     metrics_out: Option<PathBuf>,
-    /// Write DIR/epoch-NNN/ after every epoch (and on Ctrl-C) and DIR/latest.
+    /// Write DIR/epoch-NNN/ after every epoch (and on Ctrl-C, SIGTERM or SIGHUP) and DIR/latest.
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
     /// Keep the newest N checkpoints.
@@ -374,12 +374,12 @@ fn run() -> Result<()> {
         let (stop, interrupted) = (stop.clone(), interrupted.clone());
         ctrlc::set_handler(move || {
             if interrupted.swap(true, Ordering::SeqCst) {
-                eprintln!("second Ctrl-C: exiting without a checkpoint");
+                eprintln!("second interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
             stop.store(true, Ordering::SeqCst);
         })
-        .context("installing the Ctrl-C handler")?;
+        .context("installing the handler of Ctrl-C, SIGTERM and SIGHUP")?;
     }
 
     let mut bar: Option<ProgressBar> = None;
