@@ -1227,9 +1227,9 @@ mod tests {
     };
 
     /// A 2-thread backend chooses per kernel: with timing off the model's count; with
-    /// timing on the measured faster, where a split must win by more than the tie margin.
-    /// On a tiny kernel (the split threshold lowered to 0) the fork-join costs more than
-    /// the work, so one thread wins, and a one-thread kernel never splits.
+    /// timing on, both counts are measured (the split threshold lowered to 0 so that a tiny
+    /// kernel may split) and a split must win by more than the tie margin; a one-thread
+    /// backend races nothing. Which count wins on a loaded machine is not asserted.
     #[test]
     fn thread_count_is_chosen_per_kernel() {
         let two = |timing| {
@@ -1272,12 +1272,6 @@ mod tests {
             1
         };
         assert_eq!(k.threads(), want, "{}", k.plan());
-        assert_eq!(
-            k.threads(),
-            1,
-            "a 2-part fork of a 0.1 µs kernel won: {}",
-            k.plan()
-        );
         assert!(k.plan().reasons.iter().any(|r| r.contains("threads timed")));
         // The decision is kept for patterns of the same size: no second race.
         let timed = on.plan_timings_run();
