@@ -14,16 +14,11 @@
 //! paired medians. It prints the useful GFLOP/s `2·nnz·batch / time`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use benches::{case_spec, Case, Operands};
 use codegen_cpu::{CpuBackend, CpuKernel, CpuOptions, IsaLevel};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{AlignedVec, Args, BackendError, Launch, Op, Strategy};
-
-/// Measuring time per case, and the fewest rounds: `kernel-bench`'s defaults.
-const BUDGET: Duration = Duration::from_millis(400);
-const MIN_ROUNDS: usize = 7;
 
 /// One variant of a case: a name, the backend and the strategy it compiles with.
 type Variant<'a> = (String, &'a CpuBackend, Strategy);
@@ -102,12 +97,9 @@ fn bench_case(case: Case, variants: &[Variant<'_>], x_offset: Option<usize>) {
         .collect();
     let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
         closures.iter_mut().map(|c| &mut **c as _).collect();
-    let medians = kernel_timing::interleaved(
-        &mut refs,
-        &kernel_timing::Config::benchmark(BUDGET, MIN_ROUNDS),
-    )
-    .expect("the kernels run")
-    .us;
+    let medians = kernel_timing::interleaved(&mut refs, &benches::case_timing(benches::BUDGET_MS))
+        .expect("the kernels run")
+        .us;
     drop(refs);
     drop(closures);
     let flops = 2.0 * pattern.nnz() as f64 * case.batch as f64;

@@ -15,6 +15,19 @@ use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy};
 #[cfg(feature = "opencl")]
 pub mod opencl;
 
+/// Measuring time per case of `kernel-bench` (its `--budget-ms` default) and `spmm_bench`,
+/// milliseconds.
+pub const BUDGET_MS: u64 = 400;
+
+/// The fewest interleaved rounds a case takes, whatever the budget.
+pub const MIN_ROUNDS: usize = 7;
+
+/// The timing of one case: `budget_ms` of measuring (see [`BUDGET_MS`]), at least
+/// [`MIN_ROUNDS`] rounds.
+pub fn case_timing(budget_ms: u64) -> kernel_timing::Config {
+    kernel_timing::Config::benchmark(std::time::Duration::from_millis(budget_ms), MIN_ROUNDS)
+}
+
 /// One benchmark case: an op on a random pattern of a shape and density, at a batch size.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Case {

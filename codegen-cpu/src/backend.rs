@@ -180,6 +180,8 @@ const SIZES_MAX: usize = 64;
 
 /// The default timing budget of one planner decision.
 pub const DEFAULT_TIMING_BUDGET: Duration = Duration::from_millis(10);
+/// The shortest sample of a planner race: shorter runs are repeated within one sample.
+pub const TIMING_SAMPLE_MIN: Duration = Duration::from_micros(250);
 /// Most interleaved rounds (samples per candidate) of one decision.
 pub const TIMING_MAX_ROUNDS: usize = 15;
 /// Rounds a decision takes even over its budget (as long as the budget allows at least
@@ -453,12 +455,8 @@ impl CpuBackend {
     /// Whether a kernel of `strategy` would split a launch of this spec over the threads
     /// (the threshold this backend's kernels use, see [`CpuBackend::set_parallel_min_fmas`]).
     fn splits(&self, f: &Features, strategy: Strategy) -> bool {
-        let fmas = match strategy {
-            Strategy::Generic => f.nnz * f.batch,
-            Strategy::Dense => f.live_rows * f.live_cols * f.batch,
-            _ => return false,
-        };
-        self.threads() > 1 && fmas >= self.parallel_min_fmas
+        self.threads() > 1
+            && planner::split_fmas(f, strategy).is_some_and(|fmas| fmas >= self.parallel_min_fmas)
     }
 
     /// Times compiled candidates of `spec` on random operands of its shape (the spec's batch
@@ -638,9 +636,10 @@ fn race(
     let mut refs: Vec<kernel_timing::Run<'_, BackendError>> =
         runs.iter_mut().map(|r| &mut **r as _).collect();
     let config = kernel_timing::Config {
+        sample_min: TIMING_SAMPLE_MIN,
+        budget,
         min_rounds: TIMING_MIN_ROUNDS,
         max_rounds: TIMING_MAX_ROUNDS,
-        ..kernel_timing::Config::planner(budget)
     };
     kernel_timing::interleaved(&mut refs, &config)
 }

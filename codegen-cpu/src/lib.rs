@@ -29,7 +29,7 @@ pub mod swap;
 
 pub use backend::{
     CpuBackend, CpuError, CpuKernel, CpuOptions, PlanTiming, DEFAULT_TIMING_BUDGET,
-    TIMING_MAX_ROUNDS, TIMING_MIN_ROUNDS,
+    TIMING_MAX_ROUNDS, TIMING_MIN_ROUNDS, TIMING_SAMPLE_MIN,
 };
 pub use isa::{IsaLevel, ISA_ENV};
 pub use planner::{Features, Measurement, Plan, Prediction, Timed};

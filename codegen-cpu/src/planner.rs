@@ -457,19 +457,10 @@ pub fn plan(features: &Features) -> Plan {
         best.strategy, best.us
     ));
     let threads = model_threads(f, best.strategy);
-    if f.threads > 1 && splits(f, best.strategy) {
+    if let Some((single, split)) = thread_predictions(f, best.strategy) {
         reasons.push(format!(
-            "model: {} on 1 thread {:.2} µs, on {} {:.2} µs: {threads} thread(s)",
-            best.strategy,
-            predict_one(
-                &Features {
-                    threads: 1,
-                    ..f.clone()
-                },
-                best.strategy
-            ),
-            f.threads,
-            predict_one(f, best.strategy),
+            "model: {} on 1 thread {single:.2} µs, on {} {split:.2} µs: {threads} thread(s)",
+            best.strategy, f.threads,
         ));
     }
     let mut plan = Plan {
@@ -496,15 +487,36 @@ pub fn predict_one(f: &Features, strategy: Strategy) -> f64 {
     }
 }
 
+/// The multiply-adds by which `strategy`'s kernel decides whether to split a launch over
+/// threads (the nonzeros' work for the generic kernels, the compact GEMM's for dense);
+/// `None` for the JIT, which never splits.
+pub fn split_fmas(f: &Features, strategy: Strategy) -> Option<usize> {
+    match strategy {
+        Strategy::Generic => Some(f.nnz * f.batch),
+        Strategy::Dense => Some(f.live_rows * f.live_cols * f.batch),
+        _ => None,
+    }
+}
+
 /// Whether `strategy` would split a launch of this spec over the backend's threads: the
 /// generic and dense kernels do from [`PARALLEL_MIN_FMAS`] on, the JIT never.
 pub fn splits(f: &Features, strategy: Strategy) -> bool {
-    let fmas = match strategy {
-        Strategy::Generic => f.nnz * f.batch,
-        Strategy::Dense => f.live_rows * f.live_cols * f.batch,
-        _ => return false,
-    };
-    parallel(f, fmas)
+    split_fmas(f, strategy).is_some_and(|fmas| parallel(f, fmas))
+}
+
+/// The predicted time of `strategy` on one thread and split over the backend's, µs, where
+/// it would split.
+fn thread_predictions(f: &Features, strategy: Strategy) -> Option<(f64, f64)> {
+    splits(f, strategy).then(|| {
+        let single = predict_one(
+            &Features {
+                threads: 1,
+                ..f.clone()
+            },
+            strategy,
+        );
+        (single, predict_one(f, strategy))
+    })
 }
 
 /// The model's thread count for `strategy`: the backend's where the split is predicted
@@ -513,20 +525,9 @@ pub fn model_threads(f: &Features, strategy: Strategy) -> usize {
     if f.op == Op::DenseGrad {
         return f.threads;
     }
-    if !splits(f, strategy) {
-        return 1;
-    }
-    let single = predict_one(
-        &Features {
-            threads: 1,
-            ..f.clone()
-        },
-        strategy,
-    );
-    if predict_one(f, strategy) < single {
-        f.threads
-    } else {
-        1
+    match thread_predictions(f, strategy) {
+        Some((single, split)) if split < single => f.threads,
+        _ => 1,
     }
 }
 

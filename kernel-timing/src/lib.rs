@@ -37,16 +37,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// The planner's races: 250 µs samples, 9 to 15 rounds within `budget`.
-    pub fn planner(budget: Duration) -> Config {
-        Config {
-            sample_min: Duration::from_micros(250),
-            budget,
-            min_rounds: 9,
-            max_rounds: 15,
-        }
-    }
-
     /// Benchmarks: 500 µs samples, at least `min_rounds`, as many more as `budget` allows
     /// (at most 1,000).
     pub fn benchmark(budget: Duration, min_rounds: usize) -> Config {
@@ -86,26 +76,15 @@ pub type Run<'a, E> = &'a mut dyn FnMut() -> Result<(), E>;
 /// Times `competitors` as the crate docs say and returns their paired medians. The first
 /// error a run returns stops the measurement and is returned.
 pub fn interleaved<E>(competitors: &mut [Run<'_, E>], config: &Config) -> Result<Timings, E> {
-    measure(
-        competitors.len(),
-        &mut |i, reps| {
-            let t = Instant::now();
-            for _ in 0..reps {
-                (competitors[i])()?;
-            }
-            Ok(t.elapsed())
-        },
-        config,
-    )
-}
-
-/// The measurement behind [`interleaved`]: `sample(i, reps)`
-/// runs competitor `i` `reps` times and returns the time to count.
-fn measure<E>(
-    n: usize,
-    sample: &mut dyn FnMut(usize, u32) -> Result<Duration, E>,
-    config: &Config,
-) -> Result<Timings, E> {
+    let n = competitors.len();
+    // `reps` runs of competitor `i`, timed together.
+    let mut sample = |i: usize, reps: u32| -> Result<Duration, E> {
+        let t = Instant::now();
+        for _ in 0..reps {
+            (competitors[i])()?;
+        }
+        Ok(t.elapsed())
+    };
     if n == 0 {
         return Ok(Timings {
             us: Vec::new(),

@@ -555,8 +555,12 @@ impl CheckpointWriter {
         Ok(final_dir)
     }
 
-    /// Removes leftovers of interrupted writes and all but the newest `keep` checkpoints.
+    /// Tidies leftovers of interrupted writes ([`CheckpointWriter::tidy`]) and removes all
+    /// but the newest `keep` checkpoints.
     fn prune(&self, current: &str) {
+        if let Err(e) = self.tidy() {
+            tracing::warn!("tidying {}: {e}", self.dir.display());
+        }
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -564,9 +568,7 @@ impl CheckpointWriter {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let path = e.path();
-            if name.starts_with(".tmp-") || name.starts_with(".old-") {
-                let _ = fs::remove_dir_all(&path);
-            } else if let Some(key) = checkpoint_key(&name) {
+            if let Some(key) = checkpoint_key(&name) {
                 if path.is_dir() && name != current {
                     found.push((key, path));
                 }

@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use benches::{case_spec, full_suite, quick_suite, BenchReport, BenchResult, Case, Operands};
@@ -65,7 +65,7 @@ struct Cli {
     #[arg(long)]
     filter: Option<String>,
     /// Measuring time per case, in milliseconds.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = benches::BUDGET_MS)]
     budget_ms: u64,
     /// OpenCL: skip `unrolled` above this many nonzeros (its build time grows with them)
     /// [default: 4000 on a CPU device, 60000 on a GPU].
@@ -337,11 +337,7 @@ fn bench_case(
         .iter_mut()
         .map(|c| &mut **c as &mut dyn FnMut() -> Result<(), BackendError>)
         .collect();
-    let medians = kernel_timing::interleaved(
-        &mut refs,
-        &kernel_timing::Config::benchmark(Duration::from_millis(budget_ms), 7),
-    )?
-    .us;
+    let medians = kernel_timing::interleaved(&mut refs, &benches::case_timing(budget_ms))?.us;
     drop(refs);
     drop(closures);
 

@@ -13,7 +13,6 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use benches::{case_spec, Case, Operands};
@@ -125,11 +124,7 @@ fn measure(backend: &CpuBackend, case: &Case, cli: &Cli) -> Result<String> {
         .iter_mut()
         .map(|c| &mut **c as &mut dyn FnMut() -> Result<(), BackendError>)
         .collect();
-    let medians = kernel_timing::interleaved(
-        &mut refs,
-        &kernel_timing::Config::benchmark(Duration::from_millis(cli.budget_ms), 7),
-    )?
-    .us;
+    let medians = kernel_timing::interleaved(&mut refs, &benches::case_timing(cli.budget_ms))?.us;
     let measured = |s: Strategy| {
         strategies
             .iter()
