@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sparse_ir::backend::{Backend, Kernel};
-use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Role, Strategy};
 
 #[cfg(feature = "opencl")]
 pub mod opencl;
@@ -277,11 +277,11 @@ impl<B: Backend> Operands<B> {
             backend.upload(&data, &mut buf)?;
             Ok(buf)
         };
-        let out_len = match case.op {
-            Op::Spmm { .. } => pattern.rows() * ld,
-            Op::SpmmT => pattern.cols() * ld,
-            Op::Sddmm => pattern.nnz(),
-            Op::DenseGrad => pattern.rows() * pattern.cols(),
+        let out_len = match case.op.role() {
+            Role::Forward => pattern.rows() * ld,
+            Role::BackwardData => pattern.cols() * ld,
+            Role::WeightGrad => pattern.nnz(),
+            Role::DenseGrad => pattern.rows() * pattern.cols(),
         };
         Ok(Operands {
             values: upload(random_values(pattern.nnz(), seed))?,
@@ -293,24 +293,24 @@ impl<B: Backend> Operands<B> {
 
     /// Runs `kernel` once on these operands.
     pub fn run(&mut self, kernel: &B::Kernel, launch: Launch) -> Result<(), BackendError> {
-        let args = match kernel.spec().op() {
-            Op::Spmm { .. } => Args::Spmm {
+        let args = match kernel.spec().op().role() {
+            Role::Forward => Args::Spmm {
                 values: self.values.borrow(),
                 x: self.bias_free_x.borrow(),
                 bias: None,
                 y: self.out.borrow_mut(),
             },
-            Op::SpmmT => Args::SpmmT {
+            Role::BackwardData => Args::SpmmT {
                 values: self.values.borrow(),
                 dy: self.dy.borrow(),
                 dx: self.out.borrow_mut(),
             },
-            Op::Sddmm => Args::Sddmm {
+            Role::WeightGrad => Args::Sddmm {
                 dy: self.dy.borrow(),
                 x: self.bias_free_x.borrow(),
                 dw: self.out.borrow_mut(),
             },
-            Op::DenseGrad => Args::DenseGrad {
+            Role::DenseGrad => Args::DenseGrad {
                 dy: self.dy.borrow(),
                 x: self.bias_free_x.borrow(),
                 grad: self.out.borrow_mut(),

@@ -266,7 +266,9 @@ fn args<'a>(
             x: inp2,
             dw: out,
         },
-        Op::DenseGrad => unreachable!(),
+        Op::DenseGrad | Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
+            unreachable!("the JIT benchmark runs spmm, spmm_t and sddmm")
+        }
     }
 }
 

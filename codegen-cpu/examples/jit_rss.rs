@@ -38,7 +38,7 @@ fn rss_mib() -> f64 {
 /// A kernel kept alive until the next generation exists.
 #[allow(dead_code)] // held only for its lifetime
 enum Compiled {
-    Jit(JitKernel),
+    Jit(Box<JitKernel>),
     Swap(Box<SwapKernel>),
 }
 
@@ -144,7 +144,7 @@ fn main() {
                 compile_ms += k.stats().compile_ms;
                 compiled_functions += k.stats().compiled;
                 run(&|l, a| k.run(l, a).unwrap());
-                Compiled::Jit(k)
+                Compiled::Jit(Box::new(k))
             };
             current.push(k);
         }

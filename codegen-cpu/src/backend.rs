@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sparse_ir::backend::{Backend, CacheKey, Kernel};
 use sparse_ir::{
-    AlignedVec, Args, BackendError, KernelSpec, Launch, Op, Pattern, Strategy, Transposed,
+    AlignedVec, Args, BackendError, KernelSpec, Launch, Op, Pattern, Role, Strategy, Transposed,
 };
 use thiserror::Error;
 
@@ -675,17 +675,18 @@ impl TimingOperands {
             v
         };
         let ld = launch.ld;
-        let out_len = match spec.op() {
-            Op::Spmm { .. } => p.rows() * ld,
-            Op::SpmmT => p.cols() * ld,
-            Op::Sddmm => p.nnz(),
-            Op::DenseGrad => p.rows() * p.cols(),
+        let (x_len, y_len) = (spec.in_features() * ld, spec.out_features() * ld);
+        let out_len = match spec.op().role() {
+            Role::Forward => y_len,
+            Role::BackwardData => x_len,
+            Role::WeightGrad => p.nnz(),
+            Role::DenseGrad => p.rows() * p.cols(),
         };
-        let x = random(p.cols() * ld);
-        let dy = random(p.rows() * ld);
+        let x = random(x_len);
+        let dy = random(y_len);
         TimingOperands {
             values: random(p.nnz()),
-            bias: matches!(spec.op(), Op::Spmm { bias: true, .. }).then(|| random(p.rows())),
+            bias: spec.op().has_bias().then(|| random(p.rows())),
             out: AlignedVec::zeros(out_len),
             x_source: x.clone(),
             dy_source: dy.clone(),
@@ -698,33 +699,33 @@ impl TimingOperands {
     /// step leaves them: a kernel that splits over threads then pays for moving them to the
     /// other cores, as it does in training.
     fn refresh_inputs(&mut self, op: Op) {
-        if op != Op::SpmmT {
+        if op.role() != Role::BackwardData {
             self.x.copy_from_slice(&self.x_source);
         }
-        if !matches!(op, Op::Spmm { .. }) {
+        if op.role() != Role::Forward {
             self.dy.copy_from_slice(&self.dy_source);
         }
     }
 
     fn run(&mut self, kernel: &CpuKernel, launch: Launch) -> Result<(), BackendError> {
-        let args: Args<'_, [f32]> = match kernel.spec.op() {
-            Op::Spmm { .. } => Args::Spmm {
+        let args: Args<'_, [f32]> = match kernel.spec.op().role() {
+            Role::Forward => Args::Spmm {
                 values: &self.values[..],
                 x: &self.x[..],
                 bias: self.bias.as_deref(),
                 y: &mut self.out[..],
             },
-            Op::SpmmT => Args::SpmmT {
+            Role::BackwardData => Args::SpmmT {
                 values: &self.values[..],
                 dy: &self.dy[..],
                 dx: &mut self.out[..],
             },
-            Op::Sddmm => Args::Sddmm {
+            Role::WeightGrad => Args::Sddmm {
                 dy: &self.dy[..],
                 x: &self.x[..],
                 dw: &mut self.out[..],
             },
-            Op::DenseGrad => Args::DenseGrad {
+            Role::DenseGrad => Args::DenseGrad {
                 dy: &self.dy[..],
                 x: &self.x[..],
                 grad: &mut self.out[..],
@@ -791,6 +792,14 @@ impl Compiled {
         threads: usize,
     ) -> Result<Compiled, BackendError> {
         let p = spec.pattern();
+        if spec.geometry().is_some() {
+            return Err(BackendError::Unsupported {
+                layer: spec.layer().to_string(),
+                op: spec.op().name(),
+                strategy,
+                reason: "the CPU backend has no convolution kernels yet".into(),
+            });
+        }
         let imp = match strategy {
             Strategy::Generic => {
                 let transposed = (spec.op() == Op::SpmmT).then(|| p.transpose());
@@ -1345,24 +1354,28 @@ mod tests {
         let launch = Launch::new(batch, ld);
         let mut ops = TimingOperands::new(&spec, launch, 3);
         ops.run(k, launch).unwrap();
-        let args: Args<'_, [f32]> = match spec.op() {
-            Op::Spmm { .. } => Args::Spmm {
+        let args: Args<'_, [f32]> = match spec.op().role() {
+            Role::Forward => Args::Spmm {
                 values: &ops.values[..],
                 x: &ops.x[..],
                 bias: ops.bias.as_deref(),
                 y: &mut ops.out[..],
             },
-            Op::SpmmT => Args::SpmmT {
+            Role::BackwardData => Args::SpmmT {
                 values: &ops.values[..],
                 dy: &ops.dy[..],
                 dx: &mut ops.out[..],
             },
-            Op::Sddmm => Args::Sddmm {
+            Role::WeightGrad => Args::Sddmm {
                 dy: &ops.dy[..],
                 x: &ops.x[..],
                 dw: &mut ops.out[..],
             },
-            Op::DenseGrad => unreachable!(),
+            Role::DenseGrad => Args::DenseGrad {
+                dy: &ops.dy[..],
+                x: &ops.x[..],
+                grad: &mut ops.out[..],
+            },
         };
         let got = match &args {
             Args::Spmm { y, .. } => y.to_vec(),

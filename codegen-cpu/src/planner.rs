@@ -73,6 +73,8 @@ pub struct Features {
     pub threads: usize,
     /// ISA level of the generic kernels.
     pub isa: IsaLevel,
+    /// The convolution geometry, for a convolution op.
+    pub geometry: Option<sparse_ir::ConvGeometry>,
 }
 
 impl Features {
@@ -103,7 +105,13 @@ impl Features {
             jit_code_bytes: crate::jit::estimate(spec).map(|e| e.code_bytes),
             threads: threads.max(1),
             isa,
+            geometry: spec.geometry().copied(),
         }
+    }
+
+    /// Output positions per channel (`OH·OW`; 1 for a matrix op).
+    pub fn out_positions(&self) -> usize {
+        self.geometry.map_or(1, |g| g.out_positions())
     }
 
     /// Fraction of the entries that are nonzero.
@@ -120,7 +128,7 @@ impl Features {
     /// transpose).
     fn out_in_rows(&self) -> (usize, usize) {
         match self.op {
-            Op::SpmmT => (self.cols, self.rows),
+            Op::SpmmT | Op::ConvT => (self.cols, self.rows),
             _ => (self.rows, self.cols),
         }
     }
@@ -701,7 +709,8 @@ pub fn generic_us(f: &Features) -> f64 {
         Op::Sddmm => {
             nnz * (passes * (c.nz + c.reduce) + per_nz(vectors)) + f.rows as f64 * passes * c.row
         }
-        Op::DenseGrad => return dense_us(f),
+        Op::DenseGrad | Op::ConvDenseGrad => return dense_us(f),
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad => return conv_generic_us(f),
     };
     CALL_US + threaded(f, ns / 1000.0, f.nnz * b)
 }
@@ -724,6 +733,9 @@ fn gemm_fma_per_ns(m: usize, n: usize, k: usize) -> f64 {
 /// Predicted time of the dense strategy, µs: scattering the values into the compact matrix,
 /// gathering and scattering compacted operands, and the GEMM.
 pub fn dense_us(f: &Features) -> f64 {
+    if f.geometry.is_some() {
+        return conv_dense_us(f);
+    }
     let b = f.batch;
     let (nr, nc) = (f.live_rows, f.live_cols);
     let gather_in = |live: usize, all: usize| if live < all { live * b } else { 0 };
@@ -737,6 +749,9 @@ pub fn dense_us(f: &Features) -> f64 {
             gather_in(nr, f.rows) + gather_in(nc, f.cols) + f.nnz,
         ),
         Op::DenseGrad => (f.rows, f.cols, b, 0),
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
+            unreachable!("convolutions returned above")
+        }
     };
     let fmas = m * n * k;
     let gemm_ns = if fmas == 0 {
@@ -791,7 +806,12 @@ pub fn jit_us(f: &Features) -> Option<f64> {
 /// timed where close, while its floor is within [`JIT_HOPELESS`] of the generic
 /// prediction.
 fn jit_prediction(f: &Features) -> Option<(f64, f64)> {
-    if !f.fixed_shape || f.op == Op::DenseGrad || f.nnz == 0 || jit_writes_padding(f) {
+    if !f.fixed_shape
+        || f.op == Op::DenseGrad
+        || f.op.is_conv()
+        || f.nnz == 0
+        || jit_writes_padding(f)
+    {
         return None;
     }
     let code = f.jit_code_bytes? as f64;
@@ -810,7 +830,9 @@ fn jit_prediction(f: &Features) -> Option<(f64, f64)> {
         Op::Sddmm if b == 1 => (nnz * JIT_NZ_BLOCK, 1.0),
         Op::Sddmm if b < 16 => (nnz * (0.26 + 0.045 * b as f64), 1.0),
         Op::Sddmm => (nnz * JIT_NZ_BLOCK * blocks, 1.0),
-        Op::DenseGrad => return None,
+        Op::DenseGrad | Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
+            return None
+        }
     };
     let l2_bytes = (code.min(JIT_L2_BYTES) - JIT_L1I_BYTES).max(0.0);
     let l3_bytes = (code - JIT_L2_BYTES).max(0.0);
@@ -974,6 +996,42 @@ pub fn generic_variant(f: &Features) -> String {
     }
     s.push_str(&threads);
     s
+}
+
+/// Sustained rate of the generic convolution kernels, multiply-adds per ns and thread (one
+/// vector FMA per nonzero, position and batch vector, its input from L1 or L2).
+const CONV_FMA_PER_NS: f64 = 12.0;
+
+/// Predicted time of the generic convolution kernels, µs: the useful multiply-adds
+/// (`nnz·OH·OW·batch`) at [`CONV_FMA_PER_NS`], with the batch's last vector counted whole.
+pub fn conv_generic_us(f: &Features) -> f64 {
+    let lanes = generic_costs(f.isa).lanes;
+    let b = f.batch.div_ceil(lanes) * lanes;
+    let fmas = f.nnz * f.out_positions() * b;
+    let rows = f.out_in_rows().0 * f.out_positions();
+    let ns = fmas as f64 / CONV_FMA_PER_NS + rows as f64 * 2.0;
+    CALL_US + threaded(f, ns / 1000.0, fmas)
+}
+
+/// Predicted time of the dense convolution, µs: im2col of the live input channels and a GEMM
+/// over the live output channels (all channels for `conv_dense_grad`).
+pub fn conv_dense_us(f: &Features) -> f64 {
+    let Some(g) = f.geometry else {
+        return dense_us(f);
+    };
+    let columns = g.out_positions() * f.batch;
+    let (m, k) = match f.op {
+        Op::ConvDenseGrad => (f.rows, f.cols),
+        _ => (f.live_rows, f.live_cols),
+    };
+    let fmas = m * k * columns;
+    let gemm_ns = if fmas == 0 {
+        0.0
+    } else {
+        fmas as f64 / gemm_fma_per_ns(m, columns.min(4096), k)
+    };
+    let im2col_ns = (k * columns) as f64 * 0.3;
+    CALL_US + threaded(f, (gemm_ns + im2col_ns) / 1000.0, fmas)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use ocl::enums::{DeviceInfo as ClDeviceInfo, DeviceInfoResult, ProfilingInfo};
 use ocl::flags::{CommandQueueProperties, DeviceType};
 use ocl::{Buffer, Context, Device, Event, Platform, Program, Queue};
 use sparse_ir::backend::{Args, Backend, BackendError, BufferLen, CacheKey, Kernel, Launch};
-use sparse_ir::{KernelSpec, Op, Strategy};
+use sparse_ir::{KernelSpec, Role, Strategy};
 
 use crate::device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, DEVICE_ENV};
 use crate::emit::{csr_library, emit, EmitOptions, KernelArg, KernelEntry, Operand};
@@ -620,9 +620,10 @@ impl OpenClBackend {
             sparse_ir::Dim::Any => batch,
         };
         let launch = Launch::new(batch, ld);
-        let (rows, cols) = (p.rows() * ld, p.cols() * ld);
-        match spec.op() {
-            Op::Spmm { bias, .. } => {
+        let (rows, cols) = (spec.out_features() * ld, spec.in_features() * ld);
+        match spec.op().role() {
+            Role::Forward => {
+                let bias = spec.op().has_bias();
                 let values = self.alloc(p.nnz())?;
                 let x = self.alloc(cols)?;
                 let b = if bias {
@@ -641,7 +642,7 @@ impl OpenClBackend {
                     },
                 )
             }
-            Op::SpmmT => {
+            Role::BackwardData => {
                 let values = self.alloc(p.nnz())?;
                 let dy = self.alloc(rows)?;
                 let mut dx = self.alloc(cols)?;
@@ -654,7 +655,7 @@ impl OpenClBackend {
                     },
                 )
             }
-            Op::Sddmm => {
+            Role::WeightGrad => {
                 let dy = self.alloc(rows)?;
                 let x = self.alloc(cols)?;
                 let mut dw = self.alloc(p.nnz())?;
@@ -667,7 +668,7 @@ impl OpenClBackend {
                     },
                 )
             }
-            Op::DenseGrad => {
+            Role::DenseGrad => {
                 let dy = self.alloc(rows)?;
                 let x = self.alloc(cols)?;
                 let mut grad = self.alloc(p.rows() * p.cols())?;

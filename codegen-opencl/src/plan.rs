@@ -133,6 +133,9 @@ fn plan_cpu(
         }
         Op::Sddmm => Strategy::Table,
         Op::DenseGrad => return csr("dense_grad reads no pattern: the generic kernel".into()),
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
+            return csr("convolutions: the generic kernel".into())
+        }
     };
     match emit(spec, candidate, profile, opts) {
         Ok(_) => Plan {

@@ -21,7 +21,7 @@ use codegen_opencl::{DeviceProfile, EmitOptions, KernelLifetime};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::rust_emit::{emit_spmm, RustKernel};
 use sparse_ir::text::Module;
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Role, Strategy};
 
 /// What to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -643,29 +643,30 @@ fn measure(backend: &CpuBackend, spec: &KernelSpec, strategy: Strategy) -> Resul
     };
     let launch = Launch::new(batch, ld);
     let values = vec![0.5f32; p.nnz()];
-    let x = vec![0.25f32; p.cols() * ld];
-    let dy = vec![0.125f32; p.rows() * ld];
+    let (x_len, y_len) = (spec.in_features() * ld, spec.out_features() * ld);
+    let x = vec![0.25f32; x_len];
+    let dy = vec![0.125f32; y_len];
     let bias = vec![0.0f32; p.rows()];
-    let mut out = vec![0.0f32; (p.rows() * p.cols()).max(p.rows() * ld).max(p.cols() * ld)];
+    let mut out = vec![0.0f32; (p.rows() * p.cols()).max(y_len).max(x_len)];
     let mut once = || -> Result<()> {
-        let args: Args<'_, [f32]> = match spec.op() {
-            Op::Spmm { bias: has_bias, .. } => Args::Spmm {
+        let args: Args<'_, [f32]> = match spec.op().role() {
+            Role::Forward => Args::Spmm {
                 values: &values[..],
                 x: &x[..],
-                bias: has_bias.then_some(&bias[..]),
-                y: &mut out[..p.rows() * ld],
+                bias: spec.op().has_bias().then_some(&bias[..]),
+                y: &mut out[..y_len],
             },
-            Op::SpmmT => Args::SpmmT {
+            Role::BackwardData => Args::SpmmT {
                 values: &values[..],
                 dy: &dy[..],
-                dx: &mut out[..p.cols() * ld],
+                dx: &mut out[..x_len],
             },
-            Op::Sddmm => Args::Sddmm {
+            Role::WeightGrad => Args::Sddmm {
                 dy: &dy[..],
                 x: &x[..],
                 dw: &mut out[..p.nnz()],
             },
-            Op::DenseGrad => Args::DenseGrad {
+            Role::DenseGrad => Args::DenseGrad {
                 dy: &dy[..],
                 x: &x[..],
                 grad: &mut out[..p.rows() * p.cols()],

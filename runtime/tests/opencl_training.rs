@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use runtime::{BackendKind, Dataset, EpochMetrics, ExecOptions, Executor, TrainConfig, Trainer};
-use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Role, Strategy};
 
 /// Whether an OpenCL platform is present; prints the skip notice (or fails under
 /// `REQUIRE_OPENCL=1`) when it is not.
@@ -88,31 +88,31 @@ fn adapter_runs_every_op_like_the_interpreter() {
                 kernel.strategy()
             );
             let oracle = reference.compile(&spec, Strategy::Auto).unwrap();
-            let out_len = match op {
-                Op::Spmm { .. } => rows * ld,
-                Op::SpmmT => cols * ld,
-                Op::Sddmm => nnz,
-                Op::DenseGrad => rows * cols,
+            let out_len = match op.role() {
+                Role::Forward => rows * ld,
+                Role::BackwardData => cols * ld,
+                Role::WeightGrad => nnz,
+                Role::DenseGrad => rows * cols,
             };
             let run = |k: &runtime::Kernel, out: &mut [f32]| {
-                let args = match op {
-                    Op::Spmm { bias: b, .. } => Args::Spmm {
+                let args = match op.role() {
+                    Role::Forward => Args::Spmm {
                         values: &values[..],
                         x: &x[..],
-                        bias: b.then_some(&bias[..]),
+                        bias: op.has_bias().then_some(&bias[..]),
                         y: out,
                     },
-                    Op::SpmmT => Args::SpmmT {
+                    Role::BackwardData => Args::SpmmT {
                         values: &values[..],
                         dy: &dy[..],
                         dx: out,
                     },
-                    Op::Sddmm => Args::Sddmm {
+                    Role::WeightGrad => Args::Sddmm {
                         dy: &dy[..],
                         x: &x[..],
                         dw: out,
                     },
-                    Op::DenseGrad => Args::DenseGrad {
+                    Role::DenseGrad => Args::DenseGrad {
                         dy: &dy[..],
                         x: &x[..],
                         grad: out,

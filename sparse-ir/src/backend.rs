@@ -10,7 +10,10 @@
 //!
 //! With `B` the batch and `ld` the row stride of this launch, a matrix of `f` feature rows
 //! needs at least `f · ld` elements; the weight values exactly `nnz`; the bias exactly `rows`;
-//! the `sddmm` output exactly `nnz`; the `dense_grad` output exactly `rows · cols`. Kernels
+//! the `sddmm` output exactly `nnz`; the `dense_grad` output exactly `rows · cols`. For the
+//! convolution ops, which take the same [`Args`] variants as the matrix op of the same
+//! [`Role`], `X` has `C·H·W` feature rows and `Y` has `out·OH·OW`
+//! ([`KernelSpec::in_features`], [`KernelSpec::out_features`]); the rest is the same. Kernels
 //! overwrite their output (elements `0..B` of each output row); the padding columns
 //! `B..ld` of an output keep their contents unless [`Kernel::writes_padding`] says the kernel
 //! may write them, in which case they are unspecified afterwards.
@@ -21,7 +24,7 @@ use std::str::FromStr;
 use thiserror::Error;
 
 use crate::pattern::Pattern;
-use crate::spec::{KernelSpec, Op};
+use crate::spec::{KernelSpec, Op, Role};
 
 /// How one backend runs an op. `Auto` asks the backend's planner to choose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -171,7 +174,9 @@ impl Launch {
     }
 }
 
-/// The operands of one launch, by op. `B` is the backend's buffer type (`[f32]` on the host).
+/// The operands of one launch, by op role. `B` is the backend's buffer type (`[f32]` on the
+/// host). A convolution op takes the variant of its matrix counterpart: `Spmm` for `conv`,
+/// `SpmmT` for `conv_t`, `Sddmm` for `conv_grad`, `DenseGrad` for `conv_dense_grad`.
 #[derive(Debug)]
 pub enum Args<'a, B: ?Sized> {
     /// `Y = W·X (+ bias) (ReLU)`.
@@ -233,13 +238,24 @@ impl BufferLen for Vec<f32> {
 }
 
 impl<B: ?Sized> Args<'_, B> {
-    /// The IR name of the op these arguments are for.
+    /// The IR name of the matrix op these arguments are for (a convolution op of the same
+    /// role takes them too).
     pub fn op_name(&self) -> &'static str {
         match self {
             Args::Spmm { .. } => "spmm",
             Args::SpmmT { .. } => "spmm_t",
             Args::Sddmm { .. } => "sddmm",
             Args::DenseGrad { .. } => "dense_grad",
+        }
+    }
+
+    /// The role of the ops these arguments are for.
+    pub fn role(&self) -> Role {
+        match self {
+            Args::Spmm { .. } => Role::Forward,
+            Args::SpmmT { .. } => Role::BackwardData,
+            Args::Sddmm { .. } => Role::WeightGrad,
+            Args::DenseGrad { .. } => Role::DenseGrad,
         }
     }
 }
@@ -251,7 +267,7 @@ impl<B: ?Sized + BufferLen> Args<'_, B> {
     pub fn check(&self, spec: &KernelSpec, launch: Launch) -> Result<(), BackendError> {
         let layer = || spec.layer().to_string();
         let op = spec.op().name();
-        if self.op_name() != op {
+        if self.role() != spec.op().role() {
             return Err(BackendError::WrongArgs {
                 layer: layer(),
                 expected: op,
@@ -287,7 +303,26 @@ impl<B: ?Sized + BufferLen> Args<'_, B> {
             )));
         }
         let p: &Pattern = spec.pattern();
-        let (rows_ld, cols_ld) = (p.rows() * launch.ld, p.cols() * launch.ld);
+        // Feature rows of the output side (`Y`, `dY`) and the input side (`X`, `dX`).
+        let too_big = || {
+            launch_err(format!(
+                "ld = {} makes the operands larger than memory",
+                launch.ld
+            ))
+        };
+        let rows_ld = spec
+            .out_features()
+            .checked_mul(launch.ld)
+            .ok_or_else(too_big)?;
+        let cols_ld = spec
+            .in_features()
+            .checked_mul(launch.ld)
+            .ok_or_else(too_big)?;
+        let (rows_rule, cols_rule) = if spec.geometry().is_some() {
+            ("out·OH·OW·ld", "C·H·W·ld")
+        } else {
+            ("rows·ld", "cols·ld")
+        };
         let at_least = |operand, rule, expected, got: usize| {
             if got < expected {
                 Err(BackendError::Length {
@@ -319,9 +354,9 @@ impl<B: ?Sized + BufferLen> Args<'_, B> {
         match self {
             Args::Spmm { values, x, bias, y } => {
                 exactly("values", "nnz", p.nnz(), values.len_f32())?;
-                at_least("x", "cols·ld", cols_ld, x.len_f32())?;
-                at_least("y", "rows·ld", rows_ld, y.len_f32())?;
-                let wants_bias = matches!(spec.op(), Op::Spmm { bias: true, .. });
+                at_least("x", cols_rule, cols_ld, x.len_f32())?;
+                at_least("y", rows_rule, rows_ld, y.len_f32())?;
+                let wants_bias = spec.op().has_bias();
                 match (bias, wants_bias) {
                     (Some(b), true) => exactly("bias", "rows", p.rows(), b.len_f32())?,
                     (None, false) => {}
@@ -339,17 +374,17 @@ impl<B: ?Sized + BufferLen> Args<'_, B> {
             }
             Args::SpmmT { values, dy, dx } => {
                 exactly("values", "nnz", p.nnz(), values.len_f32())?;
-                at_least("dy", "rows·ld", rows_ld, dy.len_f32())?;
-                at_least("dx", "cols·ld", cols_ld, dx.len_f32())?;
+                at_least("dy", rows_rule, rows_ld, dy.len_f32())?;
+                at_least("dx", cols_rule, cols_ld, dx.len_f32())?;
             }
             Args::Sddmm { dy, x, dw } => {
-                at_least("dy", "rows·ld", rows_ld, dy.len_f32())?;
-                at_least("x", "cols·ld", cols_ld, x.len_f32())?;
+                at_least("dy", rows_rule, rows_ld, dy.len_f32())?;
+                at_least("x", cols_rule, cols_ld, x.len_f32())?;
                 exactly("dw", "nnz", p.nnz(), dw.len_f32())?;
             }
             Args::DenseGrad { dy, x, grad } => {
-                at_least("dy", "rows·ld", rows_ld, dy.len_f32())?;
-                at_least("x", "cols·ld", cols_ld, x.len_f32())?;
+                at_least("dy", rows_rule, rows_ld, dy.len_f32())?;
+                at_least("x", cols_rule, cols_ld, x.len_f32())?;
                 exactly("grad", "rows·cols", p.rows() * p.cols(), grad.len_f32())?;
             }
         }
@@ -406,7 +441,7 @@ pub trait Backend {
 }
 
 /// The key of a kernel cache: backend and device, op with its epilogue, pattern hash, batch,
-/// `ld` and strategy (CONTRACTS.md).
+/// `ld`, strategy, and a convolution's geometry (CONTRACTS.md).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     /// Backend name and device, e.g. `cpu/avx512`.
@@ -421,6 +456,8 @@ pub struct CacheKey {
     pub ld: crate::spec::Dim,
     /// The strategy (never `Auto`).
     pub strategy: Strategy,
+    /// The convolution geometry, for a convolution op.
+    pub conv: Option<crate::spec::ConvGeometry>,
 }
 
 impl CacheKey {
@@ -433,6 +470,7 @@ impl CacheKey {
             batch: spec.batch(),
             ld: spec.ld(),
             strategy,
+            conv: spec.geometry().copied(),
         }
     }
 }

@@ -13,12 +13,23 @@
 //! - `sddmm`: `dW[k] = Σ_b dY[r_k, b]·X[c_k, b]`;
 //! - `dense_grad`: `G[r·cols + c] = Σ_b dY[r, b]·X[c, b]` for every `r`, `c`.
 //!
+//! The convolution ops (geometry `C, H, W, k, s, p`, output `OH × OW`; nonzero `k` at
+//! `(o, c·k² + kh·k + kw)`; the input position of output `(oh, ow)` under tap `(kh, kw)` is
+//! `(oh·s + kh − p, ow·s + kw − p)`, and a tap outside the input reads 0):
+//!
+//! - `conv`: `Y[o, oh, ow, b] = Σ_k values[k]·X[c, ih, iw, b]` over the row's nonzeros, then
+//!   the bias and ReLU as for `spmm`;
+//! - `conv_t`: `dX[c, ih, iw, b] = Σ values[k]·dY[o, oh, ow, b]` over every nonzero and output
+//!   position whose tap reads `(ih, iw)`;
+//! - `conv_grad`: `dW[k] = Σ_{oh, ow, b} dY[o, oh, ow, b]·X[c, ih, iw, b]`;
+//! - `conv_dense_grad`: the same sum for every `(o, c, kh, kw)`, at `o·C·k² + c·k² + kh·k + kw`.
+//!
 //! [`reference`] also returns, per output element, the sum of the absolute values of the terms
 //! that make it up, from which [`compare`] applies the tolerance of CONTRACTS.md:
 //! `|got − want| ≤ 1e-5 · Σ|terms| + 1e-6`.
 
 use crate::backend::{Args, BackendError, Launch};
-use crate::spec::{KernelSpec, Op};
+use crate::spec::{ConvGeometry, KernelSpec, Op};
 
 /// Runs `spec` on host slices, after the same argument checks every backend makes.
 pub fn run(spec: &KernelSpec, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
@@ -74,6 +85,9 @@ pub fn reference(
 }
 
 fn evaluate(spec: &KernelSpec, launch: Launch, args: &Args<'_, [f32]>) -> Reference {
+    if let Some(g) = spec.geometry() {
+        return evaluate_conv(spec, g, launch, args);
+    }
     let p = spec.pattern();
     let Launch { batch, ld } = launch;
     match (spec.op(), args) {
@@ -143,6 +157,133 @@ fn evaluate(spec: &KernelSpec, launch: Launch, args: &Args<'_, [f32]>) -> Refere
                         out.values[r * cols + c] += term;
                         out.abs_sums[r * cols + c] += term.abs();
                     }
+                }
+            }
+            out
+        }
+        _ => unreachable!("Args::check guarantees the arguments match the op"),
+    }
+}
+
+/// Every `(output position, input position)` pair a tap `(kh, kw)` connects: calls
+/// `f(out_pos, in_pos)` with plane-relative position indices.
+fn for_each_tap_position(g: &ConvGeometry, kh: usize, kw: usize, mut f: impl FnMut(usize, usize)) {
+    let (oh_n, ow_n) = (g.out_height(), g.out_width());
+    for oh in 0..oh_n {
+        let ih = (oh * g.stride + kh) as isize - g.padding as isize;
+        if ih < 0 || ih >= g.height as isize {
+            continue;
+        }
+        for ow in 0..ow_n {
+            let iw = (ow * g.stride + kw) as isize - g.padding as isize;
+            if iw < 0 || iw >= g.width as isize {
+                continue;
+            }
+            f(oh * ow_n + ow, ih as usize * g.width + iw as usize);
+        }
+    }
+}
+
+fn evaluate_conv(
+    spec: &KernelSpec,
+    g: &ConvGeometry,
+    launch: Launch,
+    args: &Args<'_, [f32]>,
+) -> Reference {
+    let p = spec.pattern();
+    let Launch { batch, ld } = launch;
+    let taps = g.taps();
+    let (in_plane, out_plane) = (g.in_positions(), g.out_positions());
+    // Splits a pattern column into (input channel, kh, kw).
+    let split = |col: usize| (col / taps, (col % taps) / g.kernel, col % g.kernel);
+    match (spec.op(), args) {
+        (
+            Op::Conv { relu, .. },
+            Args::Spmm {
+                values, x, bias, ..
+            },
+        ) => {
+            let mut out =
+                Reference::zeros(spec.out_features() * batch, OutputLayout::Matrix { batch });
+            for o in 0..p.rows() {
+                for k in p.row_range(o) {
+                    let (c, kh, kw) = split(p.col_idx()[k] as usize);
+                    let w = values[k] as f64;
+                    for_each_tap_position(g, kh, kw, |op, ip| {
+                        let (yr, xr) = (o * out_plane + op, c * in_plane + ip);
+                        for b in 0..batch {
+                            let term = w * x[xr * ld + b] as f64;
+                            out.values[yr * batch + b] += term;
+                            out.abs_sums[yr * batch + b] += term.abs();
+                        }
+                    });
+                }
+                for op in 0..out_plane {
+                    for b in 0..batch {
+                        let i = (o * out_plane + op) * batch + b;
+                        if let Some(bias) = bias {
+                            out.values[i] += bias[o] as f64;
+                            out.abs_sums[i] += (bias[o] as f64).abs();
+                        }
+                        if relu {
+                            out.values[i] = out.values[i].max(0.0);
+                        }
+                    }
+                }
+            }
+            out
+        }
+        (Op::ConvT, Args::SpmmT { values, dy, .. }) => {
+            let mut out =
+                Reference::zeros(spec.in_features() * batch, OutputLayout::Matrix { batch });
+            for o in 0..p.rows() {
+                for k in p.row_range(o) {
+                    let (c, kh, kw) = split(p.col_idx()[k] as usize);
+                    let w = values[k] as f64;
+                    for_each_tap_position(g, kh, kw, |op, ip| {
+                        let (yr, xr) = (o * out_plane + op, c * in_plane + ip);
+                        for b in 0..batch {
+                            let term = w * dy[yr * ld + b] as f64;
+                            out.values[xr * batch + b] += term;
+                            out.abs_sums[xr * batch + b] += term.abs();
+                        }
+                    });
+                }
+            }
+            out
+        }
+        (Op::ConvGrad, Args::Sddmm { dy, x, .. }) => {
+            let mut out = Reference::zeros(p.nnz(), OutputLayout::Flat);
+            for o in 0..p.rows() {
+                for k in p.row_range(o) {
+                    let (c, kh, kw) = split(p.col_idx()[k] as usize);
+                    for_each_tap_position(g, kh, kw, |op, ip| {
+                        let (yr, xr) = (o * out_plane + op, c * in_plane + ip);
+                        for b in 0..batch {
+                            let term = dy[yr * ld + b] as f64 * x[xr * ld + b] as f64;
+                            out.values[k] += term;
+                            out.abs_sums[k] += term.abs();
+                        }
+                    });
+                }
+            }
+            out
+        }
+        (Op::ConvDenseGrad, Args::DenseGrad { dy, x, .. }) => {
+            let cols = p.cols();
+            let mut out = Reference::zeros(p.rows() * cols, OutputLayout::Flat);
+            for o in 0..p.rows() {
+                for col in 0..cols {
+                    let (c, kh, kw) = split(col);
+                    let i = o * cols + col;
+                    for_each_tap_position(g, kh, kw, |op, ip| {
+                        let (yr, xr) = (o * out_plane + op, c * in_plane + ip);
+                        for b in 0..batch {
+                            let term = dy[yr * ld + b] as f64 * x[xr * ld + b] as f64;
+                            out.values[i] += term;
+                            out.abs_sums[i] += term.abs();
+                        }
+                    });
                 }
             }
             out

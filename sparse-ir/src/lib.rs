@@ -28,6 +28,6 @@ pub use aligned::AlignedVec;
 pub use backend::{Args, BackendError, Launch, Strategy};
 pub use mask_io::{read_mask, LoadedMask, MaskIoError, NdArray};
 pub use pattern::{Pattern, PatternError, RowChunk, Transposed};
-pub use spec::{Dim, KernelSpec, Op};
+pub use spec::{ConvGeometry, Dim, KernelSpec, Op, Role};
 pub use text::{Module, ParseError};
 pub use verify::VerifyError;

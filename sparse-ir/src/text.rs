@@ -15,6 +15,12 @@
 //!
 //! kernel fc1 op=spmm(bias,relu) pattern=fc1 batch=100 ld=112
 //! kernel fc1 op=spmm_t pattern=fc1 batch=any ld=any
+//!
+//! pattern conv2 2x18 nnz=3
+//!   0: 0 13
+//!   1: 17
+//!
+//! kernel conv2 op=conv(bias) pattern=conv2 input=2x12x12 kernel=3 stride=1 padding=1 batch=any ld=any
 //! ```
 //!
 //! ## Grammar
@@ -25,8 +31,10 @@
 //! pattern  = "pattern" SP name SP int "x" int SP "nnz=" int EOL { blank | row } ;
 //! row      = [ SP ] int ":" { SP int } EOL ;
 //! kernel   = "kernel" SP name { SP attr } EOL ;
-//! attr     = "op=" op | "pattern=" name | "batch=" dim | "ld=" dim ;
-//! op       = "spmm" [ "(" epilogue ")" ] | "spmm_t" | "sddmm" | "dense_grad" ;
+//! attr     = "op=" op | "pattern=" name | "batch=" dim | "ld=" dim
+//!          | "input=" int "x" int "x" int | "kernel=" int | "stride=" int | "padding=" int ;
+//! op       = "spmm" [ "(" epilogue ")" ] | "spmm_t" | "sddmm" | "dense_grad"
+//!          | "conv" [ "(" epilogue ")" ] | "conv_t" | "conv_grad" | "conv_dense_grad" ;
 //! epilogue = "bias" | "relu" | "bias,relu" ;
 //! dim      = int | "any" ;
 //! name     = ( letter | "_" ) { letter | digit | "_" | "." | "-" } ;
@@ -47,8 +55,10 @@
 //! - Pattern names are unique in a module and follow the layer-name rule of
 //!   [`crate::verify`]. A kernel names a pattern defined *above* it.
 //! - A kernel line is `kernel LAYER` followed by the attributes `op`, `pattern`, `batch` and
-//!   `ld`, each exactly once, in any order (canonically in that order); the spec goes through
-//!   [`KernelSpec::new`]. Ops and dims are written as [`Op`]'s and [`Dim`]'s `Display` and
+//!   `ld`, each exactly once, in any order (canonically `op`, `pattern`, the geometry, `batch`,
+//!   `ld`); the spec goes through [`KernelSpec::new`]. A convolution op also takes its
+//!   geometry ([`ConvGeometry`]): `input=CxHxW kernel=K stride=S padding=P`, all four, each
+//!   once; a matrix op takes none of them. Ops and dims are written as [`Op`]'s and [`Dim`]'s `Display` and
 //!   read by their `FromStr`.
 //!
 //! The canonical text, which the printer writes, is: the version line; for every pattern an
@@ -69,7 +79,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::pattern::{Pattern, PatternError};
-use crate::spec::{Dim, KernelSpec, Op};
+use crate::spec::{ConvGeometry, Dim, KernelSpec, Op};
 use crate::verify::{verify_layer_name, VerifyError};
 
 /// The first word of every `.sir` file.
@@ -185,13 +195,39 @@ impl Module {
         batch: Dim,
         ld: Dim,
     ) -> Result<&KernelDecl, ModuleError> {
+        self.push_kernel(layer.into(), op, pattern, None, batch, ld)
+    }
+
+    /// Adds a convolution kernel for `layer` using the module's pattern `pattern`, checked by
+    /// [`KernelSpec::conv`].
+    pub fn add_conv_kernel(
+        &mut self,
+        layer: impl Into<String>,
+        op: Op,
+        pattern: &str,
+        geometry: ConvGeometry,
+        batch: Dim,
+        ld: Dim,
+    ) -> Result<&KernelDecl, ModuleError> {
+        self.push_kernel(layer.into(), op, pattern, Some(geometry), batch, ld)
+    }
+
+    fn push_kernel(
+        &mut self,
+        layer: String,
+        op: Op,
+        pattern: &str,
+        geometry: Option<ConvGeometry>,
+        batch: Dim,
+        ld: Dim,
+    ) -> Result<&KernelDecl, ModuleError> {
         let shared = self
             .pattern(pattern)
             .ok_or_else(|| ModuleError::UnknownPattern {
                 name: pattern.to_string(),
             })?
             .clone();
-        let spec = KernelSpec::new(layer, op, shared, batch, ld)?;
+        let spec = KernelSpec::with_geometry(layer, op, shared, geometry, batch, ld)?;
         self.kernels.push(KernelDecl {
             pattern: pattern.to_string(),
             spec,
@@ -227,15 +263,17 @@ impl fmt::Display for Module {
             writeln!(f)?;
             for k in &self.kernels {
                 let s = &k.spec;
-                writeln!(
+                write!(
                     f,
-                    "kernel {} op={} pattern={} batch={} ld={}",
+                    "kernel {} op={} pattern={} ",
                     s.layer(),
                     s.op(),
-                    k.pattern,
-                    s.batch(),
-                    s.ld()
+                    k.pattern
                 )?;
+                if let Some(g) = s.geometry() {
+                    write!(f, "{g} ")?;
+                }
+                writeln!(f, "batch={} ld={}", s.batch(), s.ld())?;
             }
         }
         Ok(())
@@ -410,8 +448,8 @@ pub enum ParseErrorKind {
         /// The name.
         name: String,
     },
-    /// A kernel attribute other than `op`, `pattern`, `batch`, `ld`.
-    #[error("unknown kernel attribute {key:?} (expected op, pattern, batch or ld)")]
+    /// A kernel attribute other than `op`, `pattern`, `batch`, `ld` and the geometry's.
+    #[error("unknown kernel attribute {key:?} (expected op, pattern, batch, ld, or for a convolution input, kernel, stride, padding)")]
     UnknownAttribute {
         /// The key.
         key: String,
@@ -441,6 +479,16 @@ pub enum ParseErrorKind {
         key: &'static str,
         /// The message of [`Dim`]'s `FromStr`.
         message: String,
+    },
+    /// A geometry attribute's value is malformed (`input=` is `CxHxW`, the others a number).
+    #[error("{key}: expected {expected}, got {found}")]
+    BadGeometry {
+        /// `input`, `kernel`, `stride` or `padding`.
+        key: &'static str,
+        /// What the value should look like.
+        expected: &'static str,
+        /// The value, quoted.
+        found: String,
     },
     /// The kernel spec breaks an invariant of [`crate::verify`] (layer name, batch, ld).
     #[error("kernel {layer:?}: {source}")]
@@ -828,8 +876,10 @@ impl Parser {
                 },
             ));
         }
-        const KEYS: [&str; 4] = ["op", "pattern", "batch", "ld"];
-        let mut values: [Option<Tok<'_>>; 4] = [None; 4];
+        const KEYS: [&str; 8] = [
+            "op", "pattern", "batch", "ld", "input", "kernel", "stride", "padding",
+        ];
+        let mut values: [Option<Tok<'_>>; 8] = [None; 8];
         for &tok in &line.toks[2..] {
             let Some(eq) = tok.text.find('=') else {
                 return Err(line.at(
@@ -855,7 +905,7 @@ impl Parser {
             values[slot] = Some(tok.tail(eq + 1));
         }
         let mut got = [Tok { text: "", col: 0 }; 4];
-        for (slot, value) in values.iter().enumerate() {
+        for (slot, value) in values.iter().enumerate().take(4) {
             got[slot] = value.ok_or_else(|| {
                 line.err(
                     line.end_col,
@@ -883,13 +933,23 @@ impl Parser {
         };
         let batch = dim(batch_tok, "batch")?;
         let ld = dim(ld_tok, "ld")?;
+        let geometry = Self::geometry(line, &values[4..])?;
         self.module
-            .add_kernel(layer.text, op, pattern_tok.text, batch, ld)
+            .push_kernel(
+                layer.text.to_string(),
+                op,
+                pattern_tok.text,
+                geometry,
+                batch,
+                ld,
+            )
             .map_err(|e| match e {
                 ModuleError::Spec(source) => {
                     let tok = match source {
                         VerifyError::BatchZero { .. } => batch_tok,
                         VerifyError::LdTooSmall { .. } => ld_tok,
+                        VerifyError::ConvOpGeometry { .. } => op_tok,
+                        VerifyError::ConvGeometry { .. } => values[4].unwrap_or(op_tok),
                         _ => layer,
                     };
                     line.at(
@@ -908,6 +968,64 @@ impl Parser {
                 ),
             })?;
         Ok(())
+    }
+
+    /// The geometry attributes (`input`, `kernel`, `stride`, `padding`, in that order): none,
+    /// or all four well formed.
+    fn geometry(
+        line: &Line<'_>,
+        toks: &[Option<Tok<'_>>],
+    ) -> Result<Option<ConvGeometry>, ParseError> {
+        const KEYS: [&str; 4] = ["input", "kernel", "stride", "padding"];
+        if toks.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let mut got = [Tok { text: "", col: 0 }; 4];
+        for (slot, tok) in toks.iter().enumerate() {
+            got[slot] = tok.ok_or_else(|| {
+                line.err(
+                    line.end_col,
+                    ParseErrorKind::MissingAttribute { key: KEYS[slot] },
+                )
+            })?;
+        }
+        let [input, kernel, stride, padding] = got;
+        let read = |tok: Tok<'_>, key: &'static str, expected: &'static str, text: &str| {
+            text.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| text.parse::<usize>().ok())
+                .flatten()
+                .ok_or_else(|| {
+                    line.at(
+                        tok,
+                        ParseErrorKind::BadGeometry {
+                            key,
+                            expected,
+                            found: tok.quoted(),
+                        },
+                    )
+                })
+        };
+        let dims: Vec<&str> = input.text.split('x').collect();
+        let channels_hw = "CHANNELSxHEIGHTxWIDTH";
+        let [c, h, w] = dims[..] else {
+            return Err(line.at(
+                input,
+                ParseErrorKind::BadGeometry {
+                    key: "input",
+                    expected: channels_hw,
+                    found: input.quoted(),
+                },
+            ));
+        };
+        Ok(Some(ConvGeometry {
+            in_channels: read(input, "input", channels_hw, c)?,
+            height: read(input, "input", channels_hw, h)?,
+            width: read(input, "input", channels_hw, w)?,
+            kernel: read(kernel, "kernel", "a whole number", kernel.text)?,
+            stride: read(stride, "stride", "a whole number", stride.text)?,
+            padding: read(padding, "padding", "a whole number", padding.text)?,
+        }))
     }
 
     fn finish(mut self, (line, column): (usize, usize)) -> Result<Module, ParseError> {

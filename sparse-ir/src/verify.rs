@@ -23,6 +23,8 @@
 //! | `layer_name` | the layer name is non-empty, starts with a letter or `_`, and holds only ASCII letters, digits, `_`, `.` and `-` |
 //! | `batch_positive` | a fixed batch is at least 1 |
 //! | `ld_covers_batch` | a fixed `ld` is at least the fixed batch (and at least 1) |
+//! | `conv_op_geometry` | a convolution op has a [`ConvGeometry`](crate::spec::ConvGeometry) and a matrix op has none |
+//! | `conv_geometry` | the geometry passes [`ConvGeometry::check`](crate::spec::ConvGeometry::check) against the pattern: sizes in range, the window fits the padded input, `cols = C·k²`, feature counts fit in `u32` |
 //!
 //! Each [`VerifyError`] names the invariant that broke and where (row, index).
 
@@ -118,6 +120,24 @@ pub enum VerifyError {
         ld: usize,
         /// The batch size.
         batch: usize,
+    },
+    /// `conv_op_geometry`: a convolution op without geometry, or a matrix op with one.
+    #[error("invariant `conv_op_geometry`: layer {layer}: {op} {}", if *has_geometry { "takes no convolution geometry" } else { "needs a convolution geometry (input, kernel, stride, padding)" })]
+    ConvOpGeometry {
+        /// The layer.
+        layer: String,
+        /// The op (IR name).
+        op: &'static str,
+        /// Whether a geometry was given.
+        has_geometry: bool,
+    },
+    /// `conv_geometry`: the geometry does not fit the pattern or is out of range.
+    #[error("invariant `conv_geometry`: layer {layer}: {problem}")]
+    ConvGeometry {
+        /// The layer.
+        layer: String,
+        /// What is wrong, in words.
+        problem: String,
     },
 }
 

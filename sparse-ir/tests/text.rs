@@ -42,6 +42,27 @@ fn golden_modules() -> Vec<(&'static str, Module)> {
     }
     out.push(("example", m));
 
+    // Convolution kernels: every conv op on a 2-channel 3×3 pattern.
+    let mut m = Module::new();
+    m.add_pattern(
+        "conv2",
+        Pattern::from_coo(2, 18, &[(0, 0), (0, 13), (1, 17)]).unwrap(),
+    )
+    .unwrap();
+    let geometry = sparse_ir::ConvGeometry {
+        in_channels: 2,
+        height: 12,
+        width: 11,
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    for (op, (batch, ld)) in Op::CONV_ALL.into_iter().zip(dims) {
+        m.add_conv_kernel("conv2", op, "conv2", geometry, batch, ld)
+            .unwrap();
+    }
+    out.push(("conv", m));
+
     // Edge shapes: no rows, no columns, all-zero, one nonzero, a full row next to empty ones.
     let mut m = Module::new();
     m.add_pattern("empty0x0", Pattern::empty(0, 0).unwrap())
@@ -771,7 +792,7 @@ fn kernel_errors() {
         &k("kernel fc1 op=spmm pattern=fc1 batch=1 ld=1 strategy=jit"),
         4,
         45,
-        "unknown kernel attribute \"strategy\" (expected op, pattern, batch or ld)",
+        "unknown kernel attribute \"strategy\" (expected op, pattern, batch, ld, or for a convolution input, kernel, stride, padding)",
     );
     assert_err(
         &k("kernel fc1 op=spmm pattern=fc1 batch=1 op=sddmm ld=1"),
@@ -808,7 +829,7 @@ fn kernel_errors() {
         &k("kernel fc1 op=spmm(bias,bias) pattern=fc1 batch=1 ld=1"),
         4,
         15,
-        "unknown or repeated spmm epilogue \"bias\"",
+        "unknown or repeated epilogue \"bias\"",
     );
     assert_err(
         &k("kernel fc1 op=spmm pattern=fc1 batch=lots ld=1"),
@@ -880,5 +901,79 @@ fn columns_count_characters_not_bytes() {
         2,
         11,
         "expected the shape ROWSxCOLS",
+    );
+}
+
+#[test]
+fn conv_kernel_errors() {
+    // a 2-channel 3×3 pattern (18 columns)
+    let p = format!("{HEAD}pattern c 2x18 nnz=1\n  0: 4\n  1:\n");
+    let k = |line: &str| format!("{p}{line}\n");
+    let col = |line: &str, at: &str| line.find(at).unwrap() + 1;
+    let good =
+        "kernel c op=conv pattern=c input=2x8x8 kernel=3 stride=1 padding=1 batch=any ld=any";
+    assert!(text::parse(&k(good)).is_ok());
+    assert_err(
+        &k("kernel c op=conv pattern=c batch=any ld=any"),
+        5,
+        col("kernel c op=conv pattern=c batch=any ld=any", "op=") + 3,
+        "kernel \"c\": invariant `conv_op_geometry`: layer c: conv needs a convolution geometry",
+    );
+    assert_err(
+        &k("kernel c op=spmm pattern=c input=2x8x8 kernel=3 stride=1 padding=1 batch=1 ld=1"),
+        5,
+        col(
+            "kernel c op=spmm pattern=c input=2x8x8 kernel=3 stride=1 padding=1 batch=1 ld=1",
+            "op=",
+        ) + 3,
+        "spmm takes no convolution geometry",
+    );
+    assert_err(
+        &k("kernel c op=conv pattern=c input=2x8x8 kernel=3 stride=1 batch=1 ld=1"),
+        5,
+        71,
+        "kernel attribute `padding=` missing",
+    );
+    assert_err(
+        &k("kernel c op=conv pattern=c input=2x8 kernel=3 stride=1 padding=1 batch=1 ld=1"),
+        5,
+        col(
+            "kernel c op=conv pattern=c input=2x8 kernel=3 stride=1 padding=1 batch=1 ld=1",
+            "2x8",
+        ),
+        "input: expected CHANNELSxHEIGHTxWIDTH, got \"2x8\"",
+    );
+    assert_err(
+        &k("kernel c op=conv pattern=c input=2x8x8 kernel=three stride=1 padding=1 batch=1 ld=1"),
+        5,
+        col(
+            "kernel c op=conv pattern=c input=2x8x8 kernel=three stride=1 padding=1 batch=1 ld=1",
+            "three",
+        ),
+        "kernel: expected a whole number, got \"three\"",
+    );
+    assert_err(
+        &k("kernel c op=conv pattern=c input=3x8x8 kernel=3 stride=1 padding=1 batch=1 ld=1"),
+        5,
+        col(
+            "kernel c op=conv pattern=c input=3x8x8 kernel=3 stride=1 padding=1 batch=1 ld=1",
+            "input=",
+        ) + 6,
+        "the pattern has 18 columns, but 3 input channels of a 3x3 window need 27",
+    );
+    assert_err(
+        &k("kernel c op=conv_t pattern=c input=2x8x8 kernel=3 stride=0 padding=1 batch=1 ld=1"),
+        5,
+        col(
+            "kernel c op=conv_t pattern=c input=2x8x8 kernel=3 stride=0 padding=1 batch=1 ld=1",
+            "input=",
+        ) + 6,
+        "stride = 0 is outside 1..=65536",
+    );
+    assert_err(
+        &k("kernel c op=conv pattern=c input=2x8x8 kernel=3 stride=1 padding=1 input=2x8x8 batch=1 ld=1"),
+        5,
+        68,
+        "kernel attribute `input` given twice",
     );
 }

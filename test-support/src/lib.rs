@@ -29,7 +29,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::interp::{self, Reference};
-use sparse_ir::{AlignedVec, Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{
+    AlignedVec, Args, BackendError, ConvGeometry, Dim, KernelSpec, Launch, Op, Pattern, Role,
+    Strategy,
+};
 
 /// Floats of guard zone before and after every operand (a multiple of 16, so a window at
 /// offset 0 starts on a 64-byte boundary).
@@ -113,6 +116,113 @@ pub fn specs(layer: &str, op: Op, pattern: &Arc<Pattern>, launch: Launch) -> [Ke
 pub fn fixed_spec(layer: &str, op: Op, pattern: &Arc<Pattern>, launch: Launch) -> KernelSpec {
     let [fixed, _] = specs(layer, op, pattern, launch);
     fixed
+}
+
+/// A convolution case of the differential tests: a name, the `[out × C·k²]` pattern and its
+/// geometry.
+#[derive(Debug, Clone)]
+pub struct ConvCase {
+    /// What the case covers, e.g. `3x3 stride 2 padding 1`.
+    pub name: String,
+    /// The weight pattern.
+    pub pattern: Arc<Pattern>,
+    /// The geometry.
+    pub geometry: ConvGeometry,
+}
+
+impl ConvCase {
+    /// A case with a random pattern of `out` output channels at `density` (seeded).
+    pub fn random(
+        name: &str,
+        out: usize,
+        geometry: ConvGeometry,
+        density: f64,
+        seed: u64,
+    ) -> ConvCase {
+        ConvCase {
+            name: name.to_string(),
+            pattern: random(out, geometry.pattern_cols(), density, seed),
+            geometry,
+        }
+    }
+
+    /// The spec of `op` (a convolution op) for this case at `launch`, batch and `ld` fixed
+    /// when `fixed`, else given at run time.
+    pub fn spec(&self, op: Op, launch: Launch, fixed: bool) -> KernelSpec {
+        let (batch, ld) = if fixed {
+            (Dim::Fixed(launch.batch), Dim::Fixed(launch.ld))
+        } else {
+            (Dim::Any, Dim::Any)
+        };
+        KernelSpec::conv(
+            self.name.replace(' ', "_"),
+            op,
+            Arc::clone(&self.pattern),
+            self.geometry,
+            batch,
+            ld,
+        )
+        .expect("a valid convolution spec")
+    }
+}
+
+/// A geometry: `c` input channels of `h × w`, a `k × k` window, stride `s`, padding `p`.
+pub fn geometry(c: usize, h: usize, w: usize, k: usize, s: usize, p: usize) -> ConvGeometry {
+    ConvGeometry {
+        in_channels: c,
+        height: h,
+        width: w,
+        kernel: k,
+        stride: s,
+        padding: p,
+    }
+}
+
+/// The named convolution cases every backend's convolution ops are tested on: 1×1; 3×3 at
+/// stride 1 and 2 with padding 0 and 1; 5×5 (LeNet-5's); odd sizes; an empty output channel;
+/// an empty input channel; a window larger than the unpadded input; every tap of a dense
+/// pattern; an empty pattern. Random patterns are seeded, so each case is the same every run.
+pub fn conv_cases() -> Vec<ConvCase> {
+    let mut cases = vec![
+        ConvCase::random("1x1", 5, geometry(4, 6, 7, 1, 1, 0), 0.5, 1),
+        ConvCase::random("3x3 s1 p1", 6, geometry(3, 8, 8, 3, 1, 1), 0.3, 2),
+        ConvCase::random("3x3 s1 p0 odd", 4, geometry(3, 7, 9, 3, 1, 0), 0.3, 3),
+        ConvCase::random("3x3 s2 p1", 5, geometry(3, 9, 8, 3, 2, 1), 0.3, 4),
+        ConvCase::random("3x3 s2 p0", 3, geometry(2, 8, 7, 3, 2, 0), 0.4, 5),
+        ConvCase::random("5x5 s1 p0", 4, geometry(2, 12, 12, 5, 1, 0), 0.2, 6),
+        ConvCase::random("3x3 s1 p2", 3, geometry(2, 5, 5, 3, 1, 2), 0.5, 7),
+        ConvCase::random("5x5 on 3x3 p1", 3, geometry(2, 3, 3, 5, 1, 1), 0.5, 8),
+        ConvCase::random("1x1 s2", 3, geometry(3, 7, 6, 1, 2, 0), 0.6, 9),
+        ConvCase::random("3x3 s3 p1", 3, geometry(2, 10, 11, 3, 3, 1), 0.5, 10),
+    ];
+    // An empty output channel (row 1) and an empty input channel (channel 2 of 3).
+    let g = geometry(3, 6, 5, 3, 1, 1);
+    let mut mask = vec![0u8; 4 * g.pattern_cols()];
+    for (i, m) in mask.iter_mut().enumerate() {
+        let (o, col) = (i / g.pattern_cols(), i % g.pattern_cols());
+        let channel = col / g.taps();
+        if o != 1 && channel != 2 && (i * 7) % 3 == 0 {
+            *m = 1;
+        }
+    }
+    let pattern = Pattern::from_dense_mask(4, g.pattern_cols(), &mask).expect("a valid mask");
+    cases.push(ConvCase {
+        name: "empty channels".into(),
+        pattern: Arc::new(pattern),
+        geometry: g,
+    });
+    let g = geometry(2, 5, 6, 3, 1, 1);
+    cases.push(ConvCase {
+        name: "dense".into(),
+        pattern: Arc::new(Pattern::dense(3, g.pattern_cols()).expect("a dense pattern")),
+        geometry: g,
+    });
+    cases.push(ConvCase {
+        name: "empty".into(),
+        pattern: Arc::new(Pattern::empty(3, g.pattern_cols()).expect("an empty pattern")),
+        geometry: g,
+    });
+    cases
 }
 
 /// A buffer window of `len` elements at `offset` floats past a 64-byte boundary, with
@@ -234,19 +344,20 @@ pub struct Operands {
     inputs: [Vec<f32>; 4],
 }
 
-/// Number of elements of `op`'s output on `pattern` with row stride `ld`.
-pub fn output_len(op: Op, pattern: &Pattern, ld: usize) -> usize {
-    match op {
-        Op::Spmm { .. } => pattern.rows() * ld,
-        Op::SpmmT => pattern.cols() * ld,
-        Op::Sddmm => pattern.nnz(),
-        Op::DenseGrad => pattern.rows() * pattern.cols(),
+/// Number of elements of `spec`'s output with row stride `ld`.
+pub fn output_len(spec: &KernelSpec, ld: usize) -> usize {
+    let p = spec.pattern();
+    match spec.op().role() {
+        Role::Forward => spec.out_features() * ld,
+        Role::BackwardData => spec.in_features() * ld,
+        Role::WeightGrad => p.nnz(),
+        Role::DenseGrad => p.rows() * p.cols(),
     }
 }
 
 /// Whether `op`'s output is a feature-major matrix with padding columns.
 pub fn output_is_matrix(op: Op) -> bool {
-    matches!(op, Op::Spmm { .. } | Op::SpmmT)
+    matches!(op.role(), Role::Forward | Role::BackwardData)
 }
 
 fn random_vector(rng: &mut ChaCha8Rng, len: usize, offset: usize) -> Guarded {
@@ -277,9 +388,9 @@ impl Operands {
         let off = |k: usize| (run.offset * (k + 1)) % 16;
         let values = random_vector(&mut rng, p.nnz(), off(0));
         let bias = random_vector(&mut rng, p.rows(), off(1));
-        let x = random_matrix(&mut rng, p.cols(), launch, off(2));
-        let dy = random_matrix(&mut rng, p.rows(), launch, off(3));
-        let mut out = Guarded::new(output_len(op, p, launch.ld), off(4), f32::NAN);
+        let x = random_matrix(&mut rng, spec.in_features(), launch, off(2));
+        let dy = random_matrix(&mut rng, spec.out_features(), launch, off(3));
+        let mut out = Guarded::new(output_len(spec, launch.ld), off(4), f32::NAN);
         if output_is_matrix(op) {
             let ld = launch.ld;
             for row in out.get_mut().chunks_mut(ld.max(1)) {
@@ -397,7 +508,7 @@ impl Operands {
     }
 }
 
-/// The arguments of `op` on these slices (`bias` passed only to `spmm` with a bias).
+/// The arguments of `op` on these slices (`bias` passed only to an op with a bias).
 pub fn args_of<'a>(
     op: Op,
     values: &'a [f32],
@@ -406,20 +517,20 @@ pub fn args_of<'a>(
     dy: &'a [f32],
     out: &'a mut [f32],
 ) -> Args<'a, [f32]> {
-    match op {
-        Op::Spmm { bias: b, .. } => Args::Spmm {
+    match op.role() {
+        Role::Forward => Args::Spmm {
             values,
             x,
-            bias: b.then_some(bias),
+            bias: op.has_bias().then_some(bias),
             y: out,
         },
-        Op::SpmmT => Args::SpmmT {
+        Role::BackwardData => Args::SpmmT {
             values,
             dy,
             dx: out,
         },
-        Op::Sddmm => Args::Sddmm { dy, x, dw: out },
-        Op::DenseGrad => Args::DenseGrad { dy, x, grad: out },
+        Role::WeightGrad => Args::Sddmm { dy, x, dw: out },
+        Role::DenseGrad => Args::DenseGrad { dy, x, grad: out },
     }
 }
 
@@ -517,24 +628,24 @@ impl<B: Backend> Target for Device<'_, B> {
         let dy = self.upload(operands.dy.get(), true)?;
         let mut out = self.upload(operands.out.get(), matrix_out)?;
         let n = operands.out.len();
-        let args = match op {
-            Op::Spmm { bias: b, .. } => Args::Spmm {
+        let args = match op.role() {
+            Role::Forward => Args::Spmm {
                 values: values.borrow(),
                 x: x.borrow(),
-                bias: b.then(|| bias.borrow()),
+                bias: op.has_bias().then(|| bias.borrow()),
                 y: out.borrow_mut(),
             },
-            Op::SpmmT => Args::SpmmT {
+            Role::BackwardData => Args::SpmmT {
                 values: values.borrow(),
                 dy: dy.borrow(),
                 dx: out.borrow_mut(),
             },
-            Op::Sddmm => Args::Sddmm {
+            Role::WeightGrad => Args::Sddmm {
                 dy: dy.borrow(),
                 x: x.borrow(),
                 dw: out.borrow_mut(),
             },
-            Op::DenseGrad => Args::DenseGrad {
+            Role::DenseGrad => Args::DenseGrad {
                 dy: dy.borrow(),
                 x: x.borrow(),
                 grad: out.borrow_mut(),
@@ -672,11 +783,13 @@ pub fn check_fn(
         .map_err(|e| format!("{}: {e}", what()))
 }
 
-/// A case in words: layer, op, shape, nonzeros, launch, spec dims and operand offset.
+/// A case in words: layer, op, shape (and convolution geometry), nonzeros, launch, spec dims
+/// and operand offset.
 pub fn describe(spec: &KernelSpec, run: Run) -> String {
     let p = spec.pattern();
+    let geometry = spec.geometry().map_or(String::new(), |g| format!(" ({g})"));
     format!(
-        "layer {} {} on {}x{} nnz {}, batch {} ld {} (spec batch {} ld {}), offset {}, seed {}",
+        "layer {} {} on {}x{}{geometry} nnz {}, batch {} ld {} (spec batch {} ld {}), offset {}, seed {}",
         spec.layer(),
         spec.op(),
         p.rows(),

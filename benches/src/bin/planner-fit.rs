@@ -198,6 +198,7 @@ fn replay(path: &std::path::Path) -> Result<()> {
             jit_code_bytes: Some(code),
             threads: 1,
             isa: codegen_cpu::IsaLevel::Avx512,
+            geometry: None,
         };
         let measured = |s: Strategy| {
             let t = match s {

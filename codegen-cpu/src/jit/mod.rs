@@ -225,7 +225,9 @@ pub fn estimate(spec: &KernelSpec) -> Option<JitEstimate> {
             p.rows(),
         ),
         Op::Sddmm => (24.0, 106.0, p.rows()),
-        Op::DenseGrad => return None,
+        Op::DenseGrad | Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
+            return None
+        }
     };
     let code_bytes = (per_row * rows as f64 + per_nnz * p.nnz() as f64).round() as usize;
     Some(JitEstimate {
@@ -440,11 +442,15 @@ pub(crate) fn compile_cancellable(
         Op::Spmm { bias, relu } => ChunkOp::Spmm { bias, relu },
         Op::SpmmT => ChunkOp::SpmmT,
         Op::Sddmm => ChunkOp::Sddmm,
-        Op::DenseGrad => {
-            return Err(unsupported(
-                "dense_grad covers every entry, so there is no pattern to bake in \
+        Op::DenseGrad | Op::ConvDenseGrad => {
+            return Err(unsupported(format!(
+                "{op_name} covers every entry, so there is no pattern to bake in \
                  (use the generic or dense strategy)"
-                    .into(),
+            )))
+        }
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad => {
+            return Err(unsupported(
+                "the JIT has no convolution code (use the generic or dense strategy)".into(),
             ))
         }
     };

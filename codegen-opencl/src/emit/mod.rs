@@ -242,6 +242,11 @@ pub fn emit(
     opts: &EmitOptions,
 ) -> Result<Emitted, BackendError> {
     let ctx = Ctx::new(spec, strategy, profile, opts)?;
+    if spec.op().is_conv() {
+        return Err(ctx.unsupported(
+            "the OpenCL backend has no convolution kernels yet (use the CPU backend)".into(),
+        ));
+    }
     let programs = match (strategy, spec.op()) {
         (Strategy::Csr, _) => {
             let (entry, arrays) = csr_entry(&ctx);
@@ -259,6 +264,9 @@ pub fn emit(
         (_, Op::Spmm { .. }) | (_, Op::SpmmT) => rows::emit(&ctx)?,
         (_, Op::Sddmm) => sddmm::emit(&ctx)?,
         (_, Op::DenseGrad) => vec![dense::emit(&ctx)],
+        (_, Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad) => {
+            unreachable!("convolutions returned above")
+        }
     };
     Ok(Emitted {
         strategy,
@@ -320,6 +328,7 @@ pub fn csr_kernel_name(op: Op) -> &'static str {
         Op::SpmmT => "spmm_t_csr",
         Op::Sddmm => "sddmm_csr",
         Op::DenseGrad => "dense_grad_csr",
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => "no_conv_csr",
     }
 }
 
@@ -448,6 +457,9 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                 Ld,
             ];
             (dense::entry(&wg, name, args, p), Vec::new())
+        }
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
+            unreachable!("emit refuses convolutions before this")
         }
     }
 }
