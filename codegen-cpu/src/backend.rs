@@ -13,6 +13,8 @@ use sparse_ir::{
 };
 use thiserror::Error;
 
+use crate::conv::{self, ConvGather, Direction, GatherJob, GradJob};
+use crate::conv_dense::{DenseConv, DenseConvArgs};
 use crate::dense::{self, DenseArgs, DenseKernel};
 use crate::generic::{self, MatJob, Panels, SddmmJob, Walk};
 use crate::isa::IsaLevel;
@@ -760,6 +762,31 @@ enum Imp {
     Generic(GenericData),
     Dense(DenseKernel),
     Jit(crate::jit::JitKernel),
+    /// The generic convolution kernels.
+    Conv(ConvData),
+    /// The dense convolution (im2col + GEMM).
+    ConvDense(DenseConv),
+}
+
+/// The compiled generic convolution and its scratch (`conv_grad`'s partial sums).
+struct ConvData {
+    gather: ConvGather,
+    scratch: Mutex<ConvScratch>,
+}
+
+#[derive(Default)]
+struct ConvScratch {
+    partial: Vec<f32>,
+    totals: Vec<(u32, f32)>,
+}
+
+impl ConvData {
+    fn new(gather: ConvGather) -> ConvData {
+        ConvData {
+            gather,
+            scratch: Mutex::new(ConvScratch::default()),
+        }
+    }
 }
 
 /// The compiled form of the generic kernels: the transposed pattern for `spmm_t` and the
@@ -792,12 +819,24 @@ impl Compiled {
         threads: usize,
     ) -> Result<Compiled, BackendError> {
         let p = spec.pattern();
-        if spec.geometry().is_some() {
-            return Err(BackendError::Unsupported {
-                layer: spec.layer().to_string(),
-                op: spec.op().name(),
-                strategy,
-                reason: "the CPU backend has no convolution kernels yet".into(),
+        if let Some(g) = spec.geometry() {
+            let imp = match (strategy, spec.op().role()) {
+                (Strategy::Jit, _) => Imp::Jit(crate::jit::JitKernel::compile(spec)?),
+                (Strategy::Generic, Role::Forward | Role::WeightGrad) => Imp::Conv(ConvData::new(
+                    ConvGather::new(p, g, Direction::Forward, threads),
+                )),
+                (Strategy::Generic, Role::BackwardData) => Imp::Conv(ConvData::new(
+                    ConvGather::new(p, g, Direction::Backward, threads),
+                )),
+                (Strategy::Generic | Strategy::Dense, Role::DenseGrad) => {
+                    Imp::ConvDense(DenseConv::all_channels(p.rows(), g))
+                }
+                (Strategy::Dense, _) => Imp::ConvDense(DenseConv::new(p, g)),
+                _ => unreachable!("only concrete CPU strategies are compiled"),
+            };
+            return Ok(Compiled {
+                pattern: Arc::clone(p),
+                imp,
             });
         }
         let imp = match strategy {
@@ -872,6 +911,22 @@ fn balanced_parts(walk: &Walk<'_>, parts: usize) -> Vec<Range<usize>> {
         start = end;
     }
     out
+}
+
+/// Splits `out` into the consecutive row ranges `parts`, `plane` floats per row.
+fn split_rows<'a>(
+    parts: &[Range<usize>],
+    plane: usize,
+    out: &'a mut [f32],
+) -> Vec<(Range<usize>, &'a mut [f32])> {
+    let mut items = Vec::with_capacity(parts.len());
+    let mut rest = out;
+    for r in parts {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * plane);
+        items.push((r.clone(), head));
+        rest = tail;
+    }
+    items
 }
 
 /// A compiled CPU kernel: one spec, the strategy that runs it and the plan that chose it.
@@ -1128,6 +1183,96 @@ impl CpuKernel {
             .for_each_mut(&mut items, &|(r, o)| part(r.clone(), o));
     }
 
+    /// Runs the generic convolution kernels, split over output (or, for `conv_t`, input)
+    /// channels where the launch is large enough.
+    fn run_conv(&self, c: &ConvData, launch: Launch, args: Args<'_, [f32]>) {
+        let Launch { batch, ld } = launch;
+        let g = &c.gather;
+        let rows = g.rows();
+        let all_rows = 0..rows;
+        let whole = std::slice::from_ref(&all_rows);
+        let parts: &[Range<usize>] =
+            if self.parallel(self.spec.useful_fmas(batch)) && g.parts.len() > 1 {
+                &g.parts
+            } else {
+                whole
+            };
+        let isa = self.isa;
+        let plane = g.out_plane_len(ld);
+        let gather = |values, input, bias, relu, out: &mut [f32]| {
+            let job = GatherJob {
+                gather: g,
+                values,
+                input,
+                bias,
+                relu,
+                batch,
+                ld,
+            };
+            let mut items = split_rows(parts, plane, &mut out[..rows * plane]);
+            self.pool.for_each_mut(&mut items, &|(r, o)| {
+                conv::gather_part(isa, &job, r.clone(), o)
+            });
+        };
+        match args {
+            Args::Spmm { values, x, bias, y } => {
+                gather(values, x, bias, self.spec.op().has_relu(), y)
+            }
+            Args::SpmmT { values, dy, dx } => gather(values, dy, None, false, dx),
+            Args::Sddmm { dy, x, dw } => {
+                let job = GradJob {
+                    gather: g,
+                    dy,
+                    x,
+                    batch,
+                    ld,
+                };
+                let lanes = conv::grad_lanes(isa);
+                let mut fresh = ConvScratch::default();
+                let mut guard = c.scratch.try_lock();
+                let scratch = match guard.as_deref_mut() {
+                    Ok(s) => s,
+                    Err(_) => &mut fresh,
+                };
+                scratch.partial.resize(g.entries() * lanes, 0.0);
+                scratch.totals.resize(g.entries(), (0, 0.0));
+                let mut items = Vec::with_capacity(parts.len());
+                let (mut partial, mut totals) = (&mut scratch.partial[..], &mut scratch.totals[..]);
+                for r in parts {
+                    let n = g.entries_of(r.clone());
+                    let (p_head, p_tail) = std::mem::take(&mut partial).split_at_mut(n * lanes);
+                    let (t_head, t_tail) = std::mem::take(&mut totals).split_at_mut(n);
+                    items.push((r.clone(), p_head, t_head));
+                    partial = p_tail;
+                    totals = t_tail;
+                }
+                self.pool.for_each_mut(&mut items, &|(r, p, t)| {
+                    conv::grad_part(isa, &job, r.clone(), p, t)
+                });
+                for &(k, v) in &scratch.totals {
+                    dw[k as usize] = v;
+                }
+            }
+            Args::DenseGrad { .. } => unreachable!("conv_dense_grad runs dense"),
+        }
+    }
+
+    fn run_conv_dense(&self, d: &DenseConv, launch: Launch, args: Args<'_, [f32]>) {
+        let args = match args {
+            Args::Spmm { values, x, bias, y } => DenseConvArgs::Forward {
+                values,
+                x,
+                bias,
+                relu: self.spec.op().has_relu(),
+                y,
+            },
+            Args::SpmmT { values, dy, dx } => DenseConvArgs::BackwardData { values, dy, dx },
+            Args::Sddmm { dy, x, dw } => DenseConvArgs::WeightGrad { dy, x, dw },
+            Args::DenseGrad { dy, x, grad } => DenseConvArgs::DenseGrad { dy, x, grad },
+        };
+        d.run(self.par_pool(), launch.batch, launch.ld, args);
+    }
+
     fn run_dense(&self, d: &DenseKernel, launch: Launch, args: Args<'_, [f32]>) {
         let p = self.spec.pattern();
         let Launch { batch, ld } = launch;
@@ -1175,6 +1320,8 @@ impl Kernel for CpuKernel {
             Imp::Generic(g) => self.run_generic(g, launch, args),
             Imp::Dense(d) => self.run_dense(d, launch, args),
             Imp::Jit(j) => return j.run(launch, args),
+            Imp::Conv(c) => self.run_conv(c, launch, args),
+            Imp::ConvDense(d) => self.run_conv_dense(d, launch, args),
         }
         Ok(())
     }
@@ -1184,7 +1331,7 @@ impl Kernel for CpuKernel {
     /// of 4 run over the padding ([`crate::jit::JitKernel`]'s `writes_padding`).
     fn writes_padding(&self) -> bool {
         match &self.compiled.imp {
-            Imp::Generic(_) | Imp::Dense(_) => false,
+            Imp::Generic(_) | Imp::Dense(_) | Imp::Conv(_) | Imp::ConvDense(_) => false,
             Imp::Jit(j) => j.writes_padding(),
         }
     }

@@ -15,12 +15,17 @@ use crate::pool::Pool;
 
 /// A strided read-only matrix view on a slice: element `(i, j)` at `i·rs + j·cs`.
 #[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+pub(crate) struct View<'a> {
+    /// The elements.
+    pub data: &'a [f32],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride.
+    pub cs: usize,
 }
 
 impl View<'_> {
@@ -117,7 +122,7 @@ pub(crate) struct Par<'a> {
 }
 
 /// [`gemm_f32`] with the rows of the result split over the pool's threads.
-fn gemm_par(
+pub(crate) fn gemm_par(
     par: Par<'_>,
     dst: &mut [f32],
     dst_rs: usize,

@@ -181,7 +181,7 @@ fn span(rows: usize, batch: usize, ld: usize) -> usize {
 }
 
 /// Whether `level` may be entered on this CPU.
-fn usable(level: IsaLevel) -> IsaLevel {
+pub(crate) fn usable(level: IsaLevel) -> IsaLevel {
     if level.is_supported() {
         level
     } else {

@@ -18,6 +18,8 @@
 //! a fork-join cost well under a microsecond.
 
 mod backend;
+mod conv;
+mod conv_dense;
 mod dense;
 mod generic;
 mod isa;

@@ -155,7 +155,7 @@ impl ConvCase {
             (Dim::Any, Dim::Any)
         };
         KernelSpec::conv(
-            self.name.replace(' ', "_"),
+            format!("conv_{}", self.name.replace(' ', "_")),
             op,
             Arc::clone(&self.pattern),
             self.geometry,

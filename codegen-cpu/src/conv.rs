@@ -1,0 +1,724 @@
+//! The generic convolution kernels: `conv`, `conv_t` and `conv_grad` on the pattern of the
+//! `[out × C·k²]` weight mask, never unrolled over positions.
+//!
+//! Every nonzero `(o, c, kh, kw)` reads "plane `o` of `Y` += w · plane `c` of `X` shifted by
+//! the tap `(kh, kw)`". The kernels walk *tiles* of output positions; for each tile they work
+//! out once which taps fall inside the input (so the inner loop has no branch: taps outside
+//! are skipped whole, which is what zero padding means) and where each tap's input starts,
+//! then run every output channel over the tile, its nonzeros grouped by tap in a
+//! [`TapTable`]. A tile's outputs stay in vector registers across all of a channel's
+//! nonzeros (one load and one FMA per nonzero and vector), and the input rows of a tile stay
+//! in L1/L2 across channels.
+//!
+//! A tile is one output position (`batch` contiguous floats), or, at stride 1 where every tap
+//! of a run of positions lies inside the input and `ld = batch` (no padding columns between
+//! positions), the whole run as one contiguous span. Spans are cut into pieces of at most
+//! [`MAX_VECTORS`] vectors, the last one masked, so padding columns are never read or written.
+//!
+//! `conv_t` is the same gather over the transposed table (rows are input channels, planes
+//! are output channels) with the tap read backwards: input position `(ih, iw)` takes output
+//! position `((ih + p − kh) / s, (iw + p − kw) / s)` where that divides and lies inside.
+//! `conv_grad` walks the forward tiles with `dY`'s tile in registers and keeps one vector of
+//! partial sums per nonzero, reduced at the end.
+
+use std::ops::Range;
+
+use sparse_ir::{ConvGeometry, Pattern};
+
+use crate::generic::usable;
+use crate::isa::IsaLevel;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+use crate::simd::{Portable, Simd};
+
+/// The most vectors of a piece held in registers (eight accumulators keep two FMA ports busy
+/// through a four-cycle latency).
+pub(crate) const MAX_VECTORS: usize = 8;
+
+/// The nonzeros of one side of a convolution, grouped by row and tap: the entries of row `r`
+/// at tap `t` are `start[r·taps + t] .. start[r·taps + t + 1]`, each with the plane it reads
+/// (the other side's channel) and the index of its weight value.
+#[derive(Debug, Clone)]
+pub(crate) struct TapTable {
+    rows: usize,
+    taps: usize,
+    start: Vec<u32>,
+    plane: Vec<u32>,
+    value: Vec<u32>,
+}
+
+impl TapTable {
+    /// Rows are output channels, planes input channels (`conv`, `conv_grad`).
+    pub(crate) fn forward(p: &Pattern, g: &ConvGeometry) -> TapTable {
+        let taps = g.taps();
+        let mut entries = Vec::with_capacity(p.nnz());
+        for o in 0..p.rows() {
+            for k in p.row_range(o) {
+                let col = p.col_idx()[k] as usize;
+                entries.push((o, col % taps, col / taps, k));
+            }
+        }
+        Self::from_entries(p.rows(), taps, entries)
+    }
+
+    /// Rows are input channels, planes output channels (`conv_t`).
+    pub(crate) fn backward(p: &Pattern, g: &ConvGeometry) -> TapTable {
+        let taps = g.taps();
+        let mut entries = Vec::with_capacity(p.nnz());
+        for o in 0..p.rows() {
+            for k in p.row_range(o) {
+                let col = p.col_idx()[k] as usize;
+                entries.push((col / taps, col % taps, o, k));
+            }
+        }
+        Self::from_entries(g.in_channels, taps, entries)
+    }
+
+    /// `(row, tap, plane, value index)` entries, any order.
+    fn from_entries(
+        rows: usize,
+        taps: usize,
+        mut entries: Vec<(usize, usize, usize, usize)>,
+    ) -> TapTable {
+        entries.sort_unstable();
+        let mut start = vec![0u32; rows * taps + 1];
+        for &(r, t, _, _) in &entries {
+            start[r * taps + t + 1] += 1;
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        TapTable {
+            rows,
+            taps,
+            start,
+            plane: entries.iter().map(|e| e.2 as u32).collect(),
+            value: entries.iter().map(|e| e.3 as u32).collect(),
+        }
+    }
+
+    /// The entries of row `r` at tap `t`.
+    fn range(&self, r: usize, t: usize) -> Range<usize> {
+        let i = r * self.taps + t;
+        self.start[i] as usize..self.start[i + 1] as usize
+    }
+
+    /// The entries of rows `rows`.
+    fn rows_range(&self, rows: Range<usize>) -> Range<usize> {
+        self.start[rows.start * self.taps] as usize..self.start[rows.end * self.taps] as usize
+    }
+
+    /// Number of entries.
+    pub(crate) fn len(&self) -> usize {
+        self.plane.len()
+    }
+
+    /// The largest plane any entry reads, plus one (0 when empty).
+    fn planes(&self) -> usize {
+        self.plane
+            .iter()
+            .map(|&p| p as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Which way a gather reads its taps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// Output positions read input positions `(h·s + kh − p, w·s + kw − p)`.
+    Forward,
+    /// Input positions read output positions `((h + p − kh) / s, (w + p − kw) / s)`.
+    Backward,
+}
+
+/// The position maps of one convolution, seen from the side a kernel writes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sides {
+    g: ConvGeometry,
+    dir: Direction,
+}
+
+impl Sides {
+    /// The sides of `g` for a kernel that gathers in direction `dir`.
+    pub(crate) fn new(g: ConvGeometry, dir: Direction) -> Sides {
+        Sides { g, dir }
+    }
+
+    /// Height and width of the planes written.
+    pub(crate) fn out_dims(&self) -> (usize, usize) {
+        match self.dir {
+            Direction::Forward => (self.g.out_height(), self.g.out_width()),
+            Direction::Backward => (self.g.height, self.g.width),
+        }
+    }
+
+    /// Height and width of the planes read.
+    fn in_dims(&self) -> (usize, usize) {
+        match self.dir {
+            Direction::Forward => (self.g.height, self.g.width),
+            Direction::Backward => (self.g.out_height(), self.g.out_width()),
+        }
+    }
+
+    /// The coordinate read along one axis by written coordinate `at` under tap offset `tap`,
+    /// where it exists (`len` is the read axis's length).
+    fn axis(&self, at: usize, tap: usize, len: usize) -> Option<usize> {
+        let (s, p) = (self.g.stride, self.g.padding);
+        let i = match self.dir {
+            Direction::Forward => (at * s + tap).checked_sub(p)?,
+            Direction::Backward => {
+                let shifted = (at + p).checked_sub(tap)?;
+                if shifted % s != 0 {
+                    return None;
+                }
+                shifted / s
+            }
+        };
+        (i < len).then_some(i)
+    }
+
+    /// The position (within a plane) read by written position `(h, w)` under tap `t`.
+    pub(crate) fn tap(&self, h: usize, w: usize, t: usize) -> Option<usize> {
+        let k = self.g.kernel;
+        let (ih_n, iw_n) = self.in_dims();
+        let ih = self.axis(h, t / k, ih_n)?;
+        let iw = self.axis(w, t % k, iw_n)?;
+        Some(ih * iw_n + iw)
+    }
+
+    /// Whether every tap's column is inside the input at written column `w`, with the
+    /// columns read moving one by one with `w` (stride 1).
+    fn interior_column(&self, w: usize) -> bool {
+        let (_, iw_n) = self.in_dims();
+        self.g.stride == 1 && (0..self.g.kernel).all(|kw| self.axis(w, kw, iw_n).is_some())
+    }
+}
+
+/// A run of written positions in one row: `npos` positions from `(h, w0)`. Runs of more
+/// than one position are interior (every tap's column inside, stride 1).
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    h: u32,
+    w0: u32,
+    npos: u32,
+}
+
+/// The compiled form of a gather (`conv` or `conv_t`) or of `conv_grad`: the table, the
+/// tiles of the written side and the rows of each thread's part.
+pub(crate) struct ConvGather {
+    sides: Sides,
+    table: TapTable,
+    tiles: Vec<Tile>,
+    /// Consecutive row ranges of about equal work, one per thread.
+    pub(crate) parts: Vec<Range<usize>>,
+}
+
+impl ConvGather {
+    /// The gather of `p` with geometry `g` in direction `dir`, split into `threads` parts.
+    pub(crate) fn new(p: &Pattern, g: &ConvGeometry, dir: Direction, threads: usize) -> ConvGather {
+        let sides = Sides::new(*g, dir);
+        let table = match dir {
+            Direction::Forward => TapTable::forward(p, g),
+            Direction::Backward => TapTable::backward(p, g),
+        };
+        let (oh_n, ow_n) = sides.out_dims();
+        let mut tiles = Vec::new();
+        for h in 0..oh_n {
+            let mut w = 0;
+            while w < ow_n {
+                let mut end = w + 1;
+                if sides.interior_column(w) {
+                    while end < ow_n && sides.interior_column(end) {
+                        end += 1;
+                    }
+                }
+                tiles.push(Tile {
+                    h: h as u32,
+                    w0: w as u32,
+                    npos: (end - w) as u32,
+                });
+                w = end;
+            }
+        }
+        let parts = balanced(&table, threads);
+        ConvGather {
+            sides,
+            table,
+            tiles,
+            parts,
+        }
+    }
+
+    /// Rows written (output channels of `conv`/`conv_grad`, input channels of `conv_t`).
+    pub(crate) fn rows(&self) -> usize {
+        self.table.rows
+    }
+
+    /// Floats of one written plane at row stride `ld`.
+    pub(crate) fn out_plane_len(&self, ld: usize) -> usize {
+        let (h, w) = self.sides.out_dims();
+        h * w * ld
+    }
+
+    /// Floats of one read plane at row stride `ld`.
+    fn in_plane_len(&self, ld: usize) -> usize {
+        let (h, w) = self.sides.in_dims();
+        h * w * ld
+    }
+
+    /// Number of table entries (nonzeros).
+    pub(crate) fn entries(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Number of table entries of rows `rows`.
+    pub(crate) fn entries_of(&self, rows: Range<usize>) -> usize {
+        self.table.rows_range(rows).len()
+    }
+
+    /// Walks the tiles as spans: calls `f(out_offset, len, taps)` for each, where
+    /// `out_offset` is the span's first float within a written plane, `len` its floats, and
+    /// `taps` the `(tap, offset of the span's first float within a read plane)` of every tap
+    /// inside the input.
+    fn spans(&self, batch: usize, ld: usize, mut f: impl FnMut(usize, usize, &[(u32, usize)])) {
+        let (_, ow_n) = self.sides.out_dims();
+        let taps_n = self.table.taps;
+        let mut taps: Vec<(u32, usize)> = Vec::with_capacity(taps_n);
+        for tile in &self.tiles {
+            let (h, w0, npos) = (tile.h as usize, tile.w0 as usize, tile.npos as usize);
+            let whole = npos > 1 && ld == batch;
+            let (step, len) = if whole {
+                (npos, npos * batch)
+            } else {
+                (1, batch)
+            };
+            for w in (w0..w0 + npos).step_by(step) {
+                taps.clear();
+                for t in 0..taps_n {
+                    if let Some(pos) = self.sides.tap(h, w, t) {
+                        taps.push((t as u32, pos * ld));
+                    }
+                }
+                f((h * ow_n + w) * ld, len, &taps);
+            }
+        }
+    }
+}
+
+/// Splits the table's rows into `parts` consecutive ranges of about equal work (entries plus
+/// a few per row).
+fn balanced(table: &TapTable, parts: usize) -> Vec<Range<usize>> {
+    let rows = table.rows;
+    let parts = parts.clamp(1, rows.max(1));
+    const ROW_COST: usize = 2;
+    let cost = |r: usize| table.rows_range(0..r).len() + ROW_COST * r;
+    let total = cost(rows);
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for p in 1..=parts {
+        let target = total * p / parts;
+        let mut end = start;
+        while end < rows && (p == parts || cost(end + 1) <= target) {
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// One gather launch: `out[row] = Σ values · input[plane]` over the tiles, plus `bias[row]`
+/// and ReLU where asked.
+pub(crate) struct GatherJob<'a> {
+    /// The compiled gather.
+    pub gather: &'a ConvGather,
+    /// The weight values, in the pattern's order.
+    pub values: &'a [f32],
+    /// The matrix read (`X` for `conv`, `dY` for `conv_t`).
+    pub input: &'a [f32],
+    /// Bias per written row.
+    pub bias: Option<&'a [f32]>,
+    /// Apply ReLU after the bias.
+    pub relu: bool,
+    /// Columns per row.
+    pub batch: usize,
+    /// Row stride.
+    pub ld: usize,
+}
+
+/// Writes rows `rows` of `job` into `out`, which holds exactly those rows' planes (row
+/// `rows.start` first), columns `0..batch` of each position.
+///
+/// # Panics
+///
+/// If a length is inconsistent (the backend checks every buffer before, so this is a bug).
+pub(crate) fn gather_part(
+    level: IsaLevel,
+    job: &GatherJob<'_>,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let g = job.gather;
+    let plane_out = g.out_plane_len(job.ld);
+    assert!(rows.end <= g.rows(), "row range");
+    assert!(job.batch >= 1 && job.batch <= job.ld, "batch/ld");
+    assert!(out.len() >= rows.len() * plane_out, "output length");
+    assert!(
+        job.input.len() >= g.table.planes() * g.in_plane_len(job.ld),
+        "input length"
+    );
+    assert!(job.values.len() >= g.entries(), "values length");
+    assert!(job.bias.is_none_or(|b| b.len() >= rows.end), "bias length");
+    assert!(
+        g.table
+            .value
+            .iter()
+            .all(|&v| (v as usize) < job.values.len()),
+        "value indices"
+    );
+    match usable(level) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX-512, so the CPU has `avx512f`; the lengths hold
+        // (checked above; `gather_body` documents the rest).
+        IsaLevel::Avx512 => unsafe { gather_avx512(job, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX2+FMA, so the CPU has `avx2` and `fma`; the lengths
+        // hold (above).
+        IsaLevel::Avx2Fma => unsafe { gather_avx2(job, rows, out) },
+        // SAFETY: the portable level needs no target feature; the lengths hold (above).
+        _ => unsafe { gather_body::<Portable>(job, rows, out) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_avx512(job: &GatherJob<'_>, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: forwarded contract of `gather_body`; AVX-512F is enabled here.
+    unsafe { gather_body::<Avx512>(job, rows, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather_avx2(job: &GatherJob<'_>, rows: Range<usize>, out: &mut [f32]) {
+    // SAFETY: forwarded contract of `gather_body`; AVX2 and FMA are enabled here.
+    unsafe { gather_body::<Avx2>(job, rows, out) }
+}
+
+/// Calls `$f::<$S, NV, MASKED>` for a piece of `$nv` vectors whose last one is `$masked`.
+macro_rules! dispatch_piece {
+    ($f:ident, $S:ty, $nv:expr, $masked:expr, ($($arg:expr),*)) => {
+        match ($nv, $masked) {
+            (1, false) => $f::<$S, 1, false>($($arg),*),
+            (1, true) => $f::<$S, 1, true>($($arg),*),
+            (2, false) => $f::<$S, 2, false>($($arg),*),
+            (2, true) => $f::<$S, 2, true>($($arg),*),
+            (3, false) => $f::<$S, 3, false>($($arg),*),
+            (3, true) => $f::<$S, 3, true>($($arg),*),
+            (4, false) => $f::<$S, 4, false>($($arg),*),
+            (4, true) => $f::<$S, 4, true>($($arg),*),
+            (5, false) => $f::<$S, 5, false>($($arg),*),
+            (5, true) => $f::<$S, 5, true>($($arg),*),
+            (6, false) => $f::<$S, 6, false>($($arg),*),
+            (6, true) => $f::<$S, 6, true>($($arg),*),
+            (7, false) => $f::<$S, 7, false>($($arg),*),
+            (7, true) => $f::<$S, 7, true>($($arg),*),
+            (8, false) => $f::<$S, 8, false>($($arg),*),
+            (8, true) => $f::<$S, 8, true>($($arg),*),
+            _ => unreachable!("pieces have 1 to MAX_VECTORS vectors"),
+        }
+    };
+}
+
+/// Cuts a span of `len` floats into pieces of at most [`MAX_VECTORS`] vectors: calls
+/// `f(offset, vectors, lanes of the last vector)`.
+#[inline(always)]
+fn pieces<S: Simd>(len: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let piece = MAX_VECTORS * S::LANES;
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(piece);
+        let nv = n.div_ceil(S::LANES);
+        f(at, nv, n - (nv - 1) * S::LANES);
+        at += n;
+    }
+}
+
+/// # Safety
+///
+/// The CPU supports `S`; the lengths checked by [`gather_part`] hold. Every pointer formed
+/// here stays in bounds: a span's output offset plus its length lies within a written plane
+/// (`ConvGather::spans`: a multi-position span is a run of positions of one row at
+/// `ld = batch`), each tap's input offset plus the span's length lies within a read plane
+/// (the tap positions are checked inside the plane, and a multi-position span's taps stay
+/// inside for every position of the run), and every entry's plane is below
+/// `table.planes()`, whose planes `input` holds.
+#[inline(always)]
+unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mut [f32]) {
+    let g = job.gather;
+    let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
+    let out_base = out.as_mut_ptr();
+    let input = job.input.as_ptr();
+    g.spans(job.batch, job.ld, |out_off, len, taps| {
+        for r in rows.clone() {
+            let init = job.bias.map_or(0.0, |b| b[r]);
+            pieces::<S>(len, |at, nv, tail| {
+                let row_out = (r - rows.start) * plane_out + out_off + at;
+                // SAFETY: see the function's contract: `row_out + nv` vectors (the last
+                // `tail` lanes) lie in row `r`'s written plane within `out`.
+                unsafe {
+                    let y = out_base.add(row_out);
+                    let piece = Piece {
+                        input: input.wrapping_add(at),
+                        plane_stride: plane_in,
+                        table: &g.table,
+                        values: job.values.as_ptr(),
+                        row: r,
+                        taps,
+                        tail,
+                    };
+                    dispatch_piece!(
+                        gather_piece,
+                        S,
+                        nv,
+                        tail < S::LANES,
+                        (&piece, y, init, job.relu)
+                    )
+                }
+            });
+        }
+    });
+}
+
+/// One piece of a span: where its input starts (plane 0, position 0, shifted by the piece's
+/// offset within the span), the table row and taps to walk, and the live lanes of its last
+/// vector.
+struct Piece<'a> {
+    input: *const f32,
+    plane_stride: usize,
+    table: &'a TapTable,
+    values: *const f32,
+    row: usize,
+    taps: &'a [(u32, usize)],
+    tail: usize,
+}
+
+/// `y[0..NV vectors] = relu?(init + Σ_taps Σ_entries w · input[plane][tap offset ..])`.
+///
+/// # Safety
+///
+/// The CPU supports `S`; `y` has `NV` vectors (the last `tail` lanes when `MASKED`) to
+/// write; for every tap and entry, `input + plane·plane_stride + offset` has as many to read;
+/// every entry's value index is inside `values`.
+#[inline(always)]
+unsafe fn gather_piece<S: Simd, const NV: usize, const MASKED: bool>(
+    piece: &Piece<'_>,
+    y: *mut f32,
+    init: f32,
+    relu: bool,
+) {
+    let t = piece.table;
+    // SAFETY: the caller's contract covers every load and store below.
+    unsafe {
+        let mask = S::mask(0, piece.tail);
+        let mut acc = [S::splat(init); NV];
+        for &(tap, offset) in piece.taps {
+            for e in t.range(piece.row, tap as usize) {
+                let w = S::splat(*piece.values.add(*t.value.get_unchecked(e) as usize));
+                let plane = *t.plane.get_unchecked(e) as usize;
+                let xp = piece.input.add(plane * piece.plane_stride + offset);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let v = if MASKED && i == NV - 1 {
+                        S::load_masked(xp.add(i * S::LANES), mask)
+                    } else {
+                        S::load(xp.add(i * S::LANES))
+                    };
+                    *a = S::fma(w, v, *a);
+                }
+            }
+        }
+        if relu {
+            let zero = S::zero();
+            for a in acc.iter_mut() {
+                *a = S::max(*a, zero);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            if MASKED && i == NV - 1 {
+                S::store_masked(y.add(i * S::LANES), *a, mask);
+            } else {
+                S::store(y.add(i * S::LANES), *a);
+            }
+        }
+    }
+}
+
+/// One `conv_grad` launch over rows (output channels) `rows`.
+pub(crate) struct GradJob<'a> {
+    /// The compiled forward gather.
+    pub gather: &'a ConvGather,
+    /// Upstream gradient `dY`.
+    pub dy: &'a [f32],
+    /// Layer input `X`.
+    pub x: &'a [f32],
+    /// Columns per row.
+    pub batch: usize,
+    /// Row stride.
+    pub ld: usize,
+}
+
+/// Lanes of the partial sums kept per nonzero by [`grad_part`] at `level`.
+pub(crate) fn grad_lanes(level: IsaLevel) -> usize {
+    match usable(level) {
+        #[cfg(target_arch = "x86_64")]
+        IsaLevel::Avx512 => Avx512::LANES,
+        #[cfg(target_arch = "x86_64")]
+        IsaLevel::Avx2Fma => Avx2::LANES,
+        _ => Portable::LANES,
+    }
+}
+
+/// Sums `dY[row tile] · X[plane tile shifted by the tap]` for the entries of rows `rows`
+/// into `partial` (`grad_lanes(level)` floats per entry, in table order, starting at the
+/// rows' first entry), then writes each entry's total into `dw` at its value index.
+///
+/// # Panics
+///
+/// If a length is inconsistent (a bug of the caller).
+pub(crate) fn grad_part(
+    level: IsaLevel,
+    job: &GradJob<'_>,
+    rows: Range<usize>,
+    partial: &mut [f32],
+    totals: &mut [(u32, f32)],
+) {
+    let g = job.gather;
+    let lanes = grad_lanes(level);
+    let entries = g.table.rows_range(rows.clone());
+    assert!(rows.end <= g.rows(), "row range");
+    assert!(job.batch >= 1 && job.batch <= job.ld, "batch/ld");
+    assert!(partial.len() >= entries.len() * lanes, "partial sums");
+    assert!(totals.len() >= entries.len(), "totals");
+    assert!(
+        job.dy.len() >= g.rows() * g.out_plane_len(job.ld),
+        "dy length"
+    );
+    assert!(
+        job.x.len() >= g.table.planes() * g.in_plane_len(job.ld),
+        "x length"
+    );
+    partial[..entries.len() * lanes].fill(0.0);
+    match usable(level) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX-512, so the CPU has `avx512f`; the lengths hold
+        // (checked above).
+        IsaLevel::Avx512 => unsafe { grad_avx512(job, rows.clone(), partial) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `usable` returned AVX2+FMA; the lengths hold (above).
+        IsaLevel::Avx2Fma => unsafe { grad_avx2(job, rows.clone(), partial) },
+        // SAFETY: the portable level needs no target feature; the lengths hold (above).
+        _ => unsafe { grad_body::<Portable>(job, rows.clone(), partial) },
+    }
+    for (i, e) in entries.enumerate() {
+        let sum: f32 = partial[i * lanes..(i + 1) * lanes].iter().sum();
+        totals[i] = (g.table.value[e], sum);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn grad_avx512(job: &GradJob<'_>, rows: Range<usize>, partial: &mut [f32]) {
+    // SAFETY: forwarded contract of `grad_body`; AVX-512F is enabled here.
+    unsafe { grad_body::<Avx512>(job, rows, partial) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_avx2(job: &GradJob<'_>, rows: Range<usize>, partial: &mut [f32]) {
+    // SAFETY: forwarded contract of `grad_body`; AVX2 and FMA are enabled here.
+    unsafe { grad_body::<Avx2>(job, rows, partial) }
+}
+
+/// # Safety
+///
+/// As [`gather_body`], with `dy` the written side (read here) and `partial` holding
+/// `S::LANES` floats per entry of `rows`.
+#[inline(always)]
+unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mut [f32]) {
+    let g = job.gather;
+    let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
+    let first = g.table.rows_range(rows.clone()).start;
+    let partial = partial.as_mut_ptr();
+    g.spans(job.batch, job.ld, |out_off, len, taps| {
+        for r in rows.clone() {
+            pieces::<S>(len, |at, nv, tail| {
+                // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`,
+                // each tap's input span in its plane of `x`, and every entry of `rows` has
+                // `S::LANES` partial sums from `partial` (entry `e` at `e − first`).
+                unsafe {
+                    let piece = Piece {
+                        input: job.x.as_ptr().wrapping_add(at),
+                        plane_stride: plane_in,
+                        table: &g.table,
+                        values: std::ptr::null(),
+                        row: r,
+                        taps,
+                        tail,
+                    };
+                    let dy = job.dy.as_ptr().add(r * plane_out + out_off + at);
+                    let partial = partial.wrapping_sub(first * S::LANES);
+                    dispatch_piece!(grad_piece, S, nv, tail < S::LANES, (&piece, dy, partial))
+                }
+            });
+        }
+    });
+}
+
+/// `partial[e] += Σ_vectors dY[..] · input[plane][tap offset ..]` (lane-wise) for every entry
+/// of the piece's row and taps.
+///
+/// # Safety
+///
+/// As [`gather_piece`], with `dy` read instead of `y` written, and `partial + e·S::LANES`
+/// valid for every entry `e` of the row.
+#[inline(always)]
+unsafe fn grad_piece<S: Simd, const NV: usize, const MASKED: bool>(
+    piece: &Piece<'_>,
+    dy: *const f32,
+    partial: *mut f32,
+) {
+    let t = piece.table;
+    // SAFETY: the caller's contract covers every load and store below.
+    unsafe {
+        let mask = S::mask(0, piece.tail);
+        let mut d = [S::zero(); NV];
+        for (i, v) in d.iter_mut().enumerate() {
+            *v = if MASKED && i == NV - 1 {
+                S::load_masked(dy.add(i * S::LANES), mask)
+            } else {
+                S::load(dy.add(i * S::LANES))
+            };
+        }
+        for &(tap, offset) in piece.taps {
+            for e in t.range(piece.row, tap as usize) {
+                let plane = *t.plane.get_unchecked(e) as usize;
+                let xp = piece.input.add(plane * piece.plane_stride + offset);
+                let (mut a0, mut a1) = (S::zero(), S::zero());
+                for (i, dv) in d.iter().enumerate() {
+                    let v = if MASKED && i == NV - 1 {
+                        S::load_masked(xp.add(i * S::LANES), mask)
+                    } else {
+                        S::load(xp.add(i * S::LANES))
+                    };
+                    if i % 2 == 0 {
+                        a0 = S::fma(*dv, v, a0);
+                    } else {
+                        a1 = S::fma(*dv, v, a1);
+                    }
+                }
+                let pp = partial.wrapping_add(e * S::LANES);
+                S::store(pp, S::add(S::load(pp), S::add(a0, a1)));
+            }
+        }
+    }
+}
