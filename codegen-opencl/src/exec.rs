@@ -20,7 +20,9 @@ use sparse_ir::backend::{Args, Backend, BackendError, BufferLen, CacheKey, Kerne
 use sparse_ir::{KernelSpec, Role, Strategy};
 
 use crate::device::{select_device, DeviceInfo, DeviceKind, DeviceProfile, DEVICE_ENV};
-use crate::emit::{csr_library, emit, EmitOptions, KernelArg, KernelEntry, Operand};
+use crate::emit::{
+    csr_library, emit, largest_features, EmitOptions, KernelArg, KernelEntry, Operand,
+};
 use crate::plan::{plan, KernelLifetime};
 
 /// `CL_PLATFORM_NOT_FOUND_KHR`: what the ICD loader returns when no platform is installed.
@@ -906,15 +908,17 @@ impl OpenClKernel {
 
     /// Checks that every index the kernels compute fits an `int` at this launch.
     fn check_int_range(&self, launch: Launch) -> Result<(), BackendError> {
-        let p = self.spec.pattern();
-        let largest = p.rows().max(p.cols()).saturating_mul(launch.ld);
+        let largest = largest_features(&self.spec).saturating_mul(launch.ld);
         if i32::try_from(largest).is_err() {
+            let what = if self.spec.geometry().is_some() {
+                "max(out·OH·OW, C·H·W)·ld"
+            } else {
+                "max(rows, cols)·ld"
+            };
             return Err(BackendError::Launch {
                 layer: self.spec.layer().to_string(),
                 op: self.spec.op().name(),
-                message: format!(
-                    "max(rows, cols)·ld = {largest} does not fit the kernels' int indices"
-                ),
+                message: format!("{what} = {largest} does not fit the kernels' int indices"),
             });
         }
         Ok(())
@@ -1009,7 +1013,10 @@ impl Kernel for OpenClKernel {
             // every buffer belongs to this backend's context, and `check_int_range` ensures
             // no index overflows an int. The emitted kernels read and write only within those
             // bounds: rows < rows, columns < cols (the pattern is verified), batch columns
-            // < batch ≤ ld (guarded against the rounded-up grid), nonzeros < nnz. The index
+            // < batch ≤ ld (guarded against the rounded-up grid), nonzeros < nnz; convolution
+            // kernels read input rows c·H·W + ih·W + iw only for taps inside the input
+            // (0 ≤ ih < H, 0 ≤ iw < W, c < C from a verified column) and output rows
+            // o·OH·OW + oh·OW + ow with o < out, oh < OH, ow < OW. The index
             // arrays were uploaded from the same verified pattern and are kept alive by
             // `Compiled`. Inputs and outputs are distinct buffers (`&` vs `&mut` borrows).
             unsafe {

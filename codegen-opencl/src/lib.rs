@@ -5,7 +5,9 @@
 //! - [`emit`]: the emitters, plain string generation that needs no OpenCL: every op
 //!   (`spmm` with its bias/ReLU epilogue, `spmm_t`, `sddmm`, `dense_grad`) with the strategies
 //!   `csr` (generic, built once per device), `table` (the pattern as `__constant` arrays) and
-//!   `unrolled` (straight-line code), with work-group shapes chosen per device kind.
+//!   `unrolled` (straight-line code), with work-group shapes chosen per device kind; the
+//!   convolution ops (`conv` with its epilogue, `conv_t`, `conv_grad`, `conv_dense_grad`) as
+//!   generic `csr` kernels only.
 //! - [`plan()`]: which strategy `Auto` means on a device, with its reason.
 //! - [`device`]: what the emitters and the planner know about a device.
 //! - With the cargo feature `opencl` (which links `libOpenCL`): [`probe`], which lists the

@@ -49,6 +49,8 @@ pub const CPU_MIN_LAUNCHES_TO_BUILD: u64 = 20_000;
 
 /// Chooses the strategy for `spec` on a device, for kernels that run `lifetime` long.
 ///
+/// - Convolution ops (`conv`, `conv_t`, `conv_grad`, `conv_dense_grad`): `csr`, their only
+///   OpenCL kernels (generic, built once per device).
 /// - `dense_grad` reads no pattern: `csr`, the generic kernel built once per device.
 /// - A CPU device (PoCL): `csr` when the kernel runs fewer than
 ///   [`CPU_MIN_LAUNCHES_TO_BUILD`] times per pattern (no build per pattern). Otherwise, at a
@@ -66,6 +68,15 @@ pub fn plan(
     opts: &EmitOptions,
     lifetime: KernelLifetime,
 ) -> Plan {
+    if spec.op().is_conv() {
+        return Plan {
+            strategy: Strategy::Csr,
+            reason: format!(
+                "{}: convolutions have only the generic kernel on OpenCL, built once per device",
+                spec.op().name()
+            ),
+        };
+    }
     if spec.op() == Op::DenseGrad {
         return Plan {
             strategy: Strategy::Csr,
@@ -134,7 +145,7 @@ fn plan_cpu(
         Op::Sddmm => Strategy::Table,
         Op::DenseGrad => return csr("dense_grad reads no pattern: the generic kernel".into()),
         Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
-            return csr("convolutions: the generic kernel".into())
+            return csr("convolutions: the generic kernel".into()); // planned in `plan`
         }
     };
     match emit(spec, candidate, profile, opts) {
@@ -191,6 +202,30 @@ mod tests {
         let p = plan(&spec(Op::SpmmT, big), &gpu, &tight, lasting);
         assert_eq!(p.strategy, Strategy::Csr);
         assert!(p.reason.contains("table_max_programs = 1"), "{}", p.reason);
+    }
+
+    #[test]
+    fn convolutions_take_the_generic_kernel() {
+        let g = sparse_ir::ConvGeometry {
+            in_channels: 2,
+            height: 6,
+            width: 6,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let p = Arc::new(Pattern::random(4, g.pattern_cols(), 0.2, 3).unwrap());
+        let opts = EmitOptions::default();
+        for profile in [DeviceProfile::pocl_cpu(), DeviceProfile::nvidia_gpu()] {
+            for op in Op::CONV_ALL {
+                for batch in [Dim::Fixed(1), Dim::Any] {
+                    let s = KernelSpec::conv("conv1", op, p.clone(), g, batch, Dim::Any).unwrap();
+                    let plan = plan(&s, &profile, &opts, KernelLifetime::Lasting);
+                    assert_eq!(plan.strategy, Strategy::Csr, "{op}");
+                    assert!(plan.reason.contains("convolutions"), "{}", plan.reason);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Differential tests on the first OpenCL device (PoCL here): every op and every strategy
-//! against the interpreter (`sparse_ir::interp`), on named edge cases and random patterns.
+//! against the interpreter (`sparse_ir::interp`), on named edge cases and random patterns;
+//! the convolution ops (`csr` only) on `test_support::conv_cases` and random geometries.
 //!
 //! The shared harness (`test-support`) builds the operands: inputs carry NaN in their
 //! padding columns (`batch..ld`), outputs start as NaN with a sentinel in their padding, and
@@ -11,13 +12,17 @@
 
 mod common;
 
+use std::io::Write;
 use std::sync::Arc;
 
 use codegen_opencl::{DeviceKind, OpenClBackend, OpenClKernel};
 use proptest::prelude::*;
 use sparse_ir::backend::{Backend, Kernel};
-use sparse_ir::{Dim, KernelSpec, Launch, Op, Pattern, Strategy};
-use test_support::{check_compiled, named_patterns, random, Device, Run};
+use sparse_ir::{BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use test_support::{
+    check, check_compiled, conv_cases, geometry, named_patterns, random, strides, ConvCase, Device,
+    Run,
+};
 
 /// Runs `kernel` on guarded operands from `seed` at `launch` and checks it against the
 /// interpreter (`test_support::check_compiled` through `Device`: every operand in a device
@@ -255,5 +260,148 @@ fn gpu_shaped_code() {
         let kernel = compile(&gpu, &spec, Strategy::Table);
         assert!(kernel.report().programs >= 2, "{op}: {:?}", kernel.report());
         check_kernel(&gpu, &kernel, Launch::new(40, 48), 3);
+    }
+}
+
+/// The batches of the convolution cases; each runs at `ld = batch`, `ld` padded to 16 and
+/// `ld = batch + 3` (`test_support::strides`).
+const CONV_BATCHES: [usize; 3] = [1, 3, 8];
+
+/// Every convolution op of `case` (`conv` with each epilogue, `conv_t`, `conv_grad`,
+/// `conv_dense_grad`) with `strategy` on `backend`: compiled for any batch and run at every
+/// launch, and compiled for each launch's fixed batch and `ld`. Returns the checks run.
+fn check_conv_case(
+    backend: &OpenClBackend,
+    case: &ConvCase,
+    strategy: Strategy,
+    launches: &[Launch],
+    seed: u64,
+) -> usize {
+    let target = Device(backend);
+    let mut checks = 0;
+    for (i, op) in Op::CONV_ALL.into_iter().enumerate() {
+        let spec = case.spec(op, launches[0], false);
+        let kernel = compile(backend, &spec, strategy);
+        assert_eq!(kernel.strategy(), Strategy::Csr, "{}: {op}", case.name);
+        assert!(!kernel.writes_padding());
+        for (j, &launch) in launches.iter().enumerate() {
+            let run = Run::new(launch.batch, launch.ld, seed ^ (i * 1000 + j) as u64);
+            if let Err(e) = check_compiled(&target, &kernel, run) {
+                panic!("convolution case {:?}: {e}", case.name);
+            }
+            let fixed = case.spec(op, launch, true);
+            let run = Run::new(launch.batch, launch.ld, seed ^ (i * 1000 + j + 500) as u64);
+            if let Err(e) = check(&target, &fixed, strategy, run.offset(j)) {
+                panic!("convolution case {:?}: {e}", case.name);
+            }
+            checks += 2;
+        }
+    }
+    checks
+}
+
+fn conv_launches() -> Vec<Launch> {
+    CONV_BATCHES
+        .into_iter()
+        .flat_map(|b| strides(b).into_iter().map(move |ld| Launch::new(b, ld)))
+        .collect()
+}
+
+fn conv_named(strategy: Strategy) {
+    let Some(backend) = common::backend() else {
+        return;
+    };
+    let cases = conv_cases();
+    let mut checks = 0;
+    for (i, case) in cases.iter().enumerate() {
+        checks += check_conv_case(backend, case, strategy, &conv_launches(), 100 + i as u64);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "conv ({strategy}): {} named cases x {} ops x {} launches passed ({checks} checks)",
+        cases.len(),
+        Op::CONV_ALL.len(),
+        conv_launches().len()
+    );
+}
+
+#[test]
+fn conv_csr_named_cases() {
+    conv_named(Strategy::Csr);
+}
+
+#[test]
+fn conv_auto_named_cases() {
+    conv_named(Strategy::Auto);
+}
+
+/// `table` and `unrolled` refuse convolutions with a reason, and the planner picks `csr`.
+#[test]
+fn conv_specialised_strategies_refuse() {
+    let Some(backend) = common::backend() else {
+        return;
+    };
+    let case = &conv_cases()[1];
+    for op in Op::CONV_ALL {
+        let spec = case.spec(op, Launch::new(3, 16), true);
+        for strategy in [Strategy::Table, Strategy::Unrolled] {
+            match backend.compile(&spec, strategy) {
+                Err(BackendError::Unsupported { reason, .. }) => {
+                    assert!(reason.contains("csr"), "{op} {strategy}: {reason}")
+                }
+                other => panic!("{op} {strategy}: expected Unsupported, got {other:?}"),
+            }
+        }
+        let plan = backend.plan(&spec);
+        assert_eq!(plan.strategy, Strategy::Csr, "{op}: {}", plan.reason);
+    }
+}
+
+/// Random geometries and patterns (`ConvCase::random`), every convolution op, `csr`.
+#[test]
+fn conv_random_cases() {
+    let Some(backend) = common::backend() else {
+        return;
+    };
+    let config = ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        out in 1usize..6,
+        c in 1usize..4,
+        h in 1usize..11,
+        w in 1usize..11,
+        k in 1usize..6,
+        s in 1usize..4,
+        p in 0usize..3,
+        density in 0.0f64..0.7,
+        batch in 1usize..12,
+        pad in 0usize..5,
+        seed in any::<u64>(),
+    )| {
+        prop_assume!(h + 2 * p >= k && w + 2 * p >= k);
+        let case = ConvCase::random("random", out, geometry(c, h, w, k, s, p), density, seed);
+        check_conv_case(backend, &case, Strategy::Csr, &[Launch::new(batch, batch + pad)], seed);
+    });
+}
+
+/// The convolution kernels shaped for a GPU (one batch column per work-item, local-memory
+/// reductions over positions and batch) on this device.
+#[test]
+fn conv_gpu_shaped_code() {
+    let Some(shared) = common::backend() else {
+        return;
+    };
+    let mut info = shared.info().clone();
+    info.kind = DeviceKind::Gpu;
+    info.max_constant_buffer_size = 64 << 10;
+    info.max_work_group_size = info.max_work_group_size.min(1024);
+    let gpu = OpenClBackend::new(&info).unwrap();
+    assert!(gpu.profile().work_groups().sddmm_lanes > 1);
+    let launches = [Launch::new(1, 1), Launch::new(3, 16), Launch::new(8, 11)];
+    for (i, case) in conv_cases().iter().enumerate() {
+        check_conv_case(&gpu, case, Strategy::Csr, &launches, 200 + i as u64);
     }
 }

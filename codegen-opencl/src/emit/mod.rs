@@ -21,6 +21,10 @@
 //! `dense_grad` reads no pattern: its `table` and `unrolled` forms are the dense kernel with
 //! the shape (and a fixed batch and `ld`) baked in as literals.
 //!
+//! The convolution ops (`conv`, `conv_t`, `conv_grad`, `conv_dense_grad`) have `csr` kernels
+//! only (`conv` module: the geometry as `int` arguments, the `[out × C·k²]` pattern as index
+//! arrays); `table` and `unrolled` refuse them with [`BackendError::Unsupported`].
+//!
 //! ## Layout
 //!
 //! Activations are feature-major `[features × batch]` with row stride `ld`: element `(f, b)` at
@@ -29,6 +33,7 @@
 //! ([`Pattern::transpose`]) and reads the weights through its `value_index`, so it needs no
 //! atomics. `sddmm` writes `nnz` values, `dense_grad` `rows·cols`.
 
+mod conv;
 mod dense;
 mod rows;
 mod sddmm;
@@ -242,14 +247,26 @@ pub fn emit(
     opts: &EmitOptions,
 ) -> Result<Emitted, BackendError> {
     let ctx = Ctx::new(spec, strategy, profile, opts)?;
-    if spec.op().is_conv() {
-        return Err(ctx.unsupported(
-            "the OpenCL backend has no convolution kernels yet (use the CPU backend)".into(),
-        ));
+    if let Some(g) = spec.geometry() {
+        if strategy != Strategy::Csr {
+            return Err(ctx.unsupported(
+                "convolutions have only the generic kernel on OpenCL (use csr or auto)".into(),
+            ));
+        }
+        let (entry, arrays) = conv::csr_entry(&ctx, g)?;
+        return Ok(Emitted {
+            strategy,
+            header: ctx.header(),
+            programs: vec![ProgramSource {
+                source: csr_library(profile),
+                kernels: vec![entry],
+            }],
+            arrays,
+        });
     }
     let programs = match (strategy, spec.op()) {
         (Strategy::Csr, _) => {
-            let (entry, arrays) = csr_entry(&ctx);
+            let (entry, arrays) = csr_entry(&ctx)?;
             let emitted = Emitted {
                 strategy,
                 header: ctx.header(),
@@ -265,7 +282,7 @@ pub fn emit(
         (_, Op::Sddmm) => sddmm::emit(&ctx)?,
         (_, Op::DenseGrad) => vec![dense::emit(&ctx)],
         (_, Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad) => {
-            unreachable!("convolutions returned above")
+            return Err(ctx.unsupported("a convolution op needs a geometry".into()))
         }
     };
     Ok(Emitted {
@@ -303,6 +320,7 @@ pub fn csr_library(profile: &DeviceProfile) -> String {
     s.push_str(&rows::csr_kernel(&wg, None));
     s.push_str(&sddmm::csr_kernel(&wg));
     s.push_str(&dense::csr_kernel(&wg));
+    s.push_str(&conv::csr_kernels(&wg));
     s
 }
 
@@ -328,16 +346,45 @@ pub fn csr_kernel_name(op: Op) -> &'static str {
         Op::SpmmT => "spmm_t_csr",
         Op::Sddmm => "sddmm_csr",
         Op::DenseGrad => "dense_grad_csr",
-        Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => "no_conv_csr",
+        Op::Conv {
+            bias: false,
+            relu: false,
+        } => "conv_csr",
+        Op::Conv {
+            bias: true,
+            relu: false,
+        } => "conv_bias_csr",
+        Op::Conv {
+            bias: false,
+            relu: true,
+        } => "conv_relu_csr",
+        Op::Conv {
+            bias: true,
+            relu: true,
+        } => "conv_bias_relu_csr",
+        Op::ConvT => "conv_t_csr",
+        Op::ConvGrad => "conv_grad_csr",
+        Op::ConvDenseGrad => "conv_dense_grad_csr",
     }
+}
+
+/// The most feature rows any operand of `spec` has (and at least the pattern's rows and
+/// columns): an index into an activation matrix is below this times `ld`.
+pub(crate) fn largest_features(spec: &KernelSpec) -> usize {
+    let p = spec.pattern();
+    spec.out_features()
+        .max(spec.in_features())
+        .max(p.rows())
+        .max(p.cols())
 }
 
 fn to_i32(ctx: &Ctx, what: &str, n: usize) -> Result<i32, BackendError> {
     i32::try_from(n).map_err(|_| ctx.unsupported(format!("{what} = {n} does not fit an int")))
 }
 
-/// The entry and index arrays of the generic kernel for `ctx.spec`.
-fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
+/// The entry and index arrays of the generic kernel for `ctx.spec` (a matrix op; a
+/// convolution's comes from [`conv::csr_entry`]).
+fn csr_entry(ctx: &Ctx) -> Result<(KernelEntry, Vec<IndexArray>), BackendError> {
     let p = ctx.pattern();
     let wg = ctx.profile.work_groups();
     let name = csr_kernel_name(ctx.spec.op()).to_string();
@@ -376,7 +423,7 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                 ],
                 local: wg.rows,
             };
-            (KernelEntry { name, args, grid }, arrays)
+            Ok((KernelEntry { name, args, grid }, arrays))
         }
         Op::SpmmT => {
             let t = p.transpose();
@@ -414,7 +461,7 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                     data: t.value_index,
                 },
             ];
-            (KernelEntry { name, args, grid }, arrays)
+            Ok((KernelEntry { name, args, grid }, arrays))
         }
         Op::Sddmm => {
             let row_of: Vec<u32> = (0..p.rows())
@@ -444,7 +491,7 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                     data: p.col_idx().to_vec(),
                 },
             ];
-            (KernelEntry { name, args, grid }, arrays)
+            Ok((KernelEntry { name, args, grid }, arrays))
         }
         Op::DenseGrad => {
             let args = vec![
@@ -456,10 +503,10 @@ fn csr_entry(ctx: &Ctx) -> (KernelEntry, Vec<IndexArray>) {
                 Batch,
                 Ld,
             ];
-            (dense::entry(&wg, name, args, p), Vec::new())
+            Ok((dense::entry(&wg, name, args, p), Vec::new()))
         }
         Op::Conv { .. } | Op::ConvT | Op::ConvGrad | Op::ConvDenseGrad => {
-            unreachable!("emit refuses convolutions before this")
+            Err(ctx.unsupported("a convolution op needs a geometry".into()))
         }
     }
 }
@@ -503,16 +550,22 @@ impl<'a> Ctx<'a> {
             }));
         }
         // Every index the kernels compute is an `int`: the largest is below rows·ld, cols·ld,
-        // rows·cols or nnz (the executor checks the launch's ld the same way).
+        // rows·cols or nnz, and for a convolution out·OH·OW·ld or C·H·W·ld (the executor
+        // checks the launch's ld the same way, `largest_features`).
         let p = spec.pattern();
         to_i32(&ctx, "rows·cols", p.rows().saturating_mul(p.cols()))?;
+        let features = largest_features(spec);
+        if spec.geometry().is_some() {
+            to_i32(&ctx, "max(out·OH·OW, C·H·W)", features)?;
+        }
         for dim in [spec.batch(), spec.ld()] {
             if let Dim::Fixed(v) = dim {
-                to_i32(
-                    &ctx,
-                    "max(rows, cols)·ld",
-                    p.rows().max(p.cols()).saturating_mul(v),
-                )?;
+                let what = if spec.geometry().is_some() {
+                    "max(out·OH·OW, C·H·W)·ld"
+                } else {
+                    "max(rows, cols)·ld"
+                };
+                to_i32(&ctx, what, features.saturating_mul(v))?;
             }
         }
         Ok(ctx)

@@ -104,12 +104,13 @@ impl Gather {
 /// How one work-item covers the batch: one column (`w = 1`, GPUs) or `w` columns as one
 /// `float{w}` vector (CPUs), with `sj_load`/`sj_store` for a partial last vector.
 #[derive(Clone, Copy)]
-struct Lanes {
-    w: usize,
+pub(super) struct Lanes {
+    /// Batch columns per work-item.
+    pub(super) w: usize,
 }
 
 impl Lanes {
-    fn ty(self) -> String {
+    pub(super) fn ty(self) -> String {
         if self.w == 1 {
             "float".into()
         } else {
@@ -117,7 +118,7 @@ impl Lanes {
         }
     }
 
-    fn zero(self) -> String {
+    pub(super) fn zero(self) -> String {
         if self.w == 1 {
             "0.0f".into()
         } else {
@@ -128,7 +129,7 @@ impl Lanes {
     /// Defines `b` (the first batch column of the work-item), the index `var` along
     /// dimension 1 (if any) and, for vectors, `n` (the columns this work-item covers);
     /// returns early for work-items past `batch` or `bound`.
-    fn prologue(self, batch: &str, dim1: Option<(&str, &str)>) -> String {
+    pub(super) fn prologue(self, batch: &str, dim1: Option<(&str, &str)>) -> String {
         let mut s = if self.w == 1 {
             "    const int b = get_global_id(0);\n".to_string()
         } else {
@@ -150,7 +151,7 @@ impl Lanes {
     }
 
     /// The batch columns of the work-item at `base + off`.
-    fn load(self, base: &str, off: &str) -> String {
+    pub(super) fn load(self, base: &str, off: &str) -> String {
         if self.w == 1 {
             format!("{base}[{off}]")
         } else {
@@ -159,7 +160,7 @@ impl Lanes {
     }
 
     /// Stores `value` to the work-item's batch columns at `base + off`.
-    fn store(self, base: &str, off: &str, value: &str) -> String {
+    pub(super) fn store(self, base: &str, off: &str, value: &str) -> String {
         if self.w == 1 {
             format!("{base}[{off}] = {value};")
         } else {

@@ -504,6 +504,132 @@ fn indices_that_overflow_int_are_refused() {
     );
 }
 
+fn conv_spec(op: Op, p: Pattern, g: sparse_ir::ConvGeometry, batch: Dim, ld: Dim) -> KernelSpec {
+    KernelSpec::conv("conv1", op, Arc::new(p), g, batch, ld).unwrap()
+}
+
+/// 2 input channels of 5 x 6, a 3 x 3 window, stride 2, padding 1: 3 x 3 outputs.
+fn conv_geometry() -> sparse_ir::ConvGeometry {
+    sparse_ir::ConvGeometry {
+        in_channels: 2,
+        height: 5,
+        width: 6,
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    }
+}
+
+#[test]
+fn conv_ops_are_generic_kernels_of_the_csr_library() {
+    let g = conv_geometry();
+    let p = Pattern::random(4, g.pattern_cols(), 0.3, 5).unwrap();
+    let geometry: Vec<KernelArg> = [2, 5, 6, 4, 3, 3, 3, 2, 1]
+        .into_iter()
+        .map(KernelArg::Int)
+        .collect();
+    for profile in [DeviceProfile::pocl_cpu(), DeviceProfile::nvidia_gpu()] {
+        let wg = profile.work_groups();
+        for op in Op::CONV_ALL {
+            let s = conv_spec(op, p.clone(), g, Dim::Any, Dim::Any);
+            let e = emit_ok(&s, Strategy::Csr, &profile);
+            assert_eq!(e.programs.len(), 1);
+            assert_eq!(e.programs[0].source, csr_library(&profile));
+            let k = &e.programs[0].kernels[0];
+            assert_eq!(k.name, csr_kernel_name(op));
+            assert!(e.programs[0]
+                .source
+                .contains(&format!("void {}(", csr_kernel_name(op))));
+            let n = k.args.len();
+            assert_eq!(&k.args[n - 11..n - 2], &geometry[..], "{op}");
+            assert_eq!(&k.args[n - 2..], &[KernelArg::Batch, KernelArg::Ld]);
+            let items = match op {
+                Op::Conv { .. } => 4 * 9,
+                Op::ConvT => 2 * 5 * 6,
+                Op::ConvGrad => p.nnz(),
+                _ => p.rows() * p.cols(),
+            };
+            assert_eq!(k.grid.extent[1], Extent::Items(items), "{op}");
+            let listing = e.listing();
+            assert!(listing.contains(&format!("op {op}")), "{listing}");
+            if op == Op::ConvT {
+                let t = p.transpose();
+                assert_eq!(e.arrays[0].data, t.pattern.row_ptr());
+                assert_eq!(e.arrays[2].data, t.value_index);
+            }
+            if op.role() == sparse_ir::Role::Forward {
+                assert_eq!(k.grid.local, wg.rows);
+                assert_eq!(
+                    k.args.contains(&KernelArg::Operand(Operand::Bias)),
+                    op.has_bias()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_ops_refuse_specialised_strategies_and_int_overflow() {
+    let g = conv_geometry();
+    let p = Pattern::random(4, g.pattern_cols(), 0.3, 5).unwrap();
+    let gpu = DeviceProfile::nvidia_gpu();
+    let opts = EmitOptions::default();
+    for op in Op::CONV_ALL {
+        let s = conv_spec(op, p.clone(), g, Dim::Fixed(3), Dim::Fixed(16));
+        for strategy in [Strategy::Table, Strategy::Unrolled] {
+            match emit(&s, strategy, &gpu, &opts) {
+                Err(BackendError::Unsupported { reason, .. }) => {
+                    assert!(reason.contains("only the generic kernel"), "{reason}")
+                }
+                other => panic!("{op} {strategy}: {other:?}"),
+            }
+        }
+    }
+    // 2 x 40000 x 40000 input features: more than an int holds
+    let huge = sparse_ir::ConvGeometry {
+        in_channels: 2,
+        height: 40_000,
+        width: 40_000,
+        kernel: 1,
+        stride: 1,
+        padding: 0,
+    };
+    let s = conv_spec(
+        Op::CONV,
+        Pattern::dense(1, 2).unwrap(),
+        huge,
+        Dim::Any,
+        Dim::Any,
+    );
+    let e = emit(&s, Strategy::Csr, &gpu, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("C·H·W") && e.contains("does not fit an int"),
+        "{e}"
+    );
+    // 1000 x 1000 features fit, times a fixed ld of 4096 do not
+    let wide = sparse_ir::ConvGeometry {
+        in_channels: 1,
+        height: 1000,
+        width: 1000,
+        kernel: 1,
+        stride: 1,
+        padding: 0,
+    };
+    let p = Pattern::dense(1, 1).unwrap();
+    let s = conv_spec(Op::ConvT, p.clone(), wide, Dim::Fixed(1), Dim::Fixed(4096));
+    let e = emit(&s, Strategy::Csr, &gpu, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("·ld") && e.contains("does not fit an int"),
+        "{e}"
+    );
+    let s = conv_spec(Op::ConvT, p, wide, Dim::Fixed(1), Dim::Fixed(2048));
+    emit_ok(&s, Strategy::Csr, &gpu);
+}
+
 #[test]
 fn snapshot_unrolled_spmm_bias_relu_cpu() {
     let s = spec(
