@@ -22,7 +22,11 @@
 #      OCL_ICD_VENDORS points to. Without the NVIDIA library it goes on with whatever
 #      platform exists (PoCL here), so the script can be tested on any machine.
 #   3. The device: SPARSEJIT_OPENCL_DEVICE if set, else the first GPU, else the first
-#      device. The differential tests run with REQUIRE_OPENCL=1 (no silent skip).
+#      device. The differential tests run with REQUIRE_OPENCL=1 (no silent skip); they
+#      include the convolution ops (conv with each epilogue, conv_t, conv_grad,
+#      conv_dense_grad: csr kernels on the named conv cases, random geometries and
+#      GPU-shaped code), whose results are listed and must all pass (the tests named
+#      conv_*; none run is a failure too).
 #   4. kernel-bench --backend opencl --suite gpu: spmm on 1024x1024 and 4096x4096 at 90 %
 #      and 95 % sparsity, batch 128; csr, table and unrolled (up to --unrolled-max-nnz,
 #      60000 on a GPU), device times without transfers; JSON in OUTDIR/gpu-bench.json.
@@ -34,7 +38,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -182,12 +186,20 @@ run() {
         for t in probe executor differential training_kernels; do
             echo "== test $t"
             "$here/tests/$t" 2>&1 | tee "$out/test-$t.log" |
-                grep -E '^(test result|OpenCL device|.*FAILED|.*panicked)' || true
+                grep -E '^(test result|OpenCL device|conv \(|.*FAILED|.*panicked)' || true
             if ! grep -q '^test result: ok' "$out/test-$t.log"; then
                 echo "== test $t FAILED (log: $out/test-$t.log)"
                 status=1
             fi
         done
+        echo "== convolution ops (differential tests conv_*)"
+        local conv
+        conv="$(grep -E '^test conv_[a-z_]+ \.\.\. ' "$out/test-differential.log" || true)"
+        printf '%s\n' "${conv:-(none ran)}"
+        if [ -z "$conv" ] || printf '%s\n' "$conv" | grep -qv ' \.\.\. ok$'; then
+            echo "== convolution tests FAILED or missing (log: $out/test-differential.log)"
+            status=1
+        fi
     fi
     echo "== kernel-bench --backend opencl --suite gpu"
     # shellcheck disable=SC2086 # GPU_CHECK_BENCH_ARGS is a list of arguments
@@ -199,12 +211,12 @@ run() {
     echo
     echo "== GPU acceptance table (target: specialised >= 2x csr on a GPU)"
     sed -n '/^opencl: /p' "$out/gpu-bench.log"
-    sed -n '/^specialised vs csr/,/^total/p' "$out/gpu-bench.log" | grep -v '^total'
+    sed -n '/^specialised vs csr/,/^total/p' "$out/gpu-bench.log" | grep -v '^total' || true
     echo "logs and JSON: $out"
     if [ "$status" != 0 ]; then
         echo "gpu-check: FAILED (see above)"
     else
-        echo "gpu-check: differential tests and benchmark passed"
+        echo "gpu-check: differential tests (convolutions included) and benchmark passed"
     fi
     return "$status"
 }
