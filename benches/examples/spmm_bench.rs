@@ -163,13 +163,7 @@ fn main() {
         variants.push(("dense 2t".into(), &b2, Strategy::Dense));
         variants.push(("auto 2t".into(), &b2, Strategy::Auto));
     }
-    let case = |op, rows, cols, density, batch| Case {
-        op,
-        rows,
-        cols,
-        batch,
-        density,
-    };
+    let case = |op, rows, cols, density, batch| Case::matrix(op, rows, cols, batch, density);
     let spmm = Op::SPMM;
     if std::env::args().any(|a| a == "--offsets") {
         // Where X starts within a cache line, twice over.

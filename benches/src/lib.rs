@@ -10,7 +10,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sparse_ir::backend::{Backend, Kernel};
-use sparse_ir::{Args, BackendError, KernelSpec, Launch, Op, Pattern, Role, Strategy};
+use sparse_ir::{
+    Args, BackendError, ConvGeometry, KernelSpec, Launch, Op, Pattern, Role, Strategy,
+};
 
 #[cfg(feature = "opencl")]
 pub mod opencl;
@@ -28,22 +30,66 @@ pub fn case_timing(budget_ms: u64) -> kernel_timing::Config {
     kernel_timing::Config::benchmark(std::time::Duration::from_millis(budget_ms), MIN_ROUNDS)
 }
 
-/// One benchmark case: an op on a random pattern of a shape and density, at a batch size.
+/// One benchmark case: an op on a random pattern of a shape and density, at a batch size;
+/// for a convolution op, with its geometry (`rows` output channels, `cols` = `C·k²`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Case {
     /// The op.
     pub op: Op,
-    /// Rows of the weight matrix (output features).
+    /// Rows of the weight matrix (output features, or output channels).
     pub rows: usize,
-    /// Columns (input features).
+    /// Columns (input features, or `C·k²`).
     pub cols: usize,
     /// Batch size.
     pub batch: usize,
     /// Fraction of nonzero weights.
     pub density: f64,
+    /// The convolution geometry, for a convolution op.
+    pub geometry: Option<ConvGeometry>,
 }
 
 impl Case {
+    /// A case of a matrix op.
+    pub fn matrix(op: Op, rows: usize, cols: usize, batch: usize, density: f64) -> Case {
+        Case {
+            op,
+            rows,
+            cols,
+            batch,
+            density,
+            geometry: None,
+        }
+    }
+
+    /// A case of a convolution op: `out` output channels over `geometry`.
+    pub fn conv(op: Op, out: usize, geometry: ConvGeometry, batch: usize, density: f64) -> Case {
+        Case {
+            op,
+            rows: out,
+            cols: geometry.pattern_cols(),
+            batch,
+            density,
+            geometry: Some(geometry),
+        }
+    }
+
+    /// Feature rows of the input `X` (`cols`, or `C·H·W`).
+    pub fn in_features(&self) -> usize {
+        self.geometry
+            .map_or(self.cols, |g| g.in_channels * g.in_positions())
+    }
+
+    /// Feature rows of the output `Y` (`rows`, or `out·OH·OW`).
+    pub fn out_features(&self) -> usize {
+        self.rows * self.positions()
+    }
+
+    /// Output positions per channel (`OH·OW`; 1 for a matrix op): the useful work is
+    /// `nnz·positions·batch` multiply-adds.
+    pub fn positions(&self) -> usize {
+        self.geometry.map_or(1, |g| g.out_positions())
+    }
+
     /// The row stride the runtime uses (`runtime::padded_ld`): the batch padded to 16
     /// floats, or 1 at batch 1 (a plain vector).
     pub fn ld(&self) -> usize {
@@ -70,16 +116,32 @@ impl Case {
             .expect("a density in [0, 1] gives a valid pattern")
     }
 
-    /// `op rows×cols b=batch d=density`, for tables.
+    /// `op rows×cols b=batch d=density`, for tables; a convolution as
+    /// `op C→out HxW kK sS pP b=batch d=density`.
     pub fn label(&self) -> String {
-        format!(
-            "{:<6} {}x{} b={} d={}%",
-            self.op.name(),
-            self.rows,
-            self.cols,
-            self.batch,
-            self.density * 100.0
-        )
+        match self.geometry {
+            None => format!(
+                "{:<6} {}x{} b={} d={}%",
+                self.op.name(),
+                self.rows,
+                self.cols,
+                self.batch,
+                self.density * 100.0
+            ),
+            Some(g) => format!(
+                "{:<9} {}->{} {}x{} k{} s{} p{} b={} d={}%",
+                self.op.name(),
+                g.in_channels,
+                self.rows,
+                g.height,
+                g.width,
+                g.kernel,
+                g.stride,
+                g.padding,
+                self.batch,
+                self.density * 100.0
+            ),
+        }
     }
 }
 
@@ -112,24 +174,12 @@ pub fn quick_suite() -> Vec<Case> {
         for batch in batches(rows, cols) {
             for density in [0.05, 0.2] {
                 for op in OPS {
-                    cases.push(Case {
-                        op,
-                        rows,
-                        cols,
-                        batch,
-                        density,
-                    });
+                    cases.push(Case::matrix(op, rows, cols, batch, density));
                 }
             }
         }
     }
-    cases.push(Case {
-        op: Op::SPMM,
-        rows: 1024,
-        cols: 1024,
-        batch: 128,
-        density: 0.05,
-    });
+    cases.push(Case::matrix(Op::SPMM, 1024, 1024, 128, 0.05));
     cases
 }
 
@@ -140,13 +190,7 @@ pub fn full_suite() -> Vec<Case> {
         for batch in batches(rows, cols) {
             for density in [0.01, 0.02, 0.05, 0.1, 0.2, 0.5] {
                 for op in OPS {
-                    cases.push(Case {
-                        op,
-                        rows,
-                        cols,
-                        batch,
-                        density,
-                    });
+                    cases.push(Case::matrix(op, rows, cols, batch, density));
                 }
             }
         }
@@ -160,14 +204,122 @@ pub fn gpu_suite() -> Vec<Case> {
     let mut cases = Vec::new();
     for n in [1024, 4096] {
         for density in [0.1, 0.05] {
-            cases.push(Case {
-                op: Op::SPMM,
-                rows: n,
-                cols: n,
-                batch: 128,
-                density,
-            });
+            cases.push(Case::matrix(Op::SPMM, n, n, 128, density));
         }
+    }
+    cases
+}
+
+/// A convolution layer of the `conv` suite: name, output channels and geometry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvLayer {
+    /// Network and layer, e.g. `wrn-16-8 128->128`.
+    pub name: &'static str,
+    /// Output channels.
+    pub out: usize,
+    /// Geometry.
+    pub geometry: ConvGeometry,
+    /// Batch (128; LeNet-5's 100).
+    pub batch: usize,
+}
+
+const fn geometry(c: usize, hw: usize, k: usize, s: usize, p: usize) -> ConvGeometry {
+    ConvGeometry {
+        in_channels: c,
+        height: hw,
+        width: hw,
+        kernel: k,
+        stride: s,
+        padding: p,
+    }
+}
+
+/// The convolution layers of the `conv` suite: WRN-16-8's 3×3 layers, two of VGG16-D's and
+/// LeNet-5's two.
+pub const CONV_LAYERS: [ConvLayer; 9] = [
+    ConvLayer {
+        name: "wrn-16-8 16->128",
+        out: 128,
+        geometry: geometry(16, 32, 3, 1, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "wrn-16-8 128->128",
+        out: 128,
+        geometry: geometry(128, 32, 3, 1, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "wrn-16-8 128->256 s2",
+        out: 256,
+        geometry: geometry(128, 32, 3, 2, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "wrn-16-8 256->256",
+        out: 256,
+        geometry: geometry(256, 16, 3, 1, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "wrn-16-8 512->512",
+        out: 512,
+        geometry: geometry(512, 8, 3, 1, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "vgg16-d 64->64",
+        out: 64,
+        geometry: geometry(64, 32, 3, 1, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "vgg16-d 512->512 2x2",
+        out: 512,
+        geometry: geometry(512, 2, 3, 1, 1),
+        batch: 128,
+    },
+    ConvLayer {
+        name: "lenet-5 conv1",
+        out: 6,
+        geometry: geometry(1, 28, 5, 1, 0),
+        batch: 100,
+    },
+    ConvLayer {
+        name: "lenet-5 conv2",
+        out: 16,
+        geometry: geometry(6, 12, 5, 1, 0),
+        batch: 100,
+    },
+];
+
+/// The ops the `conv` suite measures at every density (`conv_dense_grad`, which reads no
+/// pattern, is measured once per layer).
+pub const CONV_OPS: [Op; 3] = [Op::CONV, Op::ConvT, Op::ConvGrad];
+
+/// The `conv` suite: every layer of [`CONV_LAYERS`] at densities 1, 5, 10 and 20 %, each op
+/// of [`CONV_OPS`], plus `conv_dense_grad` once per layer.
+pub fn conv_suite() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for layer in CONV_LAYERS {
+        for density in [0.01, 0.05, 0.1, 0.2] {
+            for op in CONV_OPS {
+                cases.push(Case::conv(
+                    op,
+                    layer.out,
+                    layer.geometry,
+                    layer.batch,
+                    density,
+                ));
+            }
+        }
+        cases.push(Case::conv(
+            Op::ConvDenseGrad,
+            layer.out,
+            layer.geometry,
+            layer.batch,
+            0.05,
+        ));
     }
     cases
 }
@@ -199,14 +351,32 @@ pub struct BenchResult {
     pub nnz: usize,
     /// Median time of one run, microseconds.
     pub median_us: f64,
-    /// Useful work: `2·nnz·batch / time`.
+    /// Useful work: `2·nnz·batch / time` (`2·nnz·OH·OW·batch` for a convolution).
     pub gflops: f64,
-    /// `2·rows·cols·batch / time`.
+    /// `2·rows·cols·batch / time` (times `OH·OW` for a convolution).
     pub dense_gflops: f64,
     /// Compile time in milliseconds (0 where nothing compiles).
     pub compile_ms: f64,
     /// Whether the planner (`auto`) picks this strategy for the case.
     pub selected: bool,
+    /// Convolution cases: input channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_channels: Option<usize>,
+    /// Convolution cases: input height.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    /// Convolution cases: input width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Convolution cases: window size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<usize>,
+    /// Convolution cases: stride.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<usize>,
+    /// Convolution cases: padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padding: Option<usize>,
 }
 
 impl BenchResult {
@@ -222,6 +392,9 @@ impl BenchResult {
         selected: bool,
     ) -> BenchResult {
         let secs = median_us * 1e-6;
+        let g = case.geometry;
+        // Columns of work per weight: the batch, times the output positions of a convolution.
+        let work = (case.batch * case.positions()) as f64;
         BenchResult {
             backend: backend.into(),
             strategy: strategy.name().into(),
@@ -236,12 +409,16 @@ impl BenchResult {
             },
             nnz: pattern.nnz(),
             median_us,
-            gflops: 2.0 * pattern.nnz() as f64 * case.batch as f64 / secs / 1e9,
-            dense_gflops: 2.0 * case.rows as f64 * case.cols as f64 * case.batch as f64
-                / secs
-                / 1e9,
+            gflops: 2.0 * pattern.nnz() as f64 * work / secs / 1e9,
+            dense_gflops: 2.0 * case.rows as f64 * case.cols as f64 * work / secs / 1e9,
             compile_ms,
             selected,
+            in_channels: g.map(|g| g.in_channels),
+            height: g.map(|g| g.height),
+            width: g.map(|g| g.width),
+            kernel: g.map(|g| g.kernel),
+            stride: g.map(|g| g.stride),
+            padding: g.map(|g| g.padding),
         }
     }
 }
@@ -277,16 +454,17 @@ impl<B: Backend> Operands<B> {
             backend.upload(&data, &mut buf)?;
             Ok(buf)
         };
+        let (x_len, y_len) = (case.in_features() * ld, case.out_features() * ld);
         let out_len = match case.op.role() {
-            Role::Forward => pattern.rows() * ld,
-            Role::BackwardData => pattern.cols() * ld,
+            Role::Forward => y_len,
+            Role::BackwardData => x_len,
             Role::WeightGrad => pattern.nnz(),
             Role::DenseGrad => pattern.rows() * pattern.cols(),
         };
         Ok(Operands {
             values: upload(random_values(pattern.nnz(), seed))?,
-            bias_free_x: upload(random_values(pattern.cols() * ld, seed + 1))?,
-            dy: upload(random_values(pattern.rows() * ld, seed + 2))?,
+            bias_free_x: upload(random_values(x_len, seed + 1))?,
+            dy: upload(random_values(y_len, seed + 2))?,
             out: backend.alloc(out_len)?,
         })
     }
@@ -322,10 +500,11 @@ impl<B: Backend> Operands<B> {
 
 /// A fixed-shape spec for a case (`batch` and `ld` fixed, as the runtime compiles them).
 pub fn case_spec(case: &Case, pattern: Arc<Pattern>) -> KernelSpec {
-    KernelSpec::new(
+    KernelSpec::with_geometry(
         "bench",
         case.op,
         pattern,
+        case.geometry,
         sparse_ir::Dim::Fixed(case.batch),
         sparse_ir::Dim::Fixed(case.ld()),
     )
@@ -340,13 +519,26 @@ mod tests {
     fn suites_have_the_required_cases() {
         let quick = quick_suite();
         assert_eq!(quick.len(), 3 * 3 * 2 * 3 + 1);
-        assert!(quick.contains(&Case {
-            op: Op::SPMM,
-            rows: 1024,
-            cols: 1024,
-            batch: 128,
-            density: 0.05
-        }));
+        assert!(quick.contains(&Case::matrix(Op::SPMM, 1024, 1024, 128, 0.05)));
+        let conv = conv_suite();
+        assert_eq!(conv.len(), 9 * (4 * 3 + 1));
+        let wrn = Case::conv(Op::CONV, 128, geometry(128, 32, 3, 1, 1), 128, 0.05);
+        assert!(conv.contains(&wrn));
+        assert_eq!(wrn.cols, 1152);
+        assert_eq!(wrn.out_features(), 128 * 32 * 32);
+        let result = BenchResult::measured(
+            "cpu",
+            &wrn,
+            Strategy::Generic,
+            &wrn.pattern(),
+            1e6,
+            0.0,
+            true,
+        );
+        let nnz = wrn.pattern().nnz() as f64;
+        assert!((result.gflops - 2.0 * nnz * 1024.0 * 128.0 / 1e9).abs() < 1e-6);
+        assert_eq!(result.in_channels, Some(128));
+        assert_eq!(result.stride, Some(1));
         assert_eq!(full_suite().len(), 5 * 3 * 6 * 3);
         let gpu = gpu_suite();
         assert_eq!(gpu.len(), 4);

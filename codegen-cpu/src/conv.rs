@@ -13,7 +13,7 @@
 //! A tile is one output position (`batch` contiguous floats), or, at stride 1 where every tap
 //! of a run of positions lies inside the input and `ld = batch` (no padding columns between
 //! positions), the whole run as one contiguous span. Spans are cut into pieces of at most
-//! [`MAX_VECTORS`] vectors, the last one masked, so padding columns are never read or written.
+//! `max_vectors` vectors, the last one masked, so padding columns are never read or written.
 //!
 //! `conv_t` is the same gather over the transposed table (rows are input channels, planes
 //! are output channels) with the tap read backwards: input position `(ih, iw)` takes output
@@ -31,9 +31,16 @@ use crate::isa::IsaLevel;
 use crate::simd::{Avx2, Avx512};
 use crate::simd::{Portable, Simd};
 
-/// The most vectors of a piece held in registers (eight accumulators keep two FMA ports busy
-/// through a four-cycle latency).
-pub(crate) const MAX_VECTORS: usize = 8;
+/// The most vectors of a piece held in registers: sixteen with AVX-512's 32 registers (two
+/// positions at batch 128: each nonzero's index, value and address serve 16 FMAs), eight
+/// with AVX2's 16 (eight accumulators keep two FMA ports busy through a four-cycle latency).
+fn max_vectors<S: Simd>() -> usize {
+    if S::LANES >= 16 {
+        16
+    } else {
+        8
+    }
+}
 
 /// The nonzeros of one side of a convolution, grouped by row and tap: the entries of row `r`
 /// at tap `t` are `start[r·taps + t] .. start[r·taps + t + 1]`, each with the plane it reads
@@ -277,14 +284,13 @@ impl ConvGather {
         self.table.rows_range(rows).len()
     }
 
-    /// Walks the tiles as spans: calls `f(out_offset, len, taps)` for each, where
-    /// `out_offset` is the span's first float within a written plane, `len` its floats, and
-    /// `taps` the `(tap, offset of the span's first float within a read plane)` of every tap
-    /// inside the input.
-    fn spans(&self, batch: usize, ld: usize, mut f: impl FnMut(usize, usize, &[(u32, usize)])) {
+    /// The tiles as spans at this launch shape: each with its first float within a written
+    /// plane, its length in floats, and the `(tap, offset of the span's first float within a
+    /// read plane)` of every tap inside the input.
+    fn span_list(&self, batch: usize, ld: usize) -> SpanList {
         let (_, ow_n) = self.sides.out_dims();
         let taps_n = self.table.taps;
-        let mut taps: Vec<(u32, usize)> = Vec::with_capacity(taps_n);
+        let mut list = SpanList::default();
         for tile in &self.tiles {
             let (h, w0, npos) = (tile.h as usize, tile.w0 as usize, tile.npos as usize);
             let whole = npos > 1 && ld == batch;
@@ -294,16 +300,35 @@ impl ConvGather {
                 (1, batch)
             };
             for w in (w0..w0 + npos).step_by(step) {
-                taps.clear();
+                let first = list.taps.len();
                 for t in 0..taps_n {
                     if let Some(pos) = self.sides.tap(h, w, t) {
-                        taps.push((t as u32, pos * ld));
+                        list.taps.push((t as u32, pos * ld));
                     }
                 }
-                f((h * ow_n + w) * ld, len, &taps);
+                list.spans.push(Span {
+                    out_off: (h * ow_n + w) * ld,
+                    len,
+                    taps: first..list.taps.len(),
+                });
             }
         }
+        list
     }
+}
+
+/// A run of floats of a written plane and the taps it reads.
+struct Span {
+    out_off: usize,
+    len: usize,
+    taps: Range<usize>,
+}
+
+/// The spans of one launch shape ([`ConvGather::span_list`]).
+#[derive(Default)]
+struct SpanList {
+    spans: Vec<Span>,
+    taps: Vec<(u32, usize)>,
 }
 
 /// Splits the table's rows into `parts` consecutive ranges of about equal work (entries plus
@@ -425,23 +450,34 @@ macro_rules! dispatch_piece {
             (7, true) => $f::<$S, 7, true>($($arg),*),
             (8, false) => $f::<$S, 8, false>($($arg),*),
             (8, true) => $f::<$S, 8, true>($($arg),*),
-            _ => unreachable!("pieces have 1 to MAX_VECTORS vectors"),
+            (9, false) => $f::<$S, 9, false>($($arg),*),
+            (9, true) => $f::<$S, 9, true>($($arg),*),
+            (10, false) => $f::<$S, 10, false>($($arg),*),
+            (10, true) => $f::<$S, 10, true>($($arg),*),
+            (11, false) => $f::<$S, 11, false>($($arg),*),
+            (11, true) => $f::<$S, 11, true>($($arg),*),
+            (12, false) => $f::<$S, 12, false>($($arg),*),
+            (12, true) => $f::<$S, 12, true>($($arg),*),
+            (13, false) => $f::<$S, 13, false>($($arg),*),
+            (13, true) => $f::<$S, 13, true>($($arg),*),
+            (14, false) => $f::<$S, 14, false>($($arg),*),
+            (14, true) => $f::<$S, 14, true>($($arg),*),
+            (15, false) => $f::<$S, 15, false>($($arg),*),
+            (15, true) => $f::<$S, 15, true>($($arg),*),
+            (16, false) => $f::<$S, 16, false>($($arg),*),
+            (16, true) => $f::<$S, 16, true>($($arg),*),
+            _ => unreachable!("pieces have 1 to 16 vectors"),
         }
     };
 }
 
-/// Cuts a span of `len` floats into pieces of at most [`MAX_VECTORS`] vectors: calls
-/// `f(offset, vectors, lanes of the last vector)`.
+/// The next piece of a span with `left` floats to go: its floats, vectors (at most
+/// `max_vectors`) and the live lanes of its last vector.
 #[inline(always)]
-fn pieces<S: Simd>(len: usize, mut f: impl FnMut(usize, usize, usize)) {
-    let piece = MAX_VECTORS * S::LANES;
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(piece);
-        let nv = n.div_ceil(S::LANES);
-        f(at, nv, n - (nv - 1) * S::LANES);
-        at += n;
-    }
+fn piece_shape<S: Simd>(left: usize) -> (usize, usize, usize) {
+    let n = left.min(max_vectors::<S>() * S::LANES);
+    let nv = n.div_ceil(S::LANES);
+    (n, nv, n - (nv - 1) * S::LANES)
 }
 
 /// # Safety
@@ -459,24 +495,32 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
     let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
     let out_base = out.as_mut_ptr();
     let input = job.input.as_ptr();
-    g.spans(job.batch, job.ld, |out_off, len, taps| {
-        for r in rows.clone() {
-            let init = job.bias.map_or(0.0, |b| b[r]);
-            pieces::<S>(len, |at, nv, tail| {
-                let row_out = (r - rows.start) * plane_out + out_off + at;
-                // SAFETY: see the function's contract: `row_out + nv` vectors (the last
-                // `tail` lanes) lie in row `r`'s written plane within `out`.
+    let list = g.span_list(job.batch, job.ld);
+    // Plain loops, no closures: a closure would not inherit the caller's target features,
+    // and the intrinsics would turn into calls.
+    // Pieces outside rows: a piece's input (every channel's rows under its taps) stays in
+    // L2 while every output channel runs over it.
+    for span in &list.spans {
+        let taps = &list.taps[span.taps.clone()];
+        let mut at = 0;
+        while at < span.len {
+            let (n, nv, tail) = piece_shape::<S>(span.len - at);
+            for r in rows.clone() {
+                let init = job.bias.map_or(0.0, |b| b[r]);
+                let row_out = (r - rows.start) * plane_out + span.out_off + at;
+                let piece = Piece {
+                    input: input.wrapping_add(at),
+                    plane_stride: plane_in,
+                    table: &g.table,
+                    values: job.values.as_ptr(),
+                    row: r,
+                    taps,
+                    tail,
+                };
+                // SAFETY: see the function's contract: `nv` vectors (the last `tail` lanes)
+                // from `row_out` lie in row `r`'s written plane within `out`.
                 unsafe {
                     let y = out_base.add(row_out);
-                    let piece = Piece {
-                        input: input.wrapping_add(at),
-                        plane_stride: plane_in,
-                        table: &g.table,
-                        values: job.values.as_ptr(),
-                        row: r,
-                        taps,
-                        tail,
-                    };
                     dispatch_piece!(
                         gather_piece,
                         S,
@@ -485,9 +529,10 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
                         (&piece, y, init, job.relu)
                     )
                 }
-            });
+            }
+            at += n;
         }
-    });
+    }
 }
 
 /// One piece of a span: where its input starts (plane 0, position 0, shifted by the piece's
@@ -648,30 +693,35 @@ unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mu
     let g = job.gather;
     let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
     let first = g.table.rows_range(rows.clone()).start;
-    let partial = partial.as_mut_ptr();
-    g.spans(job.batch, job.ld, |out_off, len, taps| {
-        for r in rows.clone() {
-            pieces::<S>(len, |at, nv, tail| {
-                // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`,
-                // each tap's input span in its plane of `x`, and every entry of `rows` has
-                // `S::LANES` partial sums from `partial` (entry `e` at `e − first`).
+    let partial = partial.as_mut_ptr().wrapping_sub(first * S::LANES);
+    let list = g.span_list(job.batch, job.ld);
+    // Plain loops, as in `gather_body`.
+    for span in &list.spans {
+        let taps = &list.taps[span.taps.clone()];
+        let mut at = 0;
+        while at < span.len {
+            let (n, nv, tail) = piece_shape::<S>(span.len - at);
+            for r in rows.clone() {
+                let piece = Piece {
+                    input: job.x.as_ptr().wrapping_add(at),
+                    plane_stride: plane_in,
+                    table: &g.table,
+                    values: std::ptr::null(),
+                    row: r,
+                    taps,
+                    tail,
+                };
+                // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`, each
+                // tap's input span in its plane of `x`, and every entry `e` of `rows` has
+                // `S::LANES` partial sums at `partial + e·S::LANES`.
                 unsafe {
-                    let piece = Piece {
-                        input: job.x.as_ptr().wrapping_add(at),
-                        plane_stride: plane_in,
-                        table: &g.table,
-                        values: std::ptr::null(),
-                        row: r,
-                        taps,
-                        tail,
-                    };
-                    let dy = job.dy.as_ptr().add(r * plane_out + out_off + at);
-                    let partial = partial.wrapping_sub(first * S::LANES);
+                    let dy = job.dy.as_ptr().add(r * plane_out + span.out_off + at);
                     dispatch_piece!(grad_piece, S, nv, tail < S::LANES, (&piece, dy, partial))
                 }
-            });
+            }
+            at += n;
         }
-    });
+    }
 }
 
 /// `partial[e] += Σ_vectors dY[..] · input[plane][tap offset ..]` (lane-wise) for every entry

@@ -7,7 +7,7 @@
 //! both from the same interleaved run. The JSON adds a `planner` object (CONTRACTS.md).
 //!
 //! ```text
-//! kernel-bench --suite quick|full|gpu [--json PATH] [--threads N] [--backend cpu|opencl|all]
+//! kernel-bench --suite quick|full|gpu|conv [--json PATH] [--threads N] [--backend cpu|opencl|all]
 //! ```
 //!
 //! `--backend opencl|all` (a build with the feature `opencl`) adds the OpenCL strategies
@@ -34,6 +34,10 @@ enum Suite {
     Full,
     /// `spmm` on 1024² and 4096² at 5 % and 10 % density, batch 128 (the GPU table).
     Gpu,
+    /// Convolutions: WRN-16-8's 3×3 layers, two of VGG16-D's and LeNet-5's two, at 1, 5, 10
+    /// and 20 %, batch 128 (LeNet-5: 100), `conv`, `conv_t`, `conv_grad` and
+    /// `conv_dense_grad`.
+    Conv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,6 +100,7 @@ fn main() -> Result<()> {
         Suite::Quick => quick_suite(),
         Suite::Full => full_suite(),
         Suite::Gpu => benches::gpu_suite(),
+        Suite::Conv => benches::conv_suite(),
     };
     if let Some(filter) = &cli.filter {
         cases.retain(|c| c.label().contains(filter.as_str()));
@@ -165,6 +170,7 @@ fn main() -> Result<()> {
                 ratio
             );
             planner_cases.push(PlannerCase {
+                label: case.label().trim().to_string(),
                 op: case.op.name().into(),
                 rows: case.rows,
                 cols: case.cols,
@@ -181,7 +187,7 @@ fn main() -> Result<()> {
             }
         }
         results.extend(outcome.rows);
-        if dense_rows_done.insert((case.op, case.rows, case.cols, case.batch)) {
+        if dense_rows_done.insert((case.op, case.rows, case.cols, case.batch, case.geometry)) {
             results.push(outcome.gemm);
         }
     }
@@ -243,6 +249,8 @@ struct PlannerSummary {
 /// The planner's choice on one case.
 #[derive(Serialize)]
 struct PlannerCase {
+    /// The case in words (a convolution's geometry included).
+    label: String,
     op: String,
     rows: usize,
     cols: usize,

@@ -77,13 +77,7 @@ fn main() -> Result<()> {
             for &batch in &cli.batches {
                 for op in &cli.ops {
                     let op: Op = op.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let case = Case {
-                        op,
-                        rows,
-                        cols,
-                        batch,
-                        density,
-                    };
+                    let case = Case::matrix(op, rows, cols, batch, density);
                     let line = measure(&backend, &case, &cli)?;
                     print!("{line}");
                     csv.push_str(&line);
