@@ -392,7 +392,10 @@ impl CpuBackend {
     ) -> Result<(), BackendError> {
         let n = self.threads();
         plan.set_threads(planner::model_threads(features, plan.strategy));
-        if n < 2 || spec.op() == Op::DenseGrad || !self.splits(features, plan.strategy) {
+        if n < 2
+            || matches!(spec.op(), Op::DenseGrad | Op::ConvDenseGrad)
+            || !self.splits(features, plan.strategy)
+        {
             return Ok(());
         }
         let budget = match self.timing {
@@ -1209,7 +1212,12 @@ impl CpuKernel {
                 batch,
                 ld,
             };
-            let mut items = split_rows(parts, plane, &mut out[..rows * plane]);
+            let out = &mut out[..rows * plane];
+            if parts.len() == 1 {
+                // One part: no list of parts (a training step allocates nothing).
+                return conv::gather_part(isa, &job, 0..rows, out);
+            }
+            let mut items = split_rows(parts, plane, out);
             self.pool.for_each_mut(&mut items, &|(r, o)| {
                 conv::gather_part(isa, &job, r.clone(), o)
             });
@@ -1236,25 +1244,43 @@ impl CpuKernel {
                 };
                 scratch.partial.resize(g.entries() * lanes, 0.0);
                 scratch.totals.resize(g.entries(), (0, 0.0));
-                let mut items = Vec::with_capacity(parts.len());
-                let (mut partial, mut totals) = (&mut scratch.partial[..], &mut scratch.totals[..]);
-                for r in parts {
-                    let n = g.entries_of(r.clone());
-                    let (p_head, p_tail) = std::mem::take(&mut partial).split_at_mut(n * lanes);
-                    let (t_head, t_tail) = std::mem::take(&mut totals).split_at_mut(n);
-                    items.push((r.clone(), p_head, t_head));
-                    partial = p_tail;
-                    totals = t_tail;
+                if parts.len() == 1 {
+                    let (p, t) = (&mut scratch.partial[..], &mut scratch.totals[..]);
+                    conv::grad_part(isa, &job, 0..rows, p, t);
+                } else {
+                    self.grad_parts(&job, parts, scratch, lanes);
                 }
-                self.pool.for_each_mut(&mut items, &|(r, p, t)| {
-                    conv::grad_part(isa, &job, r.clone(), p, t)
-                });
                 for &(k, v) in &scratch.totals {
                     dw[k as usize] = v;
                 }
             }
             Args::DenseGrad { .. } => unreachable!("conv_dense_grad runs dense"),
         }
+    }
+
+    /// `conv_grad` split over the parts' rows, each part with its share of the scratch.
+    fn grad_parts(
+        &self,
+        job: &GradJob<'_>,
+        parts: &[Range<usize>],
+        scratch: &mut ConvScratch,
+        lanes: usize,
+    ) {
+        let isa = self.isa;
+        let g = job.gather;
+        let mut items = Vec::with_capacity(parts.len());
+        let (mut partial, mut totals) = (&mut scratch.partial[..], &mut scratch.totals[..]);
+        for r in parts {
+            let n = g.entries_of(r.clone());
+            let (p_head, p_tail) = std::mem::take(&mut partial).split_at_mut(n * lanes);
+            let (t_head, t_tail) = std::mem::take(&mut totals).split_at_mut(n);
+            items.push((r.clone(), p_head, t_head));
+            partial = p_tail;
+            totals = t_tail;
+        }
+        self.pool.for_each_mut(&mut items, &|(r, p, t)| {
+            conv::grad_part(isa, job, r.clone(), p, t)
+        });
     }
 
     fn run_conv_dense(&self, d: &DenseConv, launch: Launch, args: Args<'_, [f32]>) {

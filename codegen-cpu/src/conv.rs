@@ -22,6 +22,7 @@
 //! partial sums per nonzero, reduced at the end.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use sparse_ir::{ConvGeometry, Pattern};
 
@@ -52,6 +53,10 @@ pub(crate) struct TapTable {
     start: Vec<u32>,
     plane: Vec<u32>,
     value: Vec<u32>,
+    /// The non-empty `(tap, entries)` groups, row by row: row `r`'s are
+    /// `groups[row_groups[r] .. row_groups[r + 1]]` (a sparse row visits only its taps).
+    groups: Vec<(u32, u32, u32)>,
+    row_groups: Vec<u32>,
 }
 
 impl TapTable {
@@ -95,19 +100,32 @@ impl TapTable {
         for i in 1..start.len() {
             start[i] += start[i - 1];
         }
+        let mut groups = Vec::new();
+        let mut row_groups = Vec::with_capacity(rows + 1);
+        for r in 0..rows {
+            row_groups.push(groups.len() as u32);
+            for t in 0..taps {
+                let (a, b) = (start[r * taps + t], start[r * taps + t + 1]);
+                if a < b {
+                    groups.push((t as u32, a, b));
+                }
+            }
+        }
+        row_groups.push(groups.len() as u32);
         TapTable {
             rows,
             taps,
             start,
             plane: entries.iter().map(|e| e.2 as u32).collect(),
             value: entries.iter().map(|e| e.3 as u32).collect(),
+            groups,
+            row_groups,
         }
     }
 
-    /// The entries of row `r` at tap `t`.
-    fn range(&self, r: usize, t: usize) -> Range<usize> {
-        let i = r * self.taps + t;
-        self.start[i] as usize..self.start[i + 1] as usize
+    /// Row `r`'s non-empty `(tap, first entry, end)` groups.
+    fn groups_of(&self, r: usize) -> &[(u32, u32, u32)] {
+        &self.groups[self.row_groups[r] as usize..self.row_groups[r + 1] as usize]
     }
 
     /// The entries of rows `rows`.
@@ -219,6 +237,9 @@ pub(crate) struct ConvGather {
     tiles: Vec<Tile>,
     /// Consecutive row ranges of about equal work, one per thread.
     pub(crate) parts: Vec<Range<usize>>,
+    /// The spans of the last launch shape `(batch, ld)`, kept so that a training step
+    /// allocates nothing.
+    spans: Mutex<Option<(usize, usize, Arc<SpanList>)>>,
 }
 
 impl ConvGather {
@@ -254,6 +275,20 @@ impl ConvGather {
             table,
             tiles,
             parts,
+            spans: Mutex::new(None),
+        }
+    }
+
+    /// The spans at launch shape `(batch, ld)`: the cached list, or a new one (cached).
+    fn spans_at(&self, batch: usize, ld: usize) -> Arc<SpanList> {
+        let mut cache = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((b, l, list)) if (*b, *l) == (batch, ld) => Arc::clone(list),
+            _ => {
+                let list = Arc::new(self.span_list(batch, ld));
+                *cache = Some((batch, ld, Arc::clone(&list)));
+                list
+            }
         }
     }
 
@@ -285,8 +320,8 @@ impl ConvGather {
     }
 
     /// The tiles as spans at this launch shape: each with its first float within a written
-    /// plane, its length in floats, and the `(tap, offset of the span's first float within a
-    /// read plane)` of every tap inside the input.
+    /// plane, its length in floats, and per tap the offset of the span's first float within
+    /// a read plane ([`OUTSIDE`] where the tap falls outside the input).
     fn span_list(&self, batch: usize, ld: usize) -> SpanList {
         let (_, ow_n) = self.sides.out_dims();
         let taps_n = self.table.taps;
@@ -300,16 +335,15 @@ impl ConvGather {
                 (1, batch)
             };
             for w in (w0..w0 + npos).step_by(step) {
-                let first = list.taps.len();
+                let first = list.offsets.len();
                 for t in 0..taps_n {
-                    if let Some(pos) = self.sides.tap(h, w, t) {
-                        list.taps.push((t as u32, pos * ld));
-                    }
+                    let offset = self.sides.tap(h, w, t).map_or(OUTSIDE, |pos| pos * ld);
+                    list.offsets.push(offset);
                 }
                 list.spans.push(Span {
                     out_off: (h * ow_n + w) * ld,
                     len,
-                    taps: first..list.taps.len(),
+                    offsets: first..list.offsets.len(),
                 });
             }
         }
@@ -317,18 +351,21 @@ impl ConvGather {
     }
 }
 
-/// A run of floats of a written plane and the taps it reads.
+/// The offset of a tap that falls outside the input.
+const OUTSIDE: usize = usize::MAX;
+
+/// A run of floats of a written plane and where each tap reads it.
 struct Span {
     out_off: usize,
     len: usize,
-    taps: Range<usize>,
+    offsets: Range<usize>,
 }
 
 /// The spans of one launch shape ([`ConvGather::span_list`]).
 #[derive(Default)]
 struct SpanList {
     spans: Vec<Span>,
-    taps: Vec<(u32, usize)>,
+    offsets: Vec<usize>,
 }
 
 /// Splits the table's rows into `parts` consecutive ranges of about equal work (entries plus
@@ -495,13 +532,13 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
     let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
     let out_base = out.as_mut_ptr();
     let input = job.input.as_ptr();
-    let list = g.span_list(job.batch, job.ld);
+    let list = g.spans_at(job.batch, job.ld);
     // Plain loops, no closures: a closure would not inherit the caller's target features,
     // and the intrinsics would turn into calls.
     // Pieces outside rows: a piece's input (every channel's rows under its taps) stays in
     // L2 while every output channel runs over it.
     for span in &list.spans {
-        let taps = &list.taps[span.taps.clone()];
+        let offsets = &list.offsets[span.offsets.clone()];
         let mut at = 0;
         while at < span.len {
             let (n, nv, tail) = piece_shape::<S>(span.len - at);
@@ -514,7 +551,7 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
                     table: &g.table,
                     values: job.values.as_ptr(),
                     row: r,
-                    taps,
+                    offsets,
                     tail,
                 };
                 // SAFETY: see the function's contract: `nv` vectors (the last `tail` lanes)
@@ -544,7 +581,8 @@ struct Piece<'a> {
     table: &'a TapTable,
     values: *const f32,
     row: usize,
-    taps: &'a [(u32, usize)],
+    /// Per tap, where the piece's input starts within a read plane ([`OUTSIDE`] if nowhere).
+    offsets: &'a [usize],
     tail: usize,
 }
 
@@ -567,8 +605,12 @@ unsafe fn gather_piece<S: Simd, const NV: usize, const MASKED: bool>(
     unsafe {
         let mask = S::mask(0, piece.tail);
         let mut acc = [S::splat(init); NV];
-        for &(tap, offset) in piece.taps {
-            for e in t.range(piece.row, tap as usize) {
+        for &(tap, first, end) in t.groups_of(piece.row) {
+            let offset = *piece.offsets.get_unchecked(tap as usize);
+            if offset == OUTSIDE {
+                continue;
+            }
+            for e in first as usize..end as usize {
                 let w = S::splat(*piece.values.add(*t.value.get_unchecked(e) as usize));
                 let plane = *t.plane.get_unchecked(e) as usize;
                 let xp = piece.input.add(plane * piece.plane_stride + offset);
@@ -694,10 +736,10 @@ unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mu
     let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
     let first = g.table.rows_range(rows.clone()).start;
     let partial = partial.as_mut_ptr().wrapping_sub(first * S::LANES);
-    let list = g.span_list(job.batch, job.ld);
+    let list = g.spans_at(job.batch, job.ld);
     // Plain loops, as in `gather_body`.
     for span in &list.spans {
-        let taps = &list.taps[span.taps.clone()];
+        let offsets = &list.offsets[span.offsets.clone()];
         let mut at = 0;
         while at < span.len {
             let (n, nv, tail) = piece_shape::<S>(span.len - at);
@@ -708,7 +750,7 @@ unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mu
                     table: &g.table,
                     values: std::ptr::null(),
                     row: r,
-                    taps,
+                    offsets,
                     tail,
                 };
                 // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`, each
@@ -749,8 +791,12 @@ unsafe fn grad_piece<S: Simd, const NV: usize, const MASKED: bool>(
                 S::load(dy.add(i * S::LANES))
             };
         }
-        for &(tap, offset) in piece.taps {
-            for e in t.range(piece.row, tap as usize) {
+        for &(tap, first, end) in t.groups_of(piece.row) {
+            let offset = *piece.offsets.get_unchecked(tap as usize);
+            if offset == OUTSIDE {
+                continue;
+            }
+            for e in first as usize..end as usize {
                 let plane = *t.plane.get_unchecked(e) as usize;
                 let xp = piece.input.add(plane * piece.plane_stride + offset);
                 let (mut a0, mut a1) = (S::zero(), S::zero());

@@ -428,8 +428,11 @@ pub fn plan(features: &Features) -> Plan {
         f.isa
     )];
     let generic_variant = generic_variant(f);
-    if f.op == Op::DenseGrad {
-        reasons.push("dense_grad is one GEMM whichever strategy runs it: chose dense".into());
+    if matches!(f.op, Op::DenseGrad | Op::ConvDenseGrad) {
+        reasons.push(format!(
+            "{} is one GEMM whichever strategy runs it: chose dense",
+            f.op.name()
+        ));
         return Plan {
             strategy: Strategy::Dense,
             reasons,
@@ -530,7 +533,7 @@ fn thread_predictions(f: &Features, strategy: Strategy) -> Option<(f64, f64)> {
 /// The model's thread count for `strategy`: the backend's where the split is predicted
 /// faster than one thread, else 1.
 pub fn model_threads(f: &Features, strategy: Strategy) -> usize {
-    if f.op == Op::DenseGrad {
+    if matches!(f.op, Op::DenseGrad | Op::ConvDenseGrad) {
         return f.threads;
     }
     match thread_predictions(f, strategy) {
@@ -881,8 +884,13 @@ fn jit_note(f: &Features) -> Option<String> {
     }
     Some(if !f.fixed_shape {
         "jit not considered: batch and ld are not fixed".to_string()
-    } else if f.op == Op::DenseGrad {
-        "jit not considered for dense_grad: no pattern to bake in".to_string()
+    } else if matches!(f.op, Op::DenseGrad | Op::ConvDenseGrad) {
+        format!(
+            "jit not considered for {}: no pattern to bake in",
+            f.op.name()
+        )
+    } else if f.op.is_conv() {
+        "jit not considered: the JIT has no convolution code".to_string()
     } else if f.nnz == 0 {
         "jit not considered: no nonzeros".to_string()
     } else if jit_writes_padding(f) {
@@ -922,6 +930,17 @@ pub fn generic_variant(f: &Features) -> String {
     let gather_ok = in_rows.saturating_mul(f.ld) <= i32::MAX as usize;
     let mut s = match f.op {
         Op::DenseGrad => return "gemm (dense_grad is one GEMM at every ISA level)".into(),
+        Op::ConvDenseGrad => {
+            return "im2col + gemm (conv_dense_grad is one GEMM per chunk of positions at every ISA level)".into()
+        }
+        Op::Conv { .. } | Op::ConvT | Op::ConvGrad => {
+            return format!(
+                "{} level, direct convolution: nonzeros grouped by channel and tap, pieces of up to {} vectors of output positions in registers{}",
+                f.isa,
+                if f.isa == IsaLevel::Avx512 { 16 } else { 8 },
+                if f.threads > 1 { format!(", channels split over {} threads", f.threads) } else { String::new() }
+            )
+        }
         Op::SpmmT if b == 1 => {
             return "scalar batch-1 scatter over the rows of W (values in order, one thread, any ISA level)".into()
         }

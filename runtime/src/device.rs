@@ -122,7 +122,7 @@ impl DeviceModel {
                         layer.name()
                     ))
                 }
-                Some(w) if w.is_unrolled() => {
+                Some(w) if w.is_conv() => {
                     return Some(format!(
                         "layer {} is a convolution (only linear layers run on the device)",
                         layer.name()

@@ -82,7 +82,6 @@ impl Layer for Linear {
         }
         self.w.backward(
             x.as_slice(),
-            None,
             y.as_slice(),
             dy.as_mut_slice(),
             dx.map(|m| m.as_mut_slice()),

@@ -1,12 +1,13 @@
 //! [`LayerKernels`]: the kernels one layer runs, compiled for its current weight pattern
-//! (keyed by the pattern's hash), the plan they are compiled with, and, for a convolution,
-//! the unrolled pattern they run on ([`ConvUnrolling`]).
+//! (keyed by the pattern's hash) and the plan they are compiled with. A convolution runs the
+//! convolution ops (`conv`, `conv_t`, `conv_grad`, `conv_dense_grad`) on its `[out × C·k²]`
+//! pattern with its geometry; a linear layer the matrix ops.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
+use sparse_ir::{Args, BackendError, ConvGeometry, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 
 use super::optimiser::SgdState;
 use super::params::WeightParams;
@@ -14,18 +15,26 @@ use super::WeightGradMode;
 use crate::error::{Result, RuntimeError};
 use crate::exec::{Executor, Kernel};
 
-/// The strategy each op of one layer runs with.
+/// The strategy each op of one layer runs with. The fields name the matrix ops; a
+/// convolution's ops play the same roles (`conv`, `conv_t`, `conv_grad`,
+/// `conv_dense_grad`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerPlan {
-    /// Forward (`spmm` with its epilogue).
+    /// Forward (`spmm` or `conv` with its epilogue).
     pub spmm: Strategy,
-    /// Backward data (`spmm_t`).
+    /// Backward data (`spmm_t` or `conv_t`).
     pub spmm_t: Strategy,
-    /// Weight gradient of active entries (`sddmm`).
+    /// Weight gradient of active entries (`sddmm` or `conv_grad`).
     pub sddmm: Strategy,
-    /// Dense weight gradient (`dense_grad`).
+    /// Dense weight gradient (`dense_grad` or `conv_dense_grad`).
     pub dense_grad: Strategy,
 }
+
+/// The op names of a plan's four roles: a linear layer's, then a convolution's.
+const PLAN_OPS: [[&str; 4]; 2] = [
+    ["spmm", "spmm_t", "sddmm", "dense_grad"],
+    ["conv", "conv_t", "conv_grad", "conv_dense_grad"],
+];
 
 impl LayerPlan {
     /// The same strategy for every op.
@@ -38,34 +47,35 @@ impl LayerPlan {
         }
     }
 
-    /// The plan as a map from IR op name to strategy name.
-    pub fn to_map(&self) -> BTreeMap<String, String> {
-        [
-            ("spmm", self.spmm),
-            ("spmm_t", self.spmm_t),
-            ("sddmm", self.sddmm),
-            ("dense_grad", self.dense_grad),
-        ]
-        .into_iter()
-        .map(|(op, s)| (op.to_string(), s.name().to_string()))
-        .collect()
+    /// The plan as a map from IR op name to strategy name: the matrix ops' names, or the
+    /// convolution ops' for a convolution.
+    pub fn to_map(&self, conv: bool) -> BTreeMap<String, String> {
+        let names = PLAN_OPS[usize::from(conv)];
+        [self.spmm, self.spmm_t, self.sddmm, self.dense_grad]
+            .into_iter()
+            .zip(names)
+            .map(|(s, op)| (op.to_string(), s.name().to_string()))
+            .collect()
     }
 
-    /// Reads a map written by [`LayerPlan::to_map`]; missing ops take `auto`.
+    /// Reads a map written by [`LayerPlan::to_map`] (either op names: a checkpoint written
+    /// before convolutions had ops of their own names their roles with the matrix ops');
+    /// missing ops take `auto`.
     pub fn from_map(map: &BTreeMap<String, String>) -> std::result::Result<Self, String> {
-        let get = |op: &str| -> std::result::Result<Strategy, String> {
-            map.get(op).map_or(Ok(Strategy::Auto), |s| s.parse())
-        };
-        for op in map.keys() {
-            if !["spmm", "spmm_t", "sddmm", "dense_grad"].contains(&op.as_str()) {
-                return Err(format!("unknown op {op:?} in plan"));
-            }
+        let mut roles = [Strategy::Auto; 4];
+        for (op, strategy) in map {
+            let role = PLAN_OPS
+                .iter()
+                .find_map(|names| names.iter().position(|n| n == op))
+                .ok_or_else(|| format!("unknown op {op:?} in plan"))?;
+            roles[role] = strategy.parse()?;
         }
+        let [spmm, spmm_t, sddmm, dense_grad] = roles;
         Ok(LayerPlan {
-            spmm: get("spmm")?,
-            spmm_t: get("spmm_t")?,
-            sddmm: get("sddmm")?,
-            dense_grad: get("dense_grad")?,
+            spmm,
+            spmm_t,
+            sddmm,
+            dense_grad,
         })
     }
 }
@@ -73,107 +83,6 @@ impl LayerPlan {
 impl Default for LayerPlan {
     fn default() -> Self {
         LayerPlan::uniform(Strategy::Auto)
-    }
-}
-
-/// The geometry of a convolution whose weight matrix is unrolled (see [`ConvUnrolling`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ConvGeometry {
-    /// Input channels.
-    pub channels: usize,
-    /// Input height.
-    pub height: usize,
-    /// Input width.
-    pub width: usize,
-    /// Kernel size (`k × k`).
-    pub k: usize,
-    /// Stride.
-    pub stride: usize,
-    /// Zero padding.
-    pub padding: usize,
-    /// Output height.
-    pub out_h: usize,
-    /// Output width.
-    pub out_w: usize,
-}
-
-/// A convolution as one sparse matrix on the feature-major activations (a direct sparse
-/// convolution): the unrolled pattern `U` of `[out·P × C·H·W]` (`P = OH·OW` output
-/// positions) has, in row `(o, p)`, one entry per active weight `(o, c, ki, kj)` whose tap
-/// falls inside the input, at input row `(c, ih, iw)`. Then `Y = U·X` is the convolution with
-/// no im2col buffer, `dX = Uᵀ·dY` needs no col2im, and the weight gradient is the SDDMM on `U`
-/// summed over positions. `U`'s values and bias are gathered from the weights before each
-/// forward pass. Only the dense gradient (window steps) goes through im2col.
-struct ConvUnrolling {
-    geometry: ConvGeometry,
-    /// Launch of the dense gradient on `[out × C·k·k]` with the im2col matrix (`P·ld` columns).
-    dense_launch: Launch,
-    /// Weight-pattern hash `U` was built for.
-    built_for: Option<u64>,
-    pattern: Arc<Pattern>,
-    /// Weight index (CSR position in the weight values) of every entry of `U`.
-    src: Vec<u32>,
-    values: Vec<f32>,
-    bias: Vec<f32>,
-    grad: Vec<f32>,
-}
-
-impl ConvUnrolling {
-    fn positions(&self) -> usize {
-        self.geometry.out_h * self.geometry.out_w
-    }
-
-    /// Builds `U` for `weights` (rows = output channels, cols = `C·k·k`).
-    fn build(&mut self, weights: &Pattern) -> Result<()> {
-        let g = self.geometry;
-        let p_count = self.positions();
-        let rows = weights.rows() * p_count;
-        let cols = g.channels * g.height * g.width;
-        let mut row_ptr = Vec::with_capacity(rows + 1);
-        let mut col_idx = Vec::with_capacity(weights.nnz() * p_count);
-        let mut src = Vec::with_capacity(weights.nnz() * p_count);
-        row_ptr.push(0u32);
-        for o in 0..weights.rows() {
-            let range = weights.row_range(o);
-            for oh in 0..g.out_h {
-                for ow in 0..g.out_w {
-                    // Taps in (c, ki, kj) order have increasing input rows: sorted CSR.
-                    for k in range.clone() {
-                        let q = weights.col_idx()[k] as usize;
-                        let (c, ki, kj) = (q / (g.k * g.k), (q / g.k) % g.k, q % g.k);
-                        let ih = (oh * g.stride + ki) as isize - g.padding as isize;
-                        let iw = (ow * g.stride + kj) as isize - g.padding as isize;
-                        if ih < 0 || iw < 0 || ih >= g.height as isize || iw >= g.width as isize {
-                            continue;
-                        }
-                        col_idx.push(((c * g.height + ih as usize) * g.width + iw as usize) as u32);
-                        src.push(k as u32);
-                    }
-                    row_ptr.push(col_idx.len() as u32);
-                }
-            }
-        }
-        self.pattern = Arc::new(Pattern::from_csr(rows, cols, row_ptr, col_idx)?);
-        self.values.clear();
-        self.values.resize(src.len(), 0.0);
-        self.grad.clear();
-        self.grad.resize(src.len(), 0.0);
-        self.bias.clear();
-        self.bias.resize(rows, 0.0);
-        self.src = src;
-        self.built_for = Some(weights.hash());
-        Ok(())
-    }
-
-    /// Copies the weights and bias into `U`'s value and bias arrays.
-    fn refresh(&mut self, values: &[f32], bias: &[f32]) {
-        for (u, &k) in self.values.iter_mut().zip(&self.src) {
-            *u = values[k as usize];
-        }
-        let p = self.positions();
-        for (chunk, &b) in self.bias.chunks_exact_mut(p).zip(bias) {
-            chunk.fill(b);
-        }
     }
 }
 
@@ -202,7 +111,7 @@ pub(crate) struct CompiledOps<'a> {
 /// The kernels of one layer: what they compute (fused ReLU, whether the input gradient is
 /// needed), the batch launch and plan they are compiled for, the kernels of the current
 /// weight pattern, the dense-gradient kernel (which does not depend on the mask) and, for a
-/// convolution, its unrolling. Anything that changes what the kernels compute drops them;
+/// convolution, its geometry. Anything that changes what the kernels compute drops them;
 /// [`compile`](Self::compile) builds them again.
 pub(crate) struct LayerKernels {
     relu: bool,
@@ -211,7 +120,7 @@ pub(crate) struct LayerKernels {
     plan: LayerPlan,
     compiled: Option<PatternKernels>,
     dense_grad: Option<Kernel>,
-    unroll: Option<Box<ConvUnrolling>>,
+    conv: Option<ConvGeometry>,
 }
 
 impl LayerKernels {
@@ -224,7 +133,7 @@ impl LayerKernels {
             plan: LayerPlan::default(),
             compiled: None,
             dense_grad: None,
-            unroll: None,
+            conv: None,
         }
     }
 
@@ -253,40 +162,16 @@ impl LayerKernels {
         }
     }
 
-    /// Runs the layer as a direct sparse convolution of this geometry (see
-    /// [`ConvUnrolling`]): the kernels get the batch launch of
-    /// [`set_launch`](Self::set_launch), the dense gradient `dense_launch` (im2col columns).
-    pub(crate) fn set_unroll(
-        &mut self,
-        geometry: ConvGeometry,
-        dense_launch: Launch,
-    ) -> Result<()> {
-        self.unroll = Some(Box::new(ConvUnrolling {
-            geometry,
-            dense_launch,
-            built_for: None,
-            pattern: Arc::new(Pattern::empty(0, 0)?),
-            src: Vec::new(),
-            values: Vec::new(),
-            bias: Vec::new(),
-            grad: Vec::new(),
-        }));
+    /// Runs the layer as a convolution of this geometry: the convolution ops on the
+    /// `[out × C·k²]` weight pattern.
+    pub(crate) fn set_conv(&mut self, geometry: ConvGeometry) {
+        self.conv = Some(geometry);
         self.invalidate();
-        Ok(())
     }
 
-    #[cfg(feature = "opencl")]
-    /// Whether the layer runs as an unrolled convolution.
-    pub(crate) fn is_unrolled(&self) -> bool {
-        self.unroll.is_some()
-    }
-
-    /// The pattern the kernels run on: `weights`, or the unrolled convolution's.
-    pub(crate) fn kernel_pattern<'a>(&'a self, weights: &'a Arc<Pattern>) -> &'a Arc<Pattern> {
-        match &self.unroll {
-            Some(u) if u.built_for == Some(weights.hash()) => &u.pattern,
-            _ => weights,
-        }
+    /// The convolution geometry, for a convolution layer.
+    pub(crate) fn conv(&self) -> Option<&ConvGeometry> {
+        self.conv.as_ref()
     }
 
     /// The plan asked for at the next compilation.
@@ -331,15 +216,18 @@ impl LayerKernels {
     /// The strategies as a map from op name to strategy name (ops not compiled left out).
     pub(crate) fn strategies(&self) -> BTreeMap<String, String> {
         let mut map = BTreeMap::new();
+        let mut put = |k: &Kernel| {
+            map.insert(k.spec().op().name().into(), k.strategy().name().into());
+        };
         if let Some(k) = &self.compiled {
-            map.insert("spmm".into(), k.spmm.strategy().name().into());
+            put(&k.spmm);
             if let Some(t) = &k.spmm_t {
-                map.insert("spmm_t".into(), t.strategy().name().into());
+                put(t);
             }
-            map.insert("sddmm".into(), k.sddmm.strategy().name().into());
+            put(&k.sddmm);
         }
         if let Some(d) = &self.dense_grad {
-            map.insert("dense_grad".into(), d.strategy().name().into());
+            put(d);
         }
         map
     }
@@ -360,49 +248,50 @@ impl LayerKernels {
             RuntimeError::Config(format!("layer {name}: compiled before its batch was set"))
         })?;
         let start = std::time::Instant::now();
-        let pattern = match &mut self.unroll {
-            Some(u) => {
-                if u.built_for != Some(weight_hash) {
-                    u.build(weights)?;
-                }
-                u.pattern.clone()
-            }
-            None => weights.clone(),
-        };
-        let dense_launch = self.unroll.as_ref().map_or(launch, |u| u.dense_launch);
-        let spec_at = |op: Op, pattern: Arc<Pattern>, l: Launch| {
-            KernelSpec::new(
+        let pattern = weights.clone();
+        let conv = self.conv;
+        let spec = |op: Op, pattern: Arc<Pattern>| {
+            KernelSpec::with_geometry(
                 name.to_string(),
                 op,
                 pattern,
-                Dim::Fixed(l.batch),
-                Dim::Fixed(l.ld),
+                conv,
+                Dim::Fixed(launch.batch),
+                Dim::Fixed(launch.ld),
             )
         };
-        let spec = |op: Op, pattern: Arc<Pattern>| spec_at(op, pattern, launch);
-        let fwd = Op::Spmm {
-            bias: true,
-            relu: self.relu,
+        // The ops of the four roles: a convolution's, or a linear layer's.
+        let (fwd, bwd, grad, dense) = if conv.is_some() {
+            let fwd = Op::Conv {
+                bias: true,
+                relu: self.relu,
+            };
+            (fwd, Op::ConvT, Op::ConvGrad, Op::ConvDenseGrad)
+        } else {
+            let fwd = Op::Spmm {
+                bias: true,
+                relu: self.relu,
+            };
+            (fwd, Op::SpmmT, Op::Sddmm, Op::DenseGrad)
         };
         let spmm = compile_with_fallback(exec, &spec(fwd, pattern.clone())?, self.plan.spmm)?;
         let spmm_t = if self.needs_dx {
             Some(compile_with_fallback(
                 exec,
-                &spec(Op::SpmmT, pattern.clone())?,
+                &spec(bwd, pattern.clone())?,
                 self.plan.spmm_t,
             )?)
         } else {
             None
         };
-        let sddmm =
-            compile_with_fallback(exec, &spec(Op::Sddmm, pattern.clone())?, self.plan.sddmm)?;
+        let sddmm = compile_with_fallback(exec, &spec(grad, pattern.clone())?, self.plan.sddmm)?;
         if self.dense_grad.is_none() {
             // The dense gradient does not depend on the mask: compiled once per layer, on the
             // full pattern of the shape.
-            let empty = Arc::new(Pattern::dense(weights.rows(), weights.cols())?);
+            let full = Arc::new(Pattern::dense(weights.rows(), weights.cols())?);
             self.dense_grad = Some(compile_with_fallback(
                 exec,
-                &spec_at(Op::DenseGrad, empty, dense_launch)?,
+                &spec(dense, full)?,
                 self.plan.dense_grad,
             )?);
         }
@@ -416,8 +305,8 @@ impl LayerKernels {
     }
 
     /// `y = W·x + bias` (ReLU if fused) of layer `name` with parameters `params`, on
-    /// `cols × ld` and `rows × ld` buffers (for an unrolled convolution: `[C·H·W × ld]` and
-    /// `[out·P × ld]`).
+    /// `cols × ld` and `rows × ld` buffers (for a convolution: `[C·H·W × ld]` and
+    /// `[out·OH·OW × ld]`).
     pub(crate) fn forward(
         &mut self,
         name: &str,
@@ -427,19 +316,12 @@ impl LayerKernels {
     ) -> Result<()> {
         let hash = params.pattern.hash();
         let (k, launch) = current(&self.compiled, self.launch, name, hash)?;
-        let (values, bias) = match &mut self.unroll {
-            Some(u) => {
-                u.refresh(&params.values, &params.bias);
-                (&u.values, &u.bias)
-            }
-            None => (&params.values, &params.bias),
-        };
         k.spmm.run(
             launch,
             Args::Spmm {
-                values,
+                values: &params.values,
                 x,
-                bias: Some(bias),
+                bias: Some(&params.bias),
                 y,
             },
         )?;
@@ -449,7 +331,6 @@ impl LayerKernels {
     /// The backward pass of layer `name` given the upstream gradient `dy` (of the layer's
     /// output, after the fused ReLU): masks `dy` by the ReLU (in place), writes the bias
     /// gradient and the weight gradient by `mode` into `sgd`, and `dx = Wᵀ·dy` if asked for.
-    /// An unrolled convolution needs the im2col matrix `xcol` for the dense gradient.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         &mut self,
@@ -457,7 +338,6 @@ impl LayerKernels {
         params: &WeightParams,
         sgd: &mut SgdState<Vec<f32>>,
         x: &[f32],
-        xcol: Option<&[f32]>,
         y: &[f32],
         dy: &mut [f32],
         dx: Option<&mut [f32]>,
@@ -476,63 +356,28 @@ impl LayerKernels {
             }
             row_sum(&d[..batch.min(d.len())])
         });
-        match &self.unroll {
-            Some(u) => {
-                let p = u.positions();
-                for g in sgd.bias_grad.iter_mut() {
-                    *g = sums.by_ref().take(p).sum();
-                }
-            }
-            None => {
-                for g in sgd.bias_grad.iter_mut() {
-                    *g = sums.next().unwrap_or(0.0);
-                }
-            }
+        // A convolution's bias gradient sums its channel's positions.
+        let positions = self.conv.map_or(1, |g| g.out_positions());
+        for g in sgd.bias_grad.iter_mut() {
+            *g = sums.by_ref().take(positions).sum();
         }
         // Rows past the bias (none in a well-formed buffer) still get the ReLU mask.
         sums.for_each(drop);
         match mode {
-            WeightGradMode::Active => match &mut self.unroll {
-                Some(u) => {
-                    k.sddmm.run(
-                        launch,
-                        Args::Sddmm {
-                            dy,
-                            x,
-                            dw: &mut u.grad,
-                        },
-                    )?;
-                    sgd.grad.fill(0.0);
-                    for (&g, &w) in u.grad.iter().zip(&u.src) {
-                        sgd.grad[w as usize] += g;
-                    }
-                }
-                None => k.sddmm.run(
-                    launch,
-                    Args::Sddmm {
-                        dy,
-                        x,
-                        dw: &mut sgd.grad,
-                    },
-                )?,
-            },
+            WeightGradMode::Active => k.sddmm.run(
+                launch,
+                Args::Sddmm {
+                    dy,
+                    x,
+                    dw: &mut sgd.grad,
+                },
+            )?,
             WeightGradMode::Dense => {
                 let kernel = self.dense_grad.as_ref().ok_or_else(|| {
                     RuntimeError::Config(format!("layer {name}: dense_grad not compiled"))
                 })?;
-                let (x, dense_launch) = match &self.unroll {
-                    Some(u) => (
-                        xcol.ok_or_else(|| {
-                            RuntimeError::Config(format!(
-                                "layer {name}: the dense gradient needs the im2col matrix"
-                            ))
-                        })?,
-                        u.dense_launch,
-                    ),
-                    None => (x, launch),
-                };
                 kernel.run(
-                    dense_launch,
+                    launch,
                     Args::DenseGrad {
                         dy,
                         x,
@@ -551,11 +396,14 @@ impl LayerKernels {
                     "layer {name}: asked for the input gradient of a layer built without it"
                 ))
             })?;
-            let values = match &self.unroll {
-                Some(u) => &u.values,
-                None => &params.values,
-            };
-            t.run(launch, Args::SpmmT { values, dy, dx })?;
+            t.run(
+                launch,
+                Args::SpmmT {
+                    values: &params.values,
+                    dy,
+                    dx,
+                },
+            )?;
         }
         Ok(())
     }

@@ -39,7 +39,6 @@ use sparse_ir::{Launch, Pattern};
 
 #[cfg(feature = "opencl")]
 pub(crate) use kernels::CompiledOps;
-pub(crate) use kernels::ConvGeometry;
 use kernels::LayerKernels;
 pub use kernels::LayerPlan;
 pub use optimiser::SgdConfig;
@@ -360,20 +359,15 @@ impl SparseWeights {
         self.kernels.set_launch(launch);
     }
 
-    /// Runs the layer as a direct sparse convolution of this geometry: the kernels get the
-    /// batch launch of [`set_launch`](Self::set_launch), the dense gradient `dense_launch`
-    /// (im2col columns).
-    pub(crate) fn set_unroll(
-        &mut self,
-        geometry: ConvGeometry,
-        dense_launch: Launch,
-    ) -> Result<()> {
-        self.kernels.set_unroll(geometry, dense_launch)
+    /// Runs the layer as a convolution of this geometry (the convolution ops on the weight
+    /// pattern).
+    pub(crate) fn set_conv(&mut self, geometry: sparse_ir::ConvGeometry) {
+        self.kernels.set_conv(geometry)
     }
 
-    /// The pattern the kernels run on: the weights', or the unrolled convolution's.
-    pub fn kernel_pattern(&self) -> &Arc<Pattern> {
-        self.kernels.kernel_pattern(&self.params.pattern)
+    /// The convolution geometry, for a convolution layer.
+    pub fn conv_geometry(&self) -> Option<&sparse_ir::ConvGeometry> {
+        self.kernels.conv()
     }
 
     /// Sets the plan to ask for at the next compilation (kernels already compiled stay until
@@ -406,28 +400,17 @@ impl SparseWeights {
 
     /// The backward pass given the upstream gradient `dy` (of the layer's output, after the
     /// fused ReLU): masks `dy` by the ReLU (in place), computes the bias gradient, the weight
-    /// gradient by `mode`, and `dx = Wᵀ·dy` if asked for. An unrolled convolution needs the
-    /// im2col matrix `xcol` for the dense gradient.
+    /// gradient by `mode`, and `dx = Wᵀ·dy` if asked for.
     pub(crate) fn backward(
         &mut self,
         x: &[f32],
-        xcol: Option<&[f32]>,
         y: &[f32],
         dy: &mut [f32],
         dx: Option<&mut [f32]>,
         mode: WeightGradMode,
     ) -> Result<()> {
-        self.kernels.backward(
-            &self.name,
-            &self.params,
-            &mut self.sgd,
-            x,
-            xcol,
-            y,
-            dy,
-            dx,
-            mode,
-        )
+        self.kernels
+            .backward(&self.name, &self.params, &mut self.sgd, x, y, dy, dx, mode)
     }
 
     /// One SGD step on the active weights, the bias and (after a dense backward pass) the
@@ -442,10 +425,9 @@ impl SparseWeights {
     }
 
     #[cfg(feature = "opencl")]
-    /// Whether the layer runs as an unrolled convolution (its kernels' pattern is not the
-    /// weights').
-    pub(crate) fn is_unrolled(&self) -> bool {
-        self.kernels.is_unrolled()
+    /// Whether the layer is a convolution.
+    pub(crate) fn is_conv(&self) -> bool {
+        self.kernels.conv().is_some()
     }
 
     #[cfg(feature = "opencl")]
