@@ -4,9 +4,13 @@
 //! Input: `--mask FILE` (`.npy`; `.safetensors` with `--tensor NAME`; `.sir` with
 //! `--pattern NAME` where it holds several), `--checkpoint PATH --layer NAME` (a checkpoint
 //! folder, or a `--checkpoint-dir` meaning its latest), or `--random RxC --density D
-//! [--seed S]`. Choice: `--op`, `--batch` (repeatable), `--backend`, `--strategy`. Output:
+//! [--seed S]`. A 4-D mask (`[out, in, k, k]`, or `--random OxCxKxK`) is a convolution: it
+//! needs `--input HxW` (and takes `--stride S`, `--padding P`), and its ops are the
+//! convolution ops. Choice: `--op`, `--batch` (repeatable), `--backend`, `--strategy`. Output:
 //! repeatable `--emit ir|clif|vcode|asm|opencl|rust|plan|stats` (default `plan` and `stats`),
-//! to stdout or one file per artefact under `--out DIR`.
+//! to stdout or one file per artefact under `--out DIR`; for a convolution, what has no
+//! convolution code (the JIT's `clif`/`vcode`/`asm`, `rust`, OpenCL `table`/`unrolled`) says
+//! so in one line.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -21,22 +25,24 @@ use codegen_opencl::{DeviceProfile, EmitOptions, KernelLifetime};
 use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::rust_emit::{emit_spmm, RustKernel};
 use sparse_ir::text::Module;
-use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Role, Strategy};
+use sparse_ir::{
+    Args, BackendError, ConvGeometry, Dim, KernelSpec, Launch, Op, Pattern, Role, Strategy,
+};
 
 /// What to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Emit {
     /// The `.sir` text of the pattern and the kernels.
     Ir,
-    /// Cranelift IR of every JIT function.
+    /// Cranelift IR of every JIT function (the JIT has no convolution code).
     Clif,
     /// Cranelift's listing of the final machine instructions (VCode).
     Vcode,
     /// x86-64 assembly of the JIT code.
     Asm,
-    /// The emitted OpenCL C.
+    /// The emitted OpenCL C (convolutions: strategy `csr` only).
     Opencl,
-    /// What `sparse_kernel!` expands to for this mask.
+    /// What `sparse_kernel!` expands to for this mask (matrices only).
     Rust,
     /// The planner's choice per op and batch, with predicted and measured times.
     Plan,
@@ -47,15 +53,23 @@ pub enum Emit {
 /// An op as the command line spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OpArg {
-    /// Forward product.
+    /// Forward product (a 2-D mask).
     Spmm,
-    /// Backward-data product.
+    /// Backward-data product (a 2-D mask).
     SpmmT,
-    /// Weight gradient on the pattern.
+    /// Weight gradient on the pattern (a 2-D mask).
     Sddmm,
-    /// Dense weight gradient.
+    /// Dense weight gradient (a 2-D mask).
     DenseGrad,
-    /// Every op.
+    /// Forward convolution (a 4-D mask).
+    Conv,
+    /// Backward-data convolution (a 4-D mask).
+    ConvT,
+    /// Convolution weight gradient on the pattern (a 4-D mask).
+    ConvGrad,
+    /// Dense convolution weight gradient (a 4-D mask).
+    ConvDenseGrad,
+    /// Every op of the mask's kind (matrix or convolution).
     All,
 }
 
@@ -77,9 +91,17 @@ pub enum DeviceArg {
     Nvidia,
 }
 
-/// Shows what sparsejit generates for a mask.
+/// Shows what sparsejit generates for a mask: a matrix (2-D `[out, in]`) or a convolution
+/// (4-D `[out, in, k, k]`, with `--input HxW`).
 #[derive(Debug, Parser)]
-#[command(name = "kernel-dump", version)]
+#[command(
+    name = "kernel-dump",
+    version,
+    after_help = "Examples:
+  kernel-dump --random 300x784 --density 0.05 --op spmm --emit plan
+  kernel-dump --random 64x32x3x3 --density 0.1 --input 32x32 --padding 1 --op conv --emit ir --emit plan
+  kernel-dump --mask conv1.npy --input 28x28 --stride 2 --op conv --emit opencl"
+)]
 pub struct Cli {
     /// A mask file: `.npy`, `.safetensors` (with `--tensor`) or `.sir` (with `--pattern`).
     #[arg(long, conflicts_with_all = ["checkpoint", "random"])]
@@ -96,8 +118,9 @@ pub struct Cli {
     /// The layer of the checkpoint; also the layer name used in dumps.
     #[arg(long)]
     pub layer: Option<String>,
-    /// A random mask of this shape, e.g. `300x784`.
-    #[arg(long, requires = "density")]
+    /// A random mask of this shape: `RxC` for a matrix (e.g. `300x784`), or `OxCxKxK` for a
+    /// convolution's `[out, in, k, k]` weights (e.g. `64x32x3x3`; needs `--input`).
+    #[arg(long, requires = "density", value_name = "SHAPE")]
     pub random: Option<String>,
     /// Density of the random mask, in (0, 1].
     #[arg(long)]
@@ -105,13 +128,24 @@ pub struct Cli {
     /// Seed of the random mask.
     #[arg(long, default_value_t = 17)]
     pub seed: u64,
-    /// Which op.
+    /// The input of a convolution, `HxW` (height x width, e.g. `32x32`): required for a 4-D
+    /// mask, refused for a 2-D one (a `.sir` pattern that a convolution kernel uses takes that
+    /// kernel's geometry, which `--input`, `--stride` and `--padding` change).
+    #[arg(long, value_name = "HxW")]
+    pub input: Option<String>,
+    /// The stride of a convolution, in both directions [default: 1].
+    #[arg(long, value_name = "S", requires = "input")]
+    pub stride: Option<usize>,
+    /// The zero padding of a convolution, on every side [default: 0].
+    #[arg(long, value_name = "P", requires = "input")]
+    pub padding: Option<usize>,
+    /// Which op: a matrix op for a 2-D mask, a convolution op for a 4-D one.
     #[arg(long, value_enum, default_value = "all")]
     pub op: OpArg,
-    /// `spmm` with a bias epilogue.
+    /// `spmm` or `conv` with a bias epilogue.
     #[arg(long)]
     pub bias: bool,
-    /// `spmm` with a ReLU epilogue.
+    /// `spmm` or `conv` with a ReLU epilogue.
     #[arg(long)]
     pub relu: bool,
     /// `--emit rust`: also emit the fused multiply-add version (`sparse_kernel!`'s `fma = true`).
@@ -165,7 +199,28 @@ pub struct Input {
     pub pattern: Arc<Pattern>,
     /// Where it came from, in words.
     pub source: String,
+    /// The mask's shape: `[rows, cols]` for a matrix, `[out, in, k, k]` for a convolution
+    /// (whose pattern is `out × in·k·k`).
+    pub shape: Vec<usize>,
+    /// A convolution's geometry (the 4-D shape with `--input`, `--stride` and `--padding`);
+    /// `None` for a matrix.
+    pub geometry: Option<ConvGeometry>,
 }
+
+impl Input {
+    /// Whether the mask is a convolution's.
+    pub fn is_conv(&self) -> bool {
+        self.geometry.is_some()
+    }
+}
+
+/// The most entries (`rows·cols`) of a `--random` mask: drawing one costs a random number per
+/// entry.
+pub const RANDOM_ENTRIES_MAX: usize = 1 << 26;
+
+/// The most `f32` elements of one operand that `--emit plan` allocates to time kernels
+/// (512 MiB).
+pub const OPERAND_ELEMENTS_MAX: usize = 1 << 27;
 
 /// Runs the command line: computes every artefact, then prints or writes them.
 pub fn run(cli: &Cli) -> Result<()> {
@@ -193,7 +248,8 @@ pub fn run(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-/// Reads the input the command line names.
+/// Reads the input the command line names; a 4-D mask gets its geometry from `--input`,
+/// `--stride` and `--padding`.
 pub fn load_input(cli: &Cli) -> Result<Input> {
     if let Some(path) = &cli.mask {
         return load_mask(path, cli);
@@ -203,40 +259,168 @@ pub fn load_input(cli: &Cli) -> Result<Input> {
             .layer
             .as_deref()
             .ok_or_else(|| anyhow!("--checkpoint needs --layer NAME"))?;
-        return load_checkpoint_layer(dir, layer);
+        return load_checkpoint_layer(dir, layer, cli);
     }
-    if let Some(shape) = &cli.random {
-        let (rows, cols) = parse_shape(shape)?;
+    if let Some(shape_text) = &cli.random {
+        let shape = parse_shape(shape_text)?;
         let density = cli
             .density
             .ok_or_else(|| anyhow!("--random needs --density D"))?;
         if !(density > 0.0 && density <= 1.0) {
             bail!("--density {density} is outside (0, 1]");
         }
+        let what = format!("--random {shape_text}");
+        // `parse_shape` checked that `rows·cols` fits RANDOM_ENTRIES_MAX; the geometry is
+        // checked before anything is drawn.
+        let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+        let geometry = geometry_for(cli, &what, &shape, rows, cols, None)?;
         let pattern = Pattern::random(rows, cols, density, cli.seed)?;
         return Ok(Input {
             layer: cli.layer.clone().unwrap_or_else(|| "random".into()),
             pattern: Arc::new(pattern),
-            source: format!("random {rows}x{cols}, density {density}, seed {}", cli.seed),
+            source: format!(
+                "random {}, density {density}, seed {}",
+                shape_string(&shape),
+                cli.seed
+            ),
+            shape,
+            geometry,
         });
     }
-    bail!("no input: give --mask FILE, --checkpoint PATH --layer NAME, or --random RxC --density D")
+    bail!(
+        "no input: give --mask FILE, --checkpoint PATH --layer NAME, or --random RxC (or \
+         OxCxKxK with --input HxW) --density D"
+    )
 }
 
-fn parse_shape(shape: &str) -> Result<(usize, usize)> {
-    let (r, c) = shape
-        .split_once('x')
-        .ok_or_else(|| anyhow!("--random {shape:?}: expected ROWSxCOLS, e.g. 300x784"))?;
+/// `300x784`, `8x4x3x3`.
+fn shape_string(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join("x")
+}
+
+/// Parses `--random`: `RxC` or `OxCxKxK`, every dimension at least 1, at most
+/// [`RANDOM_ENTRIES_MAX`] entries.
+fn parse_shape(shape: &str) -> Result<Vec<usize>> {
+    let parts: Vec<&str> = shape.split('x').collect();
+    if parts.len() != 2 && parts.len() != 4 {
+        bail!(
+            "--random {shape:?}: expected ROWSxCOLS (e.g. 300x784) or, for a convolution, \
+             OUTxINxKxK (e.g. 64x32x3x3)"
+        );
+    }
+    let dims = parts
+        .iter()
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| anyhow!("--random {shape:?}: {s:?} is not a whole number"))
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    if dims.contains(&0) {
+        bail!("--random {shape:?}: every dimension must be at least 1");
+    }
+    let entries = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= RANDOM_ENTRIES_MAX);
+    if entries.is_none() {
+        bail!(
+            "--random {shape:?}: more than {RANDOM_ENTRIES_MAX} entries, the most kernel-dump \
+             draws at random"
+        );
+    }
+    Ok(dims)
+}
+
+/// Parses `--input HxW`.
+fn parse_input(text: &str) -> Result<(usize, usize)> {
     let parse = |s: &str| -> Result<usize> {
         s.trim()
             .parse::<usize>()
-            .map_err(|_| anyhow!("--random {shape:?}: {s:?} is not a whole number"))
+            .map_err(|_| anyhow!("--input {text:?}: {s:?} is not a whole number"))
     };
-    let (rows, cols) = (parse(r)?, parse(c)?);
-    if rows == 0 || cols == 0 {
-        bail!("--random {shape:?}: rows and columns must be at least 1");
+    match text.split_once('x') {
+        Some((h, w)) => Ok((parse(h)?, parse(w)?)),
+        None => bail!("--input {text:?}: expected HEIGHTxWIDTH, e.g. 32x32"),
     }
-    Ok((rows, cols))
+}
+
+/// The geometry of the mask `what` of `shape` (a `rows × cols` pattern): `None` for a 2-D
+/// mask (which refuses `--input`), else from the 4-D shape, or from the `.sir` kernel
+/// `from_ir`, with `--input`, `--stride` and `--padding`; checked against the pattern.
+fn geometry_for(
+    cli: &Cli,
+    what: &str,
+    shape: &[usize],
+    rows: usize,
+    cols: usize,
+    from_ir: Option<ConvGeometry>,
+) -> Result<Option<ConvGeometry>> {
+    let input = cli.input.as_deref().map(parse_input).transpose()?;
+    let mut g = match (shape, from_ir) {
+        (_, Some(g)) => g,
+        (&[_, _], None) => {
+            if let Some(text) = &cli.input {
+                bail!(
+                    "--input {text} is for a convolution, but {what} is a 2-D mask ({}): a \
+                     convolution needs a 4-D [out, in, k, k] mask or --random OxCxKxK",
+                    shape_string(shape)
+                );
+            }
+            return Ok(None);
+        }
+        (&[_, in_channels, kh, kw], None) => {
+            if kh != kw {
+                bail!(
+                    "{what} has shape {}: a convolution's window must be square (kh = kw), \
+                     this one is {kh}x{kw}",
+                    shape_string(shape)
+                );
+            }
+            let (height, width) = input.ok_or_else(|| {
+                anyhow!(
+                    "{what} is a 4-D mask ({}), a convolution: give its input size with \
+                     --input HxW (and --stride S, --padding P unless they are 1 and 0)",
+                    shape_string(shape)
+                )
+            })?;
+            ConvGeometry {
+                in_channels,
+                height,
+                width,
+                kernel: kh,
+                stride: 1,
+                padding: 0,
+            }
+        }
+        _ => bail!(
+            "{what} has shape {}: a mask is 2-D [out, in] or 4-D [out, in, k, k]",
+            shape_string(shape)
+        ),
+    };
+    if let Some((height, width)) = input {
+        (g.height, g.width) = (height, width);
+    }
+    if let Some(stride) = cli.stride {
+        g.stride = stride;
+    }
+    if let Some(padding) = cli.padding {
+        g.padding = padding;
+    }
+    g.check(rows, cols).map_err(|problem| {
+        anyhow!(
+            "{what} with --input {}x{} --stride {} --padding {}: {problem}",
+            g.height,
+            g.width,
+            g.stride,
+            g.padding
+        )
+    })?;
+    Ok(Some(g))
 }
 
 fn sanitize_layer(name: &str) -> String {
@@ -282,13 +466,40 @@ fn load_mask(path: &Path, cli: &Cli) -> Result<Input> {
                 names.join(", ")
             )
         })?;
+        // A pattern that a convolution kernel of the file uses is a convolution's: its
+        // geometry is that kernel's, unless the command line changes it.
+        let from_ir = module
+            .kernels()
+            .iter()
+            .filter(|k| k.pattern_name() == name)
+            .find_map(|k| k.spec().geometry().copied());
+        let shape = match &from_ir {
+            Some(g) => vec![pattern.rows(), g.in_channels, g.kernel, g.kernel],
+            None => vec![pattern.rows(), pattern.cols()],
+        };
+        let what = format!("{} pattern {name}", path.display());
+        let geometry = geometry_for(cli, &what, &shape, pattern.rows(), pattern.cols(), from_ir)?;
         return Ok(Input {
             layer: cli.layer.clone().unwrap_or_else(|| name.clone()),
             pattern,
-            source: format!("{} pattern {name}", path.display()),
+            source: what,
+            shape,
+            geometry,
         });
     }
     let loaded = sparse_ir::mask_io::read_mask(path, cli.tensor.as_deref())?;
+    let what = match &loaded.tensor {
+        Some(t) => format!("{} tensor {t}", path.display()),
+        None => path.display().to_string(),
+    };
+    let geometry = geometry_for(
+        cli,
+        &what,
+        &loaded.shape,
+        loaded.pattern.rows(),
+        loaded.pattern.cols(),
+        None,
+    )?;
     let default_layer = cli
         .tensor
         .as_deref()
@@ -306,6 +517,8 @@ fn load_mask(path: &Path, cli: &Cli) -> Result<Input> {
             .unwrap_or_else(|| sanitize_layer(&default_layer)),
         pattern: Arc::new(loaded.pattern),
         source: format!("{} (shape {:?})", path.display(), loaded.shape),
+        shape: loaded.shape,
+        geometry,
     })
 }
 
@@ -316,12 +529,20 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     Ok(sparse_ir::mask_io::resolve_checkpoint(path)?)
 }
 
-fn load_checkpoint_layer(path: &Path, layer: &str) -> Result<Input> {
+fn load_checkpoint_layer(path: &Path, layer: &str, cli: &Cli) -> Result<Input> {
     let folder = resolve_checkpoint(path)?;
     let file = folder.join(sparse_ir::mask_io::MODEL_FILE);
     let tensor = format!("{layer}.mask");
     let loaded = sparse_ir::mask_io::read_mask(&file, Some(&tensor))
         .map_err(|e| anyhow!("layer {layer}: {e}"))?;
+    let geometry = geometry_for(
+        cli,
+        &format!("layer {layer}"),
+        &loaded.shape,
+        loaded.pattern.rows(),
+        loaded.pattern.cols(),
+        None,
+    )?;
     Ok(Input {
         layer: sanitize_layer(layer),
         pattern: Arc::new(loaded.pattern),
@@ -330,20 +551,56 @@ fn load_checkpoint_layer(path: &Path, layer: &str) -> Result<Input> {
             file.display(),
             loaded.shape
         ),
+        shape: loaded.shape,
+        geometry,
     })
 }
 
-fn ops(cli: &Cli) -> Vec<Op> {
-    let spmm = Op::Spmm {
-        bias: cli.bias,
-        relu: cli.relu,
+/// The ops `--op` names for `input`: matrix ops for a 2-D mask, convolution ops for a 4-D one.
+fn ops(cli: &Cli, input: &Input) -> Result<Vec<Op>> {
+    let (bias, relu) = (cli.bias, cli.relu);
+    let matrix = [Op::Spmm { bias, relu }, Op::SpmmT, Op::Sddmm, Op::DenseGrad];
+    let conv = [
+        Op::Conv { bias, relu },
+        Op::ConvT,
+        Op::ConvGrad,
+        Op::ConvDenseGrad,
+    ];
+    let op = match cli.op {
+        OpArg::All if input.is_conv() => return Ok(conv.to_vec()),
+        OpArg::All => return Ok(matrix.to_vec()),
+        OpArg::Spmm => matrix[0],
+        OpArg::SpmmT => matrix[1],
+        OpArg::Sddmm => matrix[2],
+        OpArg::DenseGrad => matrix[3],
+        OpArg::Conv => conv[0],
+        OpArg::ConvT => conv[1],
+        OpArg::ConvGrad => conv[2],
+        OpArg::ConvDenseGrad => conv[3],
     };
-    match cli.op {
-        OpArg::Spmm => vec![spmm],
-        OpArg::SpmmT => vec![Op::SpmmT],
-        OpArg::Sddmm => vec![Op::Sddmm],
-        OpArg::DenseGrad => vec![Op::DenseGrad],
-        OpArg::All => vec![spmm, Op::SpmmT, Op::Sddmm, Op::DenseGrad],
+    let names = |ops: &[Op]| {
+        ops.iter()
+            .map(|op| op.cli_name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (op.is_conv(), input.is_conv()) {
+        (false, true) => bail!(
+            "--op {} is a matrix op, but {} is a convolution ({}): use {} or all",
+            op.cli_name(),
+            input.layer,
+            shape_string(&input.shape),
+            names(&conv)
+        ),
+        (true, false) => bail!(
+            "--op {} is a convolution op, but {} is a 2-D mask ({}): use {} or all (a \
+             convolution needs a 4-D [out, in, k, k] mask and --input HxW)",
+            op.cli_name(),
+            input.layer,
+            shape_string(&input.shape),
+            names(&matrix)
+        ),
+        _ => Ok(vec![op]),
     }
 }
 
@@ -387,13 +644,14 @@ pub fn artefacts(cli: &Cli) -> Result<Vec<Artefact>> {
         _ => {}
     }
     let mut specs = Vec::new();
-    for op in ops(cli) {
+    for op in ops(cli, &input)? {
         for &batch in &cli.batches {
             let ld = ld_for(cli, batch)?;
-            let spec = KernelSpec::new(
+            let spec = KernelSpec::with_geometry(
                 &input.layer,
                 op,
                 input.pattern.clone(),
+                input.geometry,
                 Dim::Fixed(batch),
                 Dim::Fixed(ld),
             )
@@ -430,18 +688,94 @@ fn spec_tag(spec: &KernelSpec) -> String {
     format!("{}.{}.b{}", spec.layer(), spec.op().name(), spec.batch())
 }
 
+/// ` (input=CxHxW kernel=K stride=S padding=P)` for a convolution, else nothing.
+fn geometry_suffix(spec: &KernelSpec) -> String {
+    spec.geometry()
+        .map(|g| format!(" ({g})"))
+        .unwrap_or_default()
+}
+
+/// The geometry line of `plan` and `stats`: the geometry and the output's shape.
+fn geometry_line(input: &Input) -> Option<String> {
+    let g = input.geometry?;
+    Some(format!(
+        "convolution {g}: output {}x{}x{}, {} input features, {} output features",
+        input.pattern.rows(),
+        g.out_height(),
+        g.out_width(),
+        g.in_channels * g.in_positions(),
+        input.pattern.rows() * g.out_positions()
+    ))
+}
+
+/// What one error of a kernel that did not compile says: for a convolution that a strategy
+/// cannot run, `not available for convolutions: <reason>`.
+fn unavailable(spec: &KernelSpec, e: &anyhow::Error) -> String {
+    match e.downcast_ref::<BackendError>() {
+        Some(BackendError::Unsupported { reason, .. }) if spec.geometry().is_some() => {
+            format!("not available for convolutions: {reason}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Checks that the operands `--emit plan` allocates to time `spec` stay within
+/// [`OPERAND_ELEMENTS_MAX`] elements each.
+fn check_operand_sizes(spec: &KernelSpec) -> Result<()> {
+    let ld = match spec.ld() {
+        Dim::Fixed(ld) => ld,
+        Dim::Any => return Ok(()),
+    };
+    let p = spec.pattern();
+    let mut sizes = vec![
+        ("the input", spec.in_features().checked_mul(ld)),
+        ("the output", spec.out_features().checked_mul(ld)),
+        ("the dense gradient", p.rows().checked_mul(p.cols())),
+    ];
+    if let Some(g) = spec.geometry() {
+        // The dense convolution's unfolded input: C·k² rows of OH·OW positions per column.
+        let unfolded = p
+            .cols()
+            .checked_mul(g.out_positions())
+            .and_then(|n| n.checked_mul(ld));
+        sizes.push(("the dense convolution's unfolded input", unfolded));
+    }
+    for (what, n) in sizes {
+        if n.is_none_or(|n| n > OPERAND_ELEMENTS_MAX) {
+            bail!(
+                "{} batch {} ld {ld}{}: {what} would have more than {OPERAND_ELEMENTS_MAX} \
+                 elements, too many to time; use --no-measure, or a smaller --batch or input",
+                spec.op(),
+                spec.batch(),
+                geometry_suffix(spec)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The `.sir` text: the pattern and one kernel line per op and batch.
 pub fn ir_text(input: &Input, specs: &[KernelSpec]) -> Result<String> {
     let mut module = Module::new();
     module.add_pattern(&input.layer, input.pattern.clone())?;
     for spec in specs {
-        module.add_kernel(
-            spec.layer(),
-            spec.op(),
-            &input.layer,
-            spec.batch(),
-            spec.ld(),
-        )?;
+        match spec.geometry() {
+            Some(&g) => module.add_conv_kernel(
+                spec.layer(),
+                spec.op(),
+                &input.layer,
+                g,
+                spec.batch(),
+                spec.ld(),
+            )?,
+            None => module.add_kernel(
+                spec.layer(),
+                spec.op(),
+                &input.layer,
+                spec.batch(),
+                spec.ld(),
+            )?,
+        };
     }
     Ok(sparse_ir::text::print(&module))
 }
@@ -463,7 +797,17 @@ fn jit_artefacts(input: &Input, specs: &[KernelSpec], emit: Emit) -> Result<Vec<
         let file = format!("{}.{ext}", spec_tag(spec));
         let kernel = match JitKernel::compile_with(spec, &options) {
             Ok(k) => k,
-            Err(sparse_ir::BackendError::Unsupported { reason, .. }) => {
+            Err(BackendError::Unsupported { reason, .. }) if spec.geometry().is_some() => {
+                out.push(Artefact {
+                    file,
+                    text: format!(
+                        ";; {}: not available for convolutions: {reason}\n",
+                        spec.op()
+                    ),
+                });
+                continue;
+            }
+            Err(BackendError::Unsupported { reason, .. }) => {
                 out.push(Artefact {
                     file,
                     text: format!(";; no JIT code for {}: {reason}\n", spec.op()),
@@ -473,9 +817,10 @@ fn jit_artefacts(input: &Input, specs: &[KernelSpec], emit: Emit) -> Result<Vec<
             Err(e) => return Err(e.into()),
         };
         let mut text = format!(
-            ";; layer {}, {}, batch {}, ld {}, pattern {}x{} nnz={} hash={:016x} ({})\n",
+            ";; layer {}, {}{}, batch {}, ld {}, pattern {}x{} nnz={} hash={:016x} ({})\n",
             spec.layer(),
             spec.op(),
+            geometry_suffix(spec),
             spec.batch(),
             spec.ld(),
             input.pattern.rows(),
@@ -523,17 +868,38 @@ fn opencl_artefacts(cli: &Cli, _input: &Input, specs: &[KernelSpec]) -> Result<V
                 codegen_opencl::plan::plan(spec, &profile, &opts, KernelLifetime::Lasting).strategy
             }
         };
-        let emitted = codegen_opencl::emit::emit(spec, strategy, &profile, &opts)?;
-        out.push(Artefact {
-            file: format!("{}.{}.cl", spec_tag(spec), strategy),
-            text: emitted.listing(),
-        });
+        let file = format!("{}.{}.cl", spec_tag(spec), strategy);
+        match codegen_opencl::emit::emit(spec, strategy, &profile, &opts) {
+            Ok(emitted) => out.push(Artefact {
+                file,
+                text: emitted.listing(),
+            }),
+            Err(BackendError::Unsupported { reason, .. }) if spec.geometry().is_some() => {
+                out.push(Artefact {
+                    file,
+                    text: format!(
+                        "// {} ({strategy}): not available for convolutions: {reason}\n",
+                        spec.op()
+                    ),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(out)
 }
 
-/// What `sparse_kernel!` expands to for this mask (spmm with the chosen epilogue, batch `any`).
+/// What `sparse_kernel!` expands to for this mask (spmm with the chosen epilogue, batch `any`);
+/// for a convolution, a one-line note that it has none.
 pub fn rust_artefact(input: &Input, cli: &Cli) -> Result<Artefact> {
+    if input.is_conv() {
+        return Ok(Artefact {
+            file: format!("{}.rs", input.layer),
+            text: "// not available for convolutions: sparse_kernel! emits matrix products \
+                   (spmm) only\n"
+                .into(),
+        });
+    }
     let name = input.layer.replace(['-', '.'], "_");
     let batch = match cli.batches.as_slice() {
         [one] => Some(*one),
@@ -557,6 +923,9 @@ pub fn rust_artefact(input: &Input, cli: &Cli) -> Result<Artefact> {
 
 fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
     let mut text = format!("layer {} ({})\n", input.layer, input.source);
+    if let Some(line) = geometry_line(input) {
+        let _ = writeln!(text, "{line}");
+    }
     match cli.backend {
         BackendArg::Opencl => {
             let profile = cl_profile(cli);
@@ -587,6 +956,11 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
                 backend.set_plan_timing(PlanTiming::Off);
             }
             let _ = writeln!(text, "backend cpu, {}", backend.device());
+            if !cli.no_measure {
+                for spec in specs {
+                    check_operand_sizes(spec)?;
+                }
+            }
             for spec in specs {
                 let plan = backend
                     .plan(spec)
@@ -613,7 +987,8 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
                                 let _ = write!(text, " {strategy} {us:.2} µs;");
                             }
                             Err(e) => {
-                                let _ = write!(text, " {strategy} n/a ({e});");
+                                let _ =
+                                    write!(text, " {strategy} n/a ({});", unavailable(spec, &e));
                             }
                         }
                     }
@@ -691,6 +1066,9 @@ pub fn stats_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<Stri
     let p = &input.pattern;
     let mut text = String::new();
     let _ = writeln!(text, "layer {} ({})", input.layer, input.source);
+    if let Some(line) = geometry_line(input) {
+        let _ = writeln!(text, "{line}");
+    }
     let _ = writeln!(
         text,
         "rows {}  cols {}  nnz {}  density {:.4}",
@@ -699,6 +1077,24 @@ pub fn stats_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<Stri
         p.nnz(),
         p.density()
     );
+    if let Some(g) = input.geometry {
+        let live_out = p.row_counts().filter(|&c| c > 0).count();
+        let mut live_in = vec![false; g.in_channels];
+        for &c in p.col_idx() {
+            live_in[c as usize / g.taps()] = true;
+        }
+        let _ = writeln!(
+            text,
+            "live output channels {live_out} of {}  live input channels {} of {}  \
+             useful multiply-adds per batch column {}",
+            p.rows(),
+            live_in.iter().filter(|&&l| l).count(),
+            g.in_channels,
+            specs
+                .first()
+                .map_or(p.nnz() * g.out_positions(), |s| s.useful_fmas(1))
+        );
+    }
     let counts: Vec<usize> = p.row_counts().collect();
     let empty_rows = counts.iter().filter(|&&c| c == 0).count();
     let empty_cols = p.col_counts().iter().filter(|&&c| c == 0).count();
@@ -755,7 +1151,13 @@ pub fn stats_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<Stri
                     );
                 }
                 Err(e) => {
-                    let _ = writeln!(text, "jit {} batch {}: {e}", spec.op(), spec.batch());
+                    let _ = writeln!(
+                        text,
+                        "jit {} batch {}: {}",
+                        spec.op(),
+                        spec.batch(),
+                        unavailable(spec, &e.into())
+                    );
                 }
             }
         }

@@ -218,8 +218,22 @@ fn reads_npy_and_safetensors_masks() {
     assert!(out.contains("rows 7  cols 96"), "{out}");
     assert!(out.contains("empty rows 1"), "{out}");
     let st = format!("{MASKS}/conv_4x2x3x3.safetensors");
-    let out = ok(&["--mask", &st, "--tensor", "conv.mask", "--emit", "ir"]);
+    // A 4-D mask is a convolution: it needs its input size.
+    let out = ok(&[
+        "--mask",
+        &st,
+        "--tensor",
+        "conv.mask",
+        "--input",
+        "5x5",
+        "--emit",
+        "ir",
+    ]);
     assert!(out.contains("pattern conv 4x18"), "{out}");
+    assert!(
+        out.contains("kernel conv op=conv pattern=conv input=2x5x5 kernel=3 stride=1 padding=0"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -278,9 +292,13 @@ fn checkpoint_layers_and_errors() {
     let ckpt = dir.path().join("epoch-001");
     std::fs::create_dir(&ckpt).unwrap();
     let pattern = sparse_ir::Pattern::random(5, 7, 0.4, 3).unwrap();
+    let conv = sparse_ir::Pattern::random(4, 18, 0.4, 3).unwrap();
     sparse_ir::mask_io::write_mask_safetensors(
         ckpt.join("model.safetensors"),
-        &[("fc1.mask", &pattern, &[5, 7])],
+        &[
+            ("fc1.mask", &pattern, &[5, 7]),
+            ("conv1.mask", &conv, &[4, 2, 3, 3]),
+        ],
     )
     .unwrap();
     // A checkpoint folder holds both files (the runtime writes them together).
@@ -298,8 +316,334 @@ fn checkpoint_layers_and_errors() {
         "spmm",
     ]);
     assert!(out.contains("rows 5  cols 7"), "{out}");
+    // A conv layer's 4-D mask is a convolution.
+    let out = ok(&[
+        "--checkpoint",
+        root,
+        "--layer",
+        "conv1",
+        "--input",
+        "6x6",
+        "--emit",
+        "ir",
+        "--op",
+        "conv-grad",
+    ]);
+    assert!(
+        out.contains("op=conv_grad pattern=conv1 input=2x6x6 kernel=3 stride=1 padding=0"),
+        "{out}"
+    );
+    let e = fails(&["--checkpoint", root, "--layer", "conv1"]);
+    assert!(e.contains("layer conv1 is a 4-D mask (4x2x3x3)"), "{e}");
     let e = fails(&["--checkpoint", root, "--layer", "fc2"]);
     assert!(e.contains("layer fc2") && e.contains("fc2.mask"), "{e}");
     let e = fails(&["--checkpoint", "/nonexistent", "--layer", "fc1"]);
     assert!(e.contains("not a checkpoint"), "{e}");
+}
+
+/// The arguments of the convolution the tests dump: 8 output channels, 4 input channels, a
+/// 3x3 window over a 10x10 input, stride 2, padding 1 (an 8x5x5 output).
+const CONV: [&str; 10] = [
+    "--random",
+    "8x4x3x3",
+    "--density",
+    "0.3",
+    "--input",
+    "10x10",
+    "--stride",
+    "2",
+    "--padding",
+    "1",
+];
+
+fn conv_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = CONV.to_vec();
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The text of the one artefact printed to stdout, without its `;; ===== name =====` line.
+fn only_artefact(out: &str) -> &str {
+    let (head, text) = out.split_once('\n').unwrap();
+    assert!(head.starts_with(";; ===== "), "{out}");
+    assert!(!text.contains(";; ===== "), "one artefact: {out}");
+    text
+}
+
+#[test]
+fn conv_ir_parses_back_with_its_geometry() {
+    let out = ok(&conv_args(&["--emit", "ir", "--batch", "4"]));
+    let module =
+        sparse_ir::text::parse(only_artefact(&out)).unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let pattern = module.pattern("random").expect("the pattern");
+    assert_eq!((pattern.rows(), pattern.cols()), (8, 36));
+    let want = sparse_ir::ConvGeometry {
+        in_channels: 4,
+        height: 10,
+        width: 10,
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    let ops: Vec<String> = module
+        .kernels()
+        .iter()
+        .map(|k| {
+            assert_eq!(k.spec().geometry(), Some(&want), "{out}");
+            assert_eq!(k.spec().batch(), sparse_ir::Dim::Fixed(4));
+            k.spec().op().to_string()
+        })
+        .collect();
+    assert_eq!(ops, ["conv", "conv_t", "conv_grad", "conv_dense_grad"]);
+    assert!(
+        out.contains("op=conv pattern=random input=4x10x10 kernel=3 stride=2 padding=1"),
+        "{out}"
+    );
+    // The epilogue and one op.
+    let out = ok(&conv_args(&[
+        "--emit", "ir", "--op", "conv", "--bias", "--relu",
+    ]));
+    let module = sparse_ir::text::parse(only_artefact(&out)).unwrap();
+    assert_eq!(module.kernels().len(), 1);
+    assert_eq!(
+        module.kernels()[0].spec().op(),
+        sparse_ir::Op::Conv {
+            bias: true,
+            relu: true
+        }
+    );
+}
+
+#[test]
+fn conv_plan_and_stats() {
+    let out = ok(&conv_args(&["--emit", "plan", "--emit", "stats"]));
+    let geometry =
+        "convolution input=4x10x10 kernel=3 stride=2 padding=1: output 8x5x5, 400 input features, 200 output features";
+    assert_eq!(out.matches(geometry).count(), 2, "plan and stats: {out}");
+    for op in ["conv", "conv_t", "conv_grad", "conv_dense_grad"] {
+        assert!(
+            out.contains(&format!("\n{op} batch 100 ld 112: strategy ")),
+            "{op}: {out}"
+        );
+    }
+    assert!(
+        out.contains("measured (every strategy, median of 21 runs): generic"),
+        "{out}"
+    );
+    assert!(
+        out.contains("jit n/a (not available for convolutions: "),
+        "{out}"
+    );
+    assert!(out.contains("rows 8  cols 36"), "{out}");
+    assert!(out.contains("live output channels"), "{out}");
+    assert!(
+        out.contains("jit conv batch 100: not available for convolutions: "),
+        "{out}"
+    );
+    // The OpenCL planner and emitter.
+    let out = ok(&conv_args(&[
+        "--backend",
+        "opencl",
+        "--emit",
+        "plan",
+        "--emit",
+        "stats",
+        "--op",
+        "conv-grad",
+    ]));
+    assert!(out.contains("conv_grad batch 100: csr ("), "{out}");
+    assert!(out.contains("opencl conv_grad batch 100: csr ("), "{out}");
+}
+
+#[test]
+fn conv_from_npy_every_emit_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mask = dir.path().join("conv1.npy");
+    let pattern = sparse_ir::Pattern::random(6, 2 * 3 * 3, 0.4, 5).unwrap();
+    sparse_ir::mask_io::write_mask_npy(&mask, &pattern, &[6, 2, 3, 3]).unwrap();
+    let mask = mask.to_str().unwrap();
+    let out_dir = dir.path().join("out");
+    let out_dir = out_dir.to_str().unwrap();
+    ok(&[
+        "--mask",
+        mask,
+        "--input",
+        "7x9",
+        "--padding",
+        "1",
+        "--batch",
+        "3",
+        "--op",
+        "conv",
+        "--out",
+        out_dir,
+        "--no-measure",
+        "--emit",
+        "ir",
+        "--emit",
+        "clif",
+        "--emit",
+        "vcode",
+        "--emit",
+        "asm",
+        "--emit",
+        "opencl",
+        "--emit",
+        "rust",
+        "--emit",
+        "plan",
+        "--emit",
+        "stats",
+    ]);
+    let read = |file: &str| {
+        let path = dir.path().join("out").join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let sir = read("conv1.sir");
+    assert!(sir.contains("pattern conv1 6x18"), "{sir}");
+    assert!(
+        sir.contains("kernel conv1 op=conv pattern=conv1 input=2x7x9 kernel=3 stride=1 padding=1 batch=3 ld=16"),
+        "{sir}"
+    );
+    for file in [
+        "conv1.conv.b3.clif",
+        "conv1.conv.b3.vcode",
+        "conv1.conv.b3.s",
+    ] {
+        let text = read(file);
+        assert!(
+            text.starts_with(";; conv: not available for convolutions: ")
+                && text.lines().count() == 1,
+            "{file}: {text}"
+        );
+    }
+    let rust = read("conv1.rs");
+    assert!(rust.contains("not available for convolutions"), "{rust}");
+    let cl = read("conv1.conv.b3.csr.cl");
+    assert!(cl.contains("__kernel") && cl.contains("op conv"), "{cl}");
+    assert!(read("conv1.plan.txt").contains("output 6x7x9"));
+    assert!(read("conv1.stats.txt").contains("rows 6  cols 18"));
+    // OpenCL strategies without convolution kernels say so instead of failing.
+    let out = ok(&[
+        "--mask",
+        mask,
+        "--input",
+        "7x9",
+        "--backend",
+        "opencl",
+        "--strategy",
+        "table",
+        "--op",
+        "conv-t",
+        "--emit",
+        "opencl",
+    ]);
+    assert!(
+        out.contains("// conv_t (table): not available for convolutions: "),
+        "{out}"
+    );
+    // The dumped `.sir` reads back as a convolution, its geometry included.
+    let sir_path = dir.path().join("out/conv1.sir");
+    let out = ok(&[
+        "--mask",
+        sir_path.to_str().unwrap(),
+        "--emit",
+        "stats",
+        "--op",
+        "conv-t",
+        "--no-measure",
+    ]);
+    assert!(
+        out.contains("convolution input=2x7x9 kernel=3 stride=1 padding=1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn conv_bad_input_is_a_clear_error() {
+    let conv = ["--random", "8x4x3x3", "--density", "0.3"];
+    let with = |extra: &[&str]| {
+        let mut args = conv.to_vec();
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let e = with(&[]);
+    assert!(
+        e.contains("4-D mask (8x4x3x3)") && e.contains("--input HxW"),
+        "{e}"
+    );
+    let e = with(&["--input", "2x2"]);
+    assert!(
+        e.contains("a 3x3 window does not fit the 2x2 input with padding 0"),
+        "{e}"
+    );
+    let e = with(&["--input", "10x10", "--stride", "0"]);
+    assert!(e.contains("stride = 0 is outside"), "{e}");
+    let e = with(&["--input", "10by10"]);
+    assert!(e.contains("HEIGHTxWIDTH"), "{e}");
+    let e = with(&["--input", "65536x65536"]);
+    assert!(e.contains("more than 2^32 features"), "{e}");
+    let e = with(&["--input", "10x10", "--op", "spmm"]);
+    assert!(
+        e.contains("--op spmm is a matrix op") && e.contains("conv-dense-grad"),
+        "{e}"
+    );
+    let e = fails(&["--random", "30x40", "--density", "0.1", "--op", "conv-t"]);
+    assert!(
+        e.contains("--op conv-t is a convolution op") && e.contains("2-D mask (30x40)"),
+        "{e}"
+    );
+    let e = fails(&["--random", "30x40", "--density", "0.1", "--input", "10x10"]);
+    assert!(
+        e.contains("--input 10x10 is for a convolution") && e.contains("2-D mask"),
+        "{e}"
+    );
+    let e = fails(&["--mask", FIXTURE, "--pattern", "small", "--input", "4x4"]);
+    assert!(e.contains("is a 2-D mask (4x6)"), "{e}");
+    let e = fails(&["--random", "8x4x3x3", "--density", "0.3", "--stride", "2"]);
+    assert!(e.contains("--input"), "{e}");
+    let e = fails(&["--random", "8x4x3x5", "--density", "0.3", "--input", "9x9"]);
+    assert!(e.contains("window must be square"), "{e}");
+    let e = fails(&["--random", "8x4x3", "--density", "0.3"]);
+    assert!(e.contains("OUTxINxKxK"), "{e}");
+    // Declared sizes are checked before anything is allocated.
+    let e = fails(&[
+        "--random",
+        "100000x100000x3x3",
+        "--density",
+        "0.1",
+        "--input",
+        "9x9",
+    ]);
+    assert!(e.contains("more than 67108864 entries"), "{e}");
+    let e = fails(&["--random", "100000x100000", "--density", "0.1"]);
+    assert!(e.contains("more than 67108864 entries"), "{e}");
+    let e = with(&["--input", "1024x1024", "--op", "conv", "--emit", "plan"]);
+    assert!(
+        e.contains("too many to time") && e.contains("--no-measure"),
+        "{e}"
+    );
+    // Masks of other ranks and shapes.
+    let dir = tempfile::tempdir().unwrap();
+    let three = dir.path().join("three.npy");
+    let array = sparse_ir::NdArray::new(
+        vec![2, 3, 4],
+        sparse_ir::mask_io::ArrayData::U8(vec![1; 24]),
+    )
+    .unwrap();
+    sparse_ir::mask_io::write_npy(&three, &array).unwrap();
+    let e = fails(&["--mask", three.to_str().unwrap(), "--input", "8x8"]);
+    assert!(e.contains("three.npy") && e.contains("3-D"), "{e}");
+    let oblong = dir.path().join("oblong.npy");
+    let array = sparse_ir::NdArray::new(
+        vec![2, 2, 3, 2],
+        sparse_ir::mask_io::ArrayData::U8(vec![1; 24]),
+    )
+    .unwrap();
+    sparse_ir::mask_io::write_npy(&oblong, &array).unwrap();
+    let e = fails(&["--mask", oblong.to_str().unwrap(), "--input", "8x8"]);
+    assert!(
+        e.contains("oblong.npy") && e.contains("window must be square"),
+        "{e}"
+    );
 }
