@@ -235,7 +235,7 @@ const fn geometry(c: usize, hw: usize, k: usize, s: usize, p: usize) -> ConvGeom
 }
 
 /// The convolution layers of the `conv` suite: WRN-16-8's 3×3 layers, two of VGG16-D's and
-/// LeNet-5's two.
+/// the two of `sparse-train`'s LeNet-5 (Caffe's: 1→20 and 20→50, 5×5).
 pub const CONV_LAYERS: [ConvLayer; 9] = [
     ConvLayer {
         name: "wrn-16-8 16->128",
@@ -281,14 +281,14 @@ pub const CONV_LAYERS: [ConvLayer; 9] = [
     },
     ConvLayer {
         name: "lenet-5 conv1",
-        out: 6,
+        out: 20,
         geometry: geometry(1, 28, 5, 1, 0),
         batch: 100,
     },
     ConvLayer {
         name: "lenet-5 conv2",
-        out: 16,
-        geometry: geometry(6, 12, 5, 1, 0),
+        out: 50,
+        geometry: geometry(20, 12, 5, 1, 0),
         batch: 100,
     },
 ];
