@@ -476,3 +476,33 @@ fn row_sum(row: &[f32]) -> f32 {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_name_a_convolutions_ops_and_read_either_names_by_role() {
+        let plan = LayerPlan {
+            spmm: Strategy::Generic,
+            spmm_t: Strategy::Dense,
+            sddmm: Strategy::Jit,
+            dense_grad: Strategy::Dense,
+        };
+        let conv = plan.to_map(true);
+        assert_eq!(conv.get("conv_t").map(String::as_str), Some("dense"));
+        assert_eq!(conv.get("conv_grad").map(String::as_str), Some("jit"));
+        assert!(!conv.contains_key("spmm"));
+        assert_eq!(LayerPlan::from_map(&conv).unwrap(), plan);
+        assert_eq!(LayerPlan::from_map(&plan.to_map(false)).unwrap(), plan);
+        // a convolution's plan saved under the matrix names (before convolutions had ops of
+        // their own) reads the same
+        let mut old = BTreeMap::new();
+        old.insert("spmm".to_string(), "generic".to_string());
+        assert_eq!(LayerPlan::from_map(&old).unwrap().spmm, Strategy::Generic);
+        assert_eq!(LayerPlan::from_map(&old).unwrap().sddmm, Strategy::Auto);
+        old.insert("conv2d".to_string(), "generic".to_string());
+        let err = LayerPlan::from_map(&old).unwrap_err();
+        assert!(err.contains("conv2d"), "{err}");
+    }
+}
