@@ -181,14 +181,31 @@ pub fn speedup_table(results: &[BenchResult]) -> String {
     let ocl: Vec<&BenchResult> = results.iter().filter(|r| r.backend == "opencl").collect();
     let mut seen = Vec::new();
     for r in &ocl {
-        let key = (r.op.clone(), r.rows, r.cols, r.batch, r.density.to_bits());
+        // A convolution's geometry tells apart layers of the same pattern shape.
+        let key = (
+            r.op.clone(),
+            r.rows,
+            r.cols,
+            r.batch,
+            r.density.to_bits(),
+            r.height,
+        );
         if seen.contains(&key) {
             continue;
         }
         seen.push(key.clone());
         let same: Vec<&&BenchResult> = ocl
             .iter()
-            .filter(|o| (o.op.clone(), o.rows, o.cols, o.batch, o.density.to_bits()) == key)
+            .filter(|o| {
+                (
+                    o.op.clone(),
+                    o.rows,
+                    o.cols,
+                    o.batch,
+                    o.density.to_bits(),
+                    o.height,
+                ) == key
+            })
             .collect();
         let get = |s: &str| same.iter().find(|o| o.strategy == s).map(|o| o.median_us);
         let csr = get("csr");
@@ -253,6 +270,12 @@ mod tests {
             dense_gflops: 0.0,
             compile_ms: 0.0,
             selected,
+            in_channels: None,
+            height: None,
+            width: None,
+            kernel: None,
+            stride: None,
+            padding: None,
         }
     }
 
