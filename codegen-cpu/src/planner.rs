@@ -1073,6 +1073,49 @@ mod tests {
         plan(&features(op, rows, cols, density, batch))
     }
 
+    fn conv_features(op: Op, out: usize, c: usize, hw: usize, density: f64) -> Features {
+        let g = sparse_ir::ConvGeometry {
+            in_channels: c,
+            height: hw,
+            width: hw,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let p = std::sync::Arc::new(
+            sparse_ir::Pattern::random(out, g.pattern_cols(), density, 3).unwrap(),
+        );
+        let spec = KernelSpec::conv("c", op, p, g, Dim::Fixed(128), Dim::Fixed(128)).unwrap();
+        Features::of(&spec, 1, IsaLevel::Avx512)
+    }
+
+    #[test]
+    fn convolutions_go_generic_when_sparse_and_never_jit() {
+        for op in [Op::CONV, Op::ConvT, Op::ConvGrad] {
+            let f = conv_features(op, 64, 64, 16, 0.05);
+            assert_eq!(f.out_positions(), 256);
+            let p = plan(&f);
+            assert_eq!(p.strategy, Strategy::Generic, "{p}");
+            assert!(p.predicted(Strategy::Jit).is_none(), "{p}");
+            assert!(p.generic_variant.contains("direct convolution"), "{p}");
+            // the generic time scales with the positions: a 4x larger plane is about 4x
+            let big = conv_features(op, 64, 64, 32, 0.05);
+            let ratio = generic_us(&big) / generic_us(&f);
+            assert!((3.0..5.0).contains(&ratio), "{ratio}");
+        }
+        // dense enough, the dense convolution is predicted at least close
+        let f = conv_features(Op::CONV, 64, 64, 16, 1.0);
+        assert!(
+            dense_us(&f) < 2.0 * generic_us(&f),
+            "{} {}",
+            dense_us(&f),
+            generic_us(&f)
+        );
+        let grad = plan(&conv_features(Op::ConvDenseGrad, 64, 64, 16, 0.05));
+        assert_eq!(grad.strategy, Strategy::Dense, "{grad}");
+        assert!(grad.close_candidates().is_none());
+    }
+
     #[test]
     fn sparse_layers_go_generic_dense_layers_go_dense() {
         let sparse = pick(Op::SPMM, 300, 784, 0.05, 100);
