@@ -1357,7 +1357,17 @@ impl Kernel for CpuKernel {
     /// of 4 run over the padding ([`crate::jit::JitKernel`]'s `writes_padding`).
     fn writes_padding(&self) -> bool {
         match &self.compiled.imp {
-            Imp::Generic(_) | Imp::Dense(_) | Imp::Conv(_) | Imp::ConvDense(_) => false,
+            Imp::Generic(_) | Imp::Dense(_) | Imp::ConvDense(_) => false,
+            // The gathers compute whole rows where the padding is small (`conv::padded_rows`).
+            Imp::Conv(_) => {
+                matches!(self.spec.op().role(), Role::Forward | Role::BackwardData)
+                    && match (self.spec.batch(), self.spec.ld()) {
+                        (sparse_ir::Dim::Fixed(b), sparse_ir::Dim::Fixed(l)) => {
+                            conv::padded_rows(b, l)
+                        }
+                        _ => true,
+                    }
+            }
             Imp::Jit(j) => j.writes_padding(),
         }
     }

@@ -237,9 +237,9 @@ pub(crate) struct ConvGather {
     tiles: Vec<Tile>,
     /// Consecutive row ranges of about equal work, one per thread.
     pub(crate) parts: Vec<Range<usize>>,
-    /// The spans of the last launch shape `(batch, ld)`, kept so that a training step
-    /// allocates nothing.
-    spans: Mutex<Option<(usize, usize, Arc<SpanList>)>>,
+    /// The spans of the last launch shape `(batch, ld, lanes)`, kept so that a training
+    /// step allocates nothing.
+    spans: Mutex<Option<(usize, usize, usize, Arc<SpanList>)>>,
 }
 
 impl ConvGather {
@@ -279,14 +279,15 @@ impl ConvGather {
         }
     }
 
-    /// The spans at launch shape `(batch, ld)`: the cached list, or a new one (cached).
-    fn spans_at(&self, batch: usize, ld: usize) -> Arc<SpanList> {
+    /// The spans at launch shape `(batch, ld)` over `lanes` columns of each position
+    /// (`batch`, or `ld` with the padding): the cached list, or a new one (cached).
+    fn spans_at(&self, batch: usize, ld: usize, lanes: usize) -> Arc<SpanList> {
         let mut cache = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         match &*cache {
-            Some((b, l, list)) if (*b, *l) == (batch, ld) => Arc::clone(list),
+            Some((b, l, n, list)) if (*b, *l, *n) == (batch, ld, lanes) => Arc::clone(list),
             _ => {
-                let list = Arc::new(self.span_list(batch, ld));
-                *cache = Some((batch, ld, Arc::clone(&list)));
+                let list = Arc::new(self.span_list(ld, lanes));
+                *cache = Some((batch, ld, lanes, Arc::clone(&list)));
                 list
             }
         }
@@ -319,21 +320,19 @@ impl ConvGather {
         self.table.rows_range(rows).len()
     }
 
-    /// The tiles as spans at this launch shape: each with its first float within a written
-    /// plane, its length in floats, and per tap the offset of the span's first float within
-    /// a read plane ([`OUTSIDE`] where the tap falls outside the input).
-    fn span_list(&self, batch: usize, ld: usize) -> SpanList {
+    /// The tiles as spans at row stride `ld` over `lanes` columns of each position: each
+    /// span with its first float within a written plane, its length in floats, and per tap
+    /// the offset of the span's first float within a read plane ([`OUTSIDE`] where the tap
+    /// falls outside the input). Where the lanes are the whole row (`lanes = ld`), an
+    /// interior run of positions is one contiguous span.
+    fn span_list(&self, ld: usize, lanes: usize) -> SpanList {
         let (_, ow_n) = self.sides.out_dims();
         let taps_n = self.table.taps;
         let mut list = SpanList::default();
         for tile in &self.tiles {
             let (h, w0, npos) = (tile.h as usize, tile.w0 as usize, tile.npos as usize);
-            let whole = npos > 1 && ld == batch;
-            let (step, len) = if whole {
-                (npos, npos * batch)
-            } else {
-                (1, batch)
-            };
+            let whole = npos > 1 && lanes == ld;
+            let (step, len) = if whole { (npos, npos * ld) } else { (1, lanes) };
             for w in (w0..w0 + npos).step_by(step) {
                 let first = list.offsets.len();
                 for t in 0..taps_n {
@@ -388,6 +387,16 @@ fn balanced(table: &TapTable, parts: usize) -> Vec<Range<usize>> {
         start = end;
     }
     out
+}
+
+/// Whether a gather (`conv`, `conv_t`) at `(batch, ld)` computes whole rows, padding columns
+/// included: where the padding is at most a quarter of the batch (the runtime's batch 100 in
+/// rows of 112), an interior run of positions is then one contiguous span held in up to 16
+/// vectors, instead of one position of `batch` floats (7 vectors and a masked tail) at a
+/// time. The padding columns of the output are then written (with what the input's padding
+/// gives: the kernel says so, `Kernel::writes_padding`).
+pub(crate) fn padded_rows(batch: usize, ld: usize) -> bool {
+    ld > batch && (ld - batch) * 4 <= batch
 }
 
 /// One gather launch: `out[row] = Σ values · input[plane]` over the tiles, plus `bias[row]`
@@ -532,7 +541,12 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
     let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
     let out_base = out.as_mut_ptr();
     let input = job.input.as_ptr();
-    let list = g.spans_at(job.batch, job.ld);
+    let lanes = if padded_rows(job.batch, job.ld) {
+        job.ld
+    } else {
+        job.batch
+    };
+    let list = g.spans_at(job.batch, job.ld, lanes);
     // Plain loops, no closures: a closure would not inherit the caller's target features,
     // and the intrinsics would turn into calls.
     // Pieces outside rows: a piece's input (every channel's rows under its taps) stays in
@@ -736,7 +750,8 @@ unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mu
     let (plane_out, plane_in) = (g.out_plane_len(job.ld), g.in_plane_len(job.ld));
     let first = g.table.rows_range(rows.clone()).start;
     let partial = partial.as_mut_ptr().wrapping_sub(first * S::LANES);
-    let list = g.spans_at(job.batch, job.ld);
+    // The sums must not see the padding columns: spans of `batch` lanes.
+    let list = g.spans_at(job.batch, job.ld, job.batch);
     // Plain loops, as in `gather_body`.
     for span in &list.spans {
         let offsets = &list.offsets[span.offsets.clone()];
