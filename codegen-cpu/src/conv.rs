@@ -239,7 +239,7 @@ pub(crate) struct ConvGather {
     pub(crate) parts: Vec<Range<usize>>,
     /// The spans of the last launch shape `(batch, ld, lanes)`, kept so that a training
     /// step allocates nothing.
-    spans: Mutex<Option<(usize, usize, usize, Arc<SpanList>)>>,
+    spans: Mutex<Option<CachedSpans>>,
 }
 
 impl ConvGather {
@@ -352,6 +352,9 @@ impl ConvGather {
 
 /// The offset of a tap that falls outside the input.
 const OUTSIDE: usize = usize::MAX;
+
+/// Spans cached for one launch shape: `(batch, ld, lanes, spans)`.
+type CachedSpans = (usize, usize, usize, Arc<SpanList>);
 
 /// A run of floats of a written plane and where each tap reads it.
 struct Span {
