@@ -82,7 +82,9 @@ pub enum PlanTiming {
     },
 }
 
-/// The shape a measured decision is kept under: op, shape, batch, `ld`, threads, ISA level.
+/// The shape a measured decision is kept under: op, shape, batch, `ld`, threads, ISA level,
+/// and a convolution's geometry (two layers of the same pattern shape on other input sizes
+/// do different work).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct DecisionKey {
     /// The strategy whose thread count was raced (`Auto` for a race between strategies).
@@ -94,6 +96,7 @@ struct DecisionKey {
     ld: usize,
     threads: usize,
     isa: IsaLevel,
+    geometry: Option<sparse_ir::ConvGeometry>,
 }
 
 /// The size of the pattern a decision was measured on: nonzeros, live rows, live columns.
@@ -111,6 +114,7 @@ impl DecisionKey {
             ld: f.ld,
             threads: f.threads,
             isa: f.isa,
+            geometry: f.geometry,
         };
         (key, PatternSize([f.nnz, f.live_rows, f.live_cols]))
     }
@@ -1604,6 +1608,37 @@ mod tests {
 
     /// A measured decision also serves the next pattern of the same shape and about the
     /// same size (a layer after a sparse-momentum update), but not a much denser one.
+    /// A measured decision for a convolution is kept under its geometry: a layer with the
+    /// same pattern on another input size is timed anew, not given the first one's choice.
+    #[test]
+    fn conv_decisions_are_kept_per_geometry() {
+        let b = backend(GENEROUS);
+        let p = Arc::new(Pattern::dense(8, 72).unwrap());
+        let spec = |hw: usize| {
+            let g = sparse_ir::ConvGeometry {
+                in_channels: 8,
+                height: hw,
+                width: hw,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            };
+            KernelSpec::conv("c", Op::CONV, p.clone(), g, Dim::Fixed(16), Dim::Fixed(16)).unwrap()
+        };
+        let first = b.compile(&spec(8), Strategy::Auto).unwrap();
+        assert!(
+            first.plan().close_candidates().is_some(),
+            "a dense 8->8 convolution should be close between generic and dense: {}",
+            first.plan()
+        );
+        let timed = b.plan_timings_run();
+        assert!(timed >= 1, "{}", first.plan());
+        let again = b.compile(&spec(8), Strategy::Auto).unwrap();
+        assert_eq!(b.plan_timings_run(), timed, "{}", again.plan());
+        let other = b.compile(&spec(12), Strategy::Auto).unwrap();
+        assert!(b.plan_timings_run() > timed, "{}", other.plan());
+    }
+
     #[test]
     fn decisions_carry_over_to_patterns_of_the_same_size() {
         let b = backend(GENEROUS);
