@@ -890,7 +890,8 @@ fn jit_note(f: &Features) -> Option<String> {
             f.op.name()
         )
     } else if f.op.is_conv() {
-        "jit not considered: the JIT has no convolution code".to_string()
+        "jit not considered: no cost model for the JIT's convolutions yet (Strategy::Jit compiles them)"
+            .to_string()
     } else if f.nnz == 0 {
         "jit not considered: no nonzeros".to_string()
     } else if jit_writes_padding(f) {

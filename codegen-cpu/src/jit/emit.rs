@@ -37,11 +37,11 @@
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    AbiParam, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature,
+    AbiParam, Block, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature,
     StackSlotData, StackSlotKind, UserFuncName, Value,
 };
 use cranelift_codegen::isa::TargetIsa;
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 
 /// Which op a chunk function computes (with the `spmm` epilogue).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +52,50 @@ pub(crate) enum ChunkOp {
     SpmmT,
     /// `dW[k] = Σ_b dY[r_k, b]·X[c_k, b]` over the chunk's nonzeros.
     Sddmm,
+    /// `conv`/`conv_t` over one tile of written positions: every written channel of the
+    /// chunk `= Σ w · input at a baked offset` (+ bias) (ReLU).
+    ConvGather {
+        bias: bool,
+        relu: bool,
+        tile: ConvTile,
+    },
+    /// `conv_grad` over one tile of written positions: every entry's partial sums (one
+    /// `f32x4` each) `+= dY tile · X tile at the entry's baked offset`.
+    ConvGrad { tile: ConvTile },
+}
+
+impl ChunkOp {
+    /// Whether the function takes the fifth argument, the tap mask (the convolutions).
+    pub(crate) fn is_conv(self) -> bool {
+        matches!(self, ChunkOp::ConvGather { .. } | ChunkOp::ConvGrad { .. })
+    }
+}
+
+/// The written positions a convolution function covers per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum ConvTile {
+    /// One position (`batch` floats of row stride `ld`). `checked`: each tap group runs
+    /// only where the mask argument says the tap is inside the input (bit `kw` and bit
+    /// `32 + kh`); unchecked code runs every tap.
+    Position { checked: bool },
+    /// A run of consecutive positions at `ld = batch`, `floats` contiguous floats, every
+    /// tap inside for each of them.
+    Run { floats: usize },
+}
+
+/// One convolution chunk: consecutive written channels and their entries, grouped by tap.
+pub(crate) struct ConvSource<'a> {
+    /// Local row pointers into the entries (`rows + 1`, from 0).
+    pub row_ptr: &'a [u32],
+    /// Per entry: element offset of what it reads from the position's input base (the read
+    /// plane's start plus the tap's shift; may be negative).
+    pub offset: &'a [i64],
+    /// Per entry: `conv`/`conv_t`: position of its weight in the value array.
+    pub value: &'a [u32],
+    /// Per entry: its tap `(kh, kw)`.
+    pub tap: &'a [(u32, u32)],
+    /// Floats of one written plane (the row stride of the output).
+    pub out_plane: usize,
 }
 
 /// The parameters that shape the generated code (all part of the chunk cache key).
@@ -80,6 +124,8 @@ pub(crate) struct ChunkSource<'a> {
     pub value_pos: Option<&'a [u32]>,
     /// Columns of the (possibly transposed) pattern: bounds the input offsets.
     pub cols: usize,
+    /// The convolution chunk (the fields above are then empty).
+    pub conv: Option<ConvSource<'a>>,
 }
 
 impl ChunkSource<'_> {
@@ -179,9 +225,10 @@ pub(crate) fn offsets_fit(src: &ChunkSource<'_>, shape: &Shape, out_rows: usize)
 }
 
 /// The signature every chunk function has.
-pub(crate) fn signature(isa: &dyn TargetIsa) -> Signature {
+/// Matrix ops take four pointers; convolutions also take the tap mask (a `u64`).
+pub(crate) fn signature(isa: &dyn TargetIsa, op: ChunkOp) -> Signature {
     let mut sig = Signature::new(isa.default_call_conv());
-    for _ in 0..4 {
+    for _ in 0..if op.is_conv() { 5 } else { 4 } {
         sig.params.push(AbiParam::new(I64));
     }
     sig
@@ -196,7 +243,7 @@ pub(crate) fn build_function(
     src: &ChunkSource<'_>,
     shape: &Shape,
 ) -> Function {
-    let mut func = Function::with_name_signature(UserFuncName::user(0, index), signature(isa));
+    let mut func = Function::with_name_signature(UserFuncName::user(0, index), signature(isa, op));
     {
         let mut b = FunctionBuilder::new(&mut func, fctx);
         let entry = b.create_block();
@@ -223,6 +270,30 @@ pub(crate) fn build_function(
                 e.sddmm_wide(src, params[0], params[1], params[2])
             }
             ChunkOp::Sddmm => e.sddmm(src, params[0], params[1], params[2]),
+            ChunkOp::ConvGather { bias, relu, tile } => {
+                let cs = src.conv.as_ref().expect("a convolution chunk");
+                let epi = Epilogue {
+                    bias: bias.then_some(params[3]),
+                    relu,
+                };
+                let mask =
+                    matches!(tile, ConvTile::Position { checked: true }).then_some(params[4]);
+                let passes = e.conv_passes(tile, true);
+                let ptrs = [params[0], params[1], params[2]];
+                e.conv_loop(&passes, ptrs, [false, true, true], |e, p, pass| {
+                    e.conv_rows(cs, p[0], p[1], p[2], epi, mask, pass)
+                });
+            }
+            ChunkOp::ConvGrad { tile } => {
+                let cs = src.conv.as_ref().expect("a convolution chunk");
+                let mask =
+                    matches!(tile, ConvTile::Position { checked: true }).then_some(params[4]);
+                let passes = e.conv_passes(tile, false);
+                let ptrs = [params[0], params[1], params[2]];
+                e.conv_loop(&passes, ptrs, [true, true, false], |e, p, pass| {
+                    e.conv_grad_rows(cs, p[0], p[1], p[2], mask, pass)
+                });
+            }
         }
         e.b.ins().return_(&[]);
         b.seal_all_blocks();
@@ -281,6 +352,10 @@ struct Emitter<'a, 'b> {
 
 fn off(elems: usize) -> i32 {
     i32::try_from(elems * 4).expect("offsets checked by offsets_fit")
+}
+
+fn off_signed(elems: i64) -> i32 {
+    i32::try_from(elems * 4).expect("offsets checked by conv_offsets_fit")
 }
 
 impl Emitter<'_, '_> {
@@ -473,6 +548,252 @@ impl Emitter<'_, '_> {
                     pass.start + 4 * pass.vectors + (l - pass.vectors)
                 };
                 self.store(v, y, r * ld + col);
+            }
+        }
+    }
+
+    fn load_at(&mut self, ty: cranelift_codegen::ir::Type, base: Value, elems: i64) -> Value {
+        self.b.ins().load(ty, self.flags, base, off_signed(elems))
+    }
+
+    /// The passes of a convolution tile: one position at (`batch`, `ld`) (a gather's last
+    /// block may run over the padding, as `spmm`'s; the gradient's never reads it), or a
+    /// run's contiguous floats.
+    fn conv_passes(&self, tile: ConvTile, gather: bool) -> Vec<Pass> {
+        let Shape { batch, ld, .. } = self.shape;
+        match tile {
+            ConvTile::Position { .. } if gather => plan_passes(batch, ld, self.shape.block_vectors),
+            ConvTile::Position { .. } => plan_passes(batch, batch, 1),
+            ConvTile::Run { floats } if gather => {
+                plan_passes(floats, floats, self.shape.block_vectors)
+            }
+            ConvTile::Run { floats } => plan_passes(floats, floats, 1),
+        }
+    }
+
+    /// Runs `body` once per pass; a pass of several blocks loops, advancing the pointers
+    /// that move with the columns (`moving`) by a block each time.
+    fn conv_loop(
+        &mut self,
+        passes: &[Pass],
+        ptrs: [Value; 3],
+        moving: [bool; 3],
+        mut body: impl FnMut(&mut Self, [Value; 3], Pass),
+    ) {
+        for &pass in passes {
+            if pass.count == 1 {
+                body(self, ptrs, pass);
+                continue;
+            }
+            // do { body(p) } while (p += 4·vectors floats, for the moving ones) != the end
+            let step = 16 * pass.vectors as i64;
+            let blk = self.b.create_block();
+            let exit = self.b.create_block();
+            let mut p = ptrs;
+            for (i, v) in p.iter_mut().enumerate() {
+                if moving[i] {
+                    *v = self.b.append_block_param(blk, I64);
+                }
+            }
+            let lead = moving.iter().position(|&m| m).expect("a moving pointer");
+            let end = self
+                .b
+                .ins()
+                .iadd_imm_s(ptrs[lead], step * pass.count as i64);
+            let args: Vec<_> = (0..3)
+                .filter(|&i| moving[i])
+                .map(|i| ptrs[i].into())
+                .collect();
+            self.b.ins().jump(blk, &args);
+            self.b.switch_to_block(blk);
+            body(self, p, pass);
+            let next: Vec<Value> = (0..3)
+                .filter(|&i| moving[i])
+                .map(|i| self.b.ins().iadd_imm_s(p[i], step))
+                .collect();
+            let more = self.b.ins().icmp(IntCC::NotEqual, next[0], end);
+            let args: Vec<_> = next.iter().map(|&v| v.into()).collect();
+            self.b.ins().brif(more, blk, &args, exit, &[]);
+            self.b.switch_to_block(exit);
+        }
+    }
+
+    /// Opens the code of a tap group: with a mask, a block entered only when both of the
+    /// tap's bits are set; returns the block that follows (to jump to after the group).
+    fn conv_group_open(&mut self, mask: Option<Value>, (kh, kw): (u32, u32)) -> Option<Block> {
+        let mask = mask?;
+        let bits = (1i64 << kw) | (1i64 << (32 + kh));
+        let t = self.b.ins().band_imm_s(mask, bits);
+        let inside = self.b.ins().icmp_imm_s(IntCC::Equal, t, bits);
+        let then = self.b.create_block();
+        let next = self.b.create_block();
+        self.b.ins().brif(inside, then, &[], next, &[]);
+        self.b.switch_to_block(then);
+        Some(next)
+    }
+
+    fn conv_group_close(&mut self, next: Option<Block>) {
+        if let Some(next) = next {
+            self.b.ins().jump(next, &[]);
+            self.b.switch_to_block(next);
+        }
+    }
+
+    /// The entries of local row `r` in groups of one tap.
+    fn tap_groups(cs: &ConvSource<'_>, r: usize) -> Vec<std::ops::Range<usize>> {
+        let (a, b) = (cs.row_ptr[r] as usize, cs.row_ptr[r + 1] as usize);
+        let mut groups = Vec::new();
+        let mut g = a;
+        for e in a..b {
+            if cs.tap[e] != cs.tap[g] {
+                groups.push(g..e);
+                g = e;
+            }
+        }
+        if g < b {
+            groups.push(g..b);
+        }
+        groups
+    }
+
+    /// One pass of a convolution gather over every written channel of the chunk: `y` at
+    /// `r·out_plane + column` gets the sum over the row's entries of `w · x[offset + column]`.
+    /// Accumulators are variables so that checked tap groups can be skipped.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_rows(
+        &mut self,
+        cs: &ConvSource<'_>,
+        values: Value,
+        x: Value,
+        y: Value,
+        epi: Epilogue,
+        mask: Option<Value>,
+        pass: Pass,
+    ) {
+        let lanes = pass.vectors + pass.scalars;
+        let sets = self.shape.accumulators.clamp(1, 4).min((12 / lanes).max(1));
+        let col = |l: usize| {
+            if l < pass.vectors {
+                pass.start + 4 * l
+            } else {
+                pass.start + 4 * pass.vectors + (l - pass.vectors)
+            }
+        };
+        for r in 0..cs.row_ptr.len() - 1 {
+            // acc[set][lane]; defined lazily without a mask (no branch can skip the first
+            // definition), as zero up front with one.
+            let vars: Vec<Vec<Variable>> = (0..sets)
+                .map(|_| {
+                    (0..lanes)
+                        .map(|l| {
+                            self.b
+                                .declare_var(if l < pass.vectors { F32X4 } else { F32 })
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut defined = vec![vec![mask.is_some(); lanes]; sets];
+            if mask.is_some() {
+                for set in &vars {
+                    for (l, &v) in set.iter().enumerate() {
+                        let z = self.zero(l < pass.vectors);
+                        self.b.def_var(v, z);
+                    }
+                }
+            }
+            let mut j = 0;
+            for group in Self::tap_groups(cs, r) {
+                let next = self.conv_group_open(mask, cs.tap[group.start]);
+                for e in group {
+                    let w = self.load(F32, values, cs.value[e] as usize);
+                    let set = j % sets;
+                    j += 1;
+                    let wv = (pass.vectors > 0).then(|| self.b.ins().splat(F32X4, w));
+                    for l in 0..lanes {
+                        let vector = l < pass.vectors;
+                        let ty = if vector { F32X4 } else { F32 };
+                        let xv = self.load_at(ty, x, cs.offset[e] + col(l) as i64);
+                        let acc = defined[set][l].then(|| self.b.use_var(vars[set][l]));
+                        let a = if vector { wv.expect("vectors") } else { w };
+                        let v = self.mul_add(a, xv, acc);
+                        self.b.def_var(vars[set][l], v);
+                        defined[set][l] = true;
+                    }
+                }
+                self.conv_group_close(next);
+            }
+            let bias = epi.bias.map(|bias_ptr| self.load(F32, bias_ptr, r));
+            for l in 0..lanes {
+                let vector = l < pass.vectors;
+                let parts: Vec<Value> = (0..sets)
+                    .filter(|&s| defined[s][l])
+                    .map(|s| self.b.use_var(vars[s][l]))
+                    .collect();
+                let mut v = match self.sum_tree(parts) {
+                    Some(v) => v,
+                    None => self.zero(vector),
+                };
+                if let Some(bv) = bias {
+                    let bv = if vector {
+                        self.b.ins().splat(F32X4, bv)
+                    } else {
+                        bv
+                    };
+                    v = self.b.ins().fadd(v, bv);
+                }
+                if epi.relu {
+                    v = self.relu(v, vector);
+                }
+                self.store(v, y, r * cs.out_plane + col(l));
+            }
+        }
+    }
+
+    /// One pass of `conv_grad` over the chunk: per written channel, its `dY` columns stay in
+    /// registers and each entry adds its products to its partial sums (`partial + 4·e`, the
+    /// scalar columns into lane 0). Never reads columns outside the pass.
+    fn conv_grad_rows(
+        &mut self,
+        cs: &ConvSource<'_>,
+        dy: Value,
+        x: Value,
+        partial: Value,
+        mask: Option<Value>,
+        pass: Pass,
+    ) {
+        for r in 0..cs.row_ptr.len() - 1 {
+            if cs.row_ptr[r] == cs.row_ptr[r + 1] {
+                continue;
+            }
+            let base = r * cs.out_plane + pass.start;
+            let dv: Vec<Value> = (0..pass.vectors)
+                .map(|l| self.load(F32X4, dy, base + 4 * l))
+                .collect();
+            let ds: Vec<Value> = (0..pass.scalars)
+                .map(|s| self.load(F32, dy, base + 4 * pass.vectors + s))
+                .collect();
+            for group in Self::tap_groups(cs, r) {
+                let next = self.conv_group_open(mask, cs.tap[group.start]);
+                for e in group {
+                    let xo = cs.offset[e] + pass.start as i64;
+                    if !dv.is_empty() {
+                        let mut acc = self.load(F32X4, partial, 4 * e);
+                        for (l, &d) in dv.iter().enumerate() {
+                            let xv = self.load_at(F32X4, x, xo + 4 * l as i64);
+                            acc = self.mul_add(xv, d, Some(acc));
+                        }
+                        self.store(acc, partial, 4 * e);
+                    }
+                    if !ds.is_empty() {
+                        let mut acc = self.load(F32, partial, 4 * e);
+                        for (s, &d) in ds.iter().enumerate() {
+                            let xs = self.load_at(F32, x, xo + (4 * pass.vectors + s) as i64);
+                            acc = self.mul_add(xs, d, Some(acc));
+                        }
+                        self.store(acc, partial, 4 * e);
+                    }
+                }
+                self.conv_group_close(next);
             }
         }
     }

@@ -6,8 +6,10 @@
 //! nonzeros each on average) in which the column
 //! offsets are immediates; the weight values are read from the value array passed at run
 //! time. `spmm_t` compiles the transposed pattern ([`Pattern::transpose`]) with the value
-//! positions of its `value_index` baked in. `dense_grad` has no pattern to bake in and is left
-//! to the generic and dense strategies.
+//! positions of its `value_index` baked in. `dense_grad` and `conv_dense_grad` have no
+//! pattern to bake in and are left to the generic and dense strategies. The convolutions
+//! `conv`, `conv_t` and `conv_grad` compile in the `conv` module: functions per chunk of
+//! written channels over one tile of positions, the Rust side walking the tiles.
 //!
 //! Code is owned per chunk: chunks compile in parallel, and a chunk whose code is alive in any
 //! kernel (same op, batch, `ld`, code shape and structure) is reused rather than compiled, so
@@ -40,6 +42,7 @@
 //! transpose-and-add per nonzero), which is why `sddmm` compiles several times slower.
 
 mod code;
+mod conv;
 mod emit;
 
 use std::collections::HashMap;
@@ -326,6 +329,8 @@ pub struct JitKernel {
     chunks: Vec<ChunkRun>,
     stats: CompileStats,
     writes_padding: bool,
+    /// A convolution's calls over its tiles (its functions are `chunks`).
+    conv: Option<conv::ConvPlan>,
 }
 
 impl std::fmt::Debug for JitKernel {
@@ -349,7 +354,8 @@ impl JitKernel {
 
     /// Compiles `spec` with `options`.
     ///
-    /// Errors: `Unsupported` for `dense_grad` and for a batch or `ld` that is not fixed;
+    /// Errors: `Unsupported` for `dense_grad`, `conv_dense_grad` and for a batch or `ld`
+    /// that is not fixed;
     /// `Compile` for invalid options or a code generator failure.
     pub fn compile_with(
         spec: &KernelSpec,
@@ -388,6 +394,10 @@ impl JitKernel {
     /// Runs the kernel on host slices, after checking them with [`Args::check`].
     pub fn run(&self, launch: Launch, args: Args<'_, [f32]>) -> Result<(), BackendError> {
         args.check(&self.spec, launch)?;
+        if let Some(plan) = &self.conv {
+            plan.run(&self.chunks, args);
+            return Ok(());
+        }
         // After the check: the op matches, batch and ld equal the compiled ones, and every
         // buffer has the length of the table in `sparse_ir::backend`.
         let (a, b, out, bias) = match args {
@@ -449,9 +459,16 @@ pub(crate) fn compile_cancellable(
             )))
         }
         Op::Conv { .. } | Op::ConvT | Op::ConvGrad => {
-            return Err(unsupported(
-                "the JIT has no convolution code (use the generic or dense strategy)".into(),
-            ))
+            let (Dim::Fixed(batch), Dim::Fixed(ld)) = (spec.batch(), spec.ld()) else {
+                return Err(unsupported(format!(
+                    "the code bakes in the batch and row stride, so both must be fixed \
+                     (got batch {}, ld {})",
+                    spec.batch(),
+                    spec.ld()
+                )));
+            };
+            check_options(options).map_err(compile_err)?;
+            return conv::compile(spec, options, cancel, batch, ld, start);
         }
     };
     let (batch, ld) = match (spec.batch(), spec.ld()) {
@@ -505,6 +522,7 @@ pub(crate) fn compile_cancellable(
             col_idx: &pattern.col_idx()[ch.nnz.clone()],
             value_pos: value_index.map(|vi| &vi[ch.nnz.clone()]),
             cols: pattern.cols(),
+            conv: None,
         };
         if !emit::offsets_fit(&src, &shape, out_rows.max(pattern.rows())) {
             return Err(unsupported(format!(
@@ -541,6 +559,9 @@ pub(crate) fn compile_cancellable(
             ChunkOp::Spmm { .. } => (ch.nnz.start, ch.rows.start * ld, ch.rows.start),
             ChunkOp::SpmmT => (0, ch.rows.start * ld, 0),
             ChunkOp::Sddmm => (ch.rows.start * ld, ch.nnz.start, 0),
+            ChunkOp::ConvGather { .. } | ChunkOp::ConvGrad { .. } => {
+                unreachable!("convolutions compile in jit::conv")
+            }
         };
         runs.push((ch.rows.clone(), ch.nnz.clone(), a_off, out_off, bias_off));
         jobs.push(Job { key, content, src });
@@ -652,6 +673,7 @@ pub(crate) fn compile_cancellable(
             && code_writes_padding(spec.op(), batch, ld, options.block_vectors),
         chunks,
         stats,
+        conv: None,
     })
 }
 
