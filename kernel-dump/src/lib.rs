@@ -34,7 +34,8 @@ use sparse_ir::{
 pub enum Emit {
     /// The `.sir` text of the pattern and the kernels.
     Ir,
-    /// Cranelift IR of every JIT function (the JIT has no convolution code).
+    /// Cranelift IR of every JIT function (convolutions: not `conv_dense_grad`, which has no
+    /// pattern to bake in).
     Clif,
     /// Cranelift's listing of the final machine instructions (VCode).
     Vcode,
