@@ -81,6 +81,12 @@ struct Cli {
 const JIT_US_PER_NNZ_ESTIMATE: f64 = 10.0;
 /// The longest compilation `full` attempts.
 const MAX_COMPILE_S: f64 = 30.0;
+/// Convolutions: the JIT is timed at batches up to this, or on layers of at most
+/// [`JIT_CONV_MAX_FMAS`] useful multiply-adds (docs/MEASUREMENTS.md: at batch 100 and 128 its
+/// `f32x4` code ran 2–5× behind the generic kernel on every layer measured).
+const JIT_CONV_MAX_BATCH: usize = 16;
+/// See [`JIT_CONV_MAX_BATCH`].
+const JIT_CONV_MAX_FMAS: usize = 100_000_000;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -129,7 +135,13 @@ fn main() -> Result<()> {
     let mut worst: Option<(f64, String)> = None;
     let mut dense_rows_done = std::collections::HashSet::new();
     for case in &cases {
-        let outcome = bench_case(&backend, case, cli.budget_ms, cli.suite == Suite::Full)?;
+        let outcome = bench_case(
+            &backend,
+            case,
+            cli.budget_ms,
+            cli.suite == Suite::Full,
+            cli.filter.is_some(),
+        )?;
         for line in &outcome.notes {
             println!("{:<32} note: {line}", case.label());
         }
@@ -276,11 +288,14 @@ struct CaseOutcome {
     how: String,
 }
 
+/// Measures every CPU strategy on `case`; `filtered` (the user picked cases with `--filter`)
+/// also times a convolution's JIT where it is known to be slow.
 fn bench_case(
     backend: &CpuBackend,
     case: &Case,
     budget_ms: u64,
     full: bool,
+    filtered: bool,
 ) -> Result<CaseOutcome> {
     let pattern = Arc::new(case.pattern());
     let spec = case_spec(case, pattern.clone());
@@ -293,6 +308,19 @@ fn bench_case(
                 notes.push(format!(
                     "jit skipped: {} nonzeros would take about {estimate_s:.0} s to compile (limit {MAX_COMPILE_S} s)",
                     pattern.nnz()
+                ));
+                continue;
+            }
+        }
+        if strategy == Strategy::Jit && case.geometry.is_some() && !filtered {
+            let fmas = pattern.nnz() * case.positions() * case.batch;
+            if case.batch > JIT_CONV_MAX_BATCH && fmas > JIT_CONV_MAX_FMAS {
+                notes.push(format!(
+                    "jit skipped: {:.0}M multiply-adds at batch {} (its f32x4 convolution code ran \
+                     2-5x behind the generic kernel at batch 100 and 128 on every layer measured, \
+                     and a run here would take seconds; with --filter it is timed)",
+                    fmas as f64 / 1e6,
+                    case.batch
                 ));
                 continue;
             }
