@@ -30,8 +30,12 @@
 #   4. kernel-bench --backend opencl --suite gpu: spmm on 1024x1024 and 4096x4096 at 90 %
 #      and 95 % sparsity, batch 128; csr, table and unrolled (up to --unrolled-max-nnz,
 #      60000 on a GPU), device times without transfers; JSON in OUTDIR/gpu-bench.json.
+#   5. kernel-bench --backend opencl --suite conv --filter "$GPU_CHECK_CONV_FILTER" (default
+#      "d=5%": every convolution layer and op of the conv suite at 5 %): the csr convolution
+#      kernels' device times; JSON in OUTDIR/conv-bench.json.
 #
 # Environment: GPU_CHECK_BENCH_ARGS adds kernel-bench arguments (e.g. "--budget-ms 200");
+# GPU_CHECK_CONV_FILTER picks the convolution cases of step 5 ("none" skips the step);
 # GPU_CHECK_SKIP_TESTS=1 runs only the benchmark; GPU_CHECK_NVIDIA_LIB names the driver's
 # OpenCL library and GPU_CHECK_VENDORS_DIR the vendors directory (defaults: searched, and
 # /etc/OpenCL/vendors; for testing the script elsewhere).
@@ -207,6 +211,17 @@ run() {
         ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$out/gpu-bench.log"; then
         echo "== kernel-bench FAILED (log: $out/gpu-bench.log)"
         status=1
+    fi
+    local conv_filter="${GPU_CHECK_CONV_FILTER:-d=5%}"
+    if [ "$conv_filter" != none ]; then
+        echo "== kernel-bench --backend opencl --suite conv --filter '$conv_filter'"
+        # shellcheck disable=SC2086 # GPU_CHECK_BENCH_ARGS is a list of arguments
+        if ! "$here/bin/kernel-bench" --backend opencl --suite conv --filter "$conv_filter" \
+            --json "$out/conv-bench.json" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 |
+            tee "$out/conv-bench.log"; then
+            echo "== kernel-bench (convolutions) FAILED (log: $out/conv-bench.log)"
+            status=1
+        fi
     fi
     echo
     echo "== GPU acceptance table (target: specialised >= 2x csr on a GPU)"
