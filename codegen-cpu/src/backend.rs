@@ -901,10 +901,17 @@ impl Compiled {
 /// Splits the walk's rows into `parts` consecutive ranges of about equal cost (nonzeros plus
 /// a few per row).
 fn balanced_parts(walk: &Walk<'_>, parts: usize) -> Vec<Range<usize>> {
-    let rows = walk.rows();
+    balanced_ranges(walk.rows(), parts, |r| walk.nnz_range(0..r).len() + 4 * r)
+}
+
+/// Splits `rows` rows into `parts` consecutive ranges of about equal cost, where `cost(r)` is
+/// the cost of rows `0..r` (non-decreasing).
+pub(crate) fn balanced_ranges(
+    rows: usize,
+    parts: usize,
+    cost: impl Fn(usize) -> usize,
+) -> Vec<Range<usize>> {
     let parts = parts.clamp(1, rows.max(1));
-    const ROW_COST: usize = 4;
-    let cost = |r: usize| walk.nnz_range(0..r).len() + ROW_COST * r;
     let total = cost(rows);
     let mut out = Vec::with_capacity(parts);
     let mut start = 0;

@@ -373,23 +373,7 @@ struct SpanList {
 /// Splits the table's rows into `parts` consecutive ranges of about equal work (entries plus
 /// a few per row).
 fn balanced(table: &TapTable, parts: usize) -> Vec<Range<usize>> {
-    let rows = table.rows;
-    let parts = parts.clamp(1, rows.max(1));
-    const ROW_COST: usize = 2;
-    let cost = |r: usize| table.rows_range(0..r).len() + ROW_COST * r;
-    let total = cost(rows);
-    let mut out = Vec::with_capacity(parts);
-    let mut start = 0;
-    for p in 1..=parts {
-        let target = total * p / parts;
-        let mut end = start;
-        while end < rows && (p == parts || cost(end + 1) <= target) {
-            end += 1;
-        }
-        out.push(start..end);
-        start = end;
-    }
-    out
+    crate::backend::balanced_ranges(table.rows, parts, |r| table.rows_range(0..r).len() + 2 * r)
 }
 
 /// Whether a gather (`conv`, `conv_t`) at `(batch, ld)` computes whole rows, padding columns

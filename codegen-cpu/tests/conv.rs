@@ -5,27 +5,13 @@
 //! JIT, every ISA level this CPU supports, 1 and 2 threads, batches 1, 3, 8, 17
 //! and 100 at the strides the runtime uses and odd ones, operands in guard zones.
 
-use codegen_cpu::{CpuBackend, CpuOptions, IsaLevel};
+use codegen_cpu::{CpuBackend, CpuOptions};
 use proptest::prelude::*;
 use sparse_ir::{Launch, Op, Strategy};
 use test_support::{check, conv_cases, geometry, strides, ConvCase, Run};
 
-/// Every (ISA level, threads) backend, splitting even tiny launches over the threads.
-fn backends() -> Vec<CpuBackend> {
-    let mut out = Vec::new();
-    for isa in IsaLevel::supported() {
-        for threads in [1, 2] {
-            let mut b = CpuBackend::new(CpuOptions {
-                threads,
-                isa: Some(isa),
-            })
-            .expect("backend");
-            b.set_parallel_min_fmas(0);
-            out.push(b);
-        }
-    }
-    out
-}
+mod common;
+use common::backends;
 
 /// The strategies every conv op runs with.
 const STRATEGIES: [Strategy; 3] = [Strategy::Generic, Strategy::Dense, Strategy::Auto];

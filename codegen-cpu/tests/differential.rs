@@ -17,22 +17,8 @@ use sparse_ir::backend::{Backend, Kernel};
 use sparse_ir::{Args, Dim, KernelSpec, Launch, Op, Pattern, Strategy};
 use test_support::{check, lenet_fc1, named_patterns, random, specs, strides, Run, BATCHES};
 
-/// Every (ISA level, threads) backend, with parallel splitting on even for tiny launches.
-fn backends() -> Vec<CpuBackend> {
-    let mut out = Vec::new();
-    for isa in IsaLevel::supported() {
-        for threads in [1, 2] {
-            let mut b = CpuBackend::new(CpuOptions {
-                threads,
-                isa: Some(isa),
-            })
-            .expect("backend");
-            b.set_parallel_min_fmas(0);
-            out.push(b);
-        }
-    }
-    out
-}
+mod common;
+use common::backends;
 
 const BOTH: [Strategy; 2] = [Strategy::Generic, Strategy::Dense];
 
