@@ -500,8 +500,20 @@ impl ModelBuilder {
                     }
                 }
                 LayerDesc::MaxPool { k } => {
-                    let l = MaxPool2d::new(&format!("pool{i}"), shape, *k)?;
+                    let mut l = MaxPool2d::new(&format!("pool{i}"), shape, *k)?;
                     shape = l.output_shape();
+                    // After a fused ReLU the pool, which reads its input in the backward pass
+                    // anyway, applies the ReLU's mask there, and the layer before only sums
+                    // the gradient for its bias (one pass over it instead of two and a write).
+                    if let Some(w) = layers
+                        .last_mut()
+                        .and_then(|l| l.weights_mut())
+                        .filter(|w| w.relu())
+                    {
+                        if l.mask_relu_input_grad() {
+                            w.set_relu_grad_masked(true);
+                        }
+                    }
                     layers.push(Box::new(l));
                 }
             }

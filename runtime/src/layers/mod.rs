@@ -72,6 +72,13 @@ pub trait Layer {
     fn fuse_relu(&mut self) -> bool {
         false
     }
+
+    /// Its input is the output of a ReLU: a layer that reads its input in the backward pass
+    /// anyway may apply the ReLU's mask to the gradient it passes back (so the layer before
+    /// need not). Returns whether it does.
+    fn mask_relu_input_grad(&mut self) -> bool {
+        false
+    }
 }
 
 /// Checks that a matrix has `rows` rows, batch `batch` and stride `ld`.

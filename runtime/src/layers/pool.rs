@@ -23,6 +23,8 @@ pub struct MaxPool2d {
     uncovered: Vec<u32>,
     /// `taps[o·k² + w]`: the input row of window position `w` of output row `o`.
     taps: Vec<u32>,
+    /// The input is a ReLU's output: the input gradient is zero where it is not positive.
+    relu_input: bool,
 }
 
 impl MaxPool2d {
@@ -63,11 +65,17 @@ impl MaxPool2d {
             pending: Vec::new(),
             uncovered,
             taps,
+            relu_input: false,
         })
     }
 }
 
 impl Layer for MaxPool2d {
+    fn mask_relu_input_grad(&mut self) -> bool {
+        self.relu_input = true;
+        true
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
@@ -137,6 +145,7 @@ impl Layer for MaxPool2d {
             dx.row_mut(r as usize).fill(0.0);
         }
         let kk = self.k * self.k;
+        let relu = self.relu_input;
         let pending = &mut self.pending[..batch];
         for o in 0..self.output.features() {
             let taps = &self.taps[o * kk..(o + 1) * kk];
@@ -153,7 +162,9 @@ impl Layer for MaxPool2d {
                     .zip(xr.iter().zip(yr))
                 {
                     // Arithmetic rather than selects, so that it vectorises.
-                    let hit = f32::from(u8::from(v == m));
+                    // With a ReLU before, a window whose maximum is 0 passes nothing back,
+                    // as the ReLU's own mask would have made of it.
+                    let hit = f32::from(u8::from(v == m) & u8::from(!relu || v > 0.0));
                     *d = *p * hit;
                     *p -= *d;
                 }

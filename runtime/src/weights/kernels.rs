@@ -115,6 +115,9 @@ pub(crate) struct CompiledOps<'a> {
 /// [`compile`](Self::compile) builds them again.
 pub(crate) struct LayerKernels {
     relu: bool,
+    /// The layer after this one applies the fused ReLU's mask to the gradient it passes
+    /// back (a max-pool reading the ReLU output), so the backward pass only sums it.
+    relu_grad_masked: bool,
     needs_dx: bool,
     launch: Option<Launch>,
     plan: LayerPlan,
@@ -128,6 +131,7 @@ impl LayerKernels {
     pub(crate) fn new() -> Self {
         LayerKernels {
             relu: false,
+            relu_grad_masked: false,
             needs_dx: true,
             launch: None,
             plan: LayerPlan::default(),
@@ -146,6 +150,12 @@ impl LayerKernels {
     pub(crate) fn set_relu(&mut self, relu: bool) {
         self.relu = relu;
         self.compiled = None;
+    }
+
+    /// Says whether the gradient this layer gets is already zero where its fused ReLU was
+    /// inactive (the next layer masks it), so the backward pass skips that mask.
+    pub(crate) fn set_relu_grad_masked(&mut self, masked: bool) {
+        self.relu_grad_masked = masked;
     }
 
     /// Whether the backward pass computes the input gradient (`spmm_t`).
@@ -347,7 +357,8 @@ impl LayerKernels {
         let (k, launch) = current(&self.compiled, self.launch, name, hash)?;
         // The ReLU mask and the bias gradient in one pass, row by row (each row is still in
         // L1 when it is summed). Branch-free select: NaN or ≤ 0 means inactive.
-        let (ld, batch, relu) = (launch.ld, launch.batch, self.relu);
+        // Where the next layer masked `dy` already, the pass only reads it.
+        let (ld, batch, relu) = (launch.ld, launch.batch, self.relu && !self.relu_grad_masked);
         let mut sums = dy.chunks_mut(ld).zip(y.chunks(ld)).map(|(d, out)| {
             if relu {
                 for (d, &out) in d.iter_mut().zip(out) {

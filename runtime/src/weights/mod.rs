@@ -220,6 +220,12 @@ impl SparseWeights {
         self.kernels.set_relu(relu);
     }
 
+    /// Says whether the gradient of this layer's output comes already masked by its fused
+    /// ReLU (the next layer applies the mask), so the backward pass skips it.
+    pub(crate) fn set_relu_grad_masked(&mut self, masked: bool) {
+        self.kernels.set_relu_grad_masked(masked);
+    }
+
     /// Whether the backward pass computes the input gradient; the kernels are compiled
     /// again.
     pub(crate) fn set_needs_dx(&mut self, needs_dx: bool) {
