@@ -57,6 +57,11 @@ pub(crate) struct TapTable {
     /// `groups[row_groups[r] .. row_groups[r + 1]]` (a sparse row visits only its taps).
     groups: Vec<(u32, u32, u32)>,
     row_groups: Vec<u32>,
+    /// The largest plane any entry reads, plus one (0 when empty): the read side must hold
+    /// this many planes.
+    planes: usize,
+    /// The largest value index plus one (0 when empty): the value array must hold this many.
+    values_needed: usize,
 }
 
 impl TapTable {
@@ -120,6 +125,8 @@ impl TapTable {
             value: entries.iter().map(|e| e.3 as u32).collect(),
             groups,
             row_groups,
+            planes: entries.iter().map(|e| e.2 + 1).max().unwrap_or(0),
+            values_needed: entries.iter().map(|e| e.3 + 1).max().unwrap_or(0),
         }
     }
 
@@ -136,15 +143,6 @@ impl TapTable {
     /// Number of entries.
     pub(crate) fn len(&self) -> usize {
         self.plane.len()
-    }
-
-    /// The largest plane any entry reads, plus one (0 when empty).
-    fn planes(&self) -> usize {
-        self.plane
-            .iter()
-            .map(|&p| p as usize + 1)
-            .max()
-            .unwrap_or(0)
     }
 }
 
@@ -423,18 +421,13 @@ pub(crate) fn gather_part(
     assert!(job.batch >= 1 && job.batch <= job.ld, "batch/ld");
     assert!(out.len() >= rows.len() * plane_out, "output length");
     assert!(
-        job.input.len() >= g.table.planes() * g.in_plane_len(job.ld),
+        job.input.len() >= g.table.planes * g.in_plane_len(job.ld),
         "input length"
     );
-    assert!(job.values.len() >= g.entries(), "values length");
+    // Every value index is below `values_needed` (counted when the table was built), so
+    // this one comparison covers them all.
+    assert!(job.values.len() >= g.table.values_needed, "values length");
     assert!(job.bias.is_none_or(|b| b.len() >= rows.end), "bias length");
-    assert!(
-        g.table
-            .value
-            .iter()
-            .all(|&v| (v as usize) < job.values.len()),
-        "value indices"
-    );
     match usable(level) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `usable` returned AVX-512, so the CPU has `avx512f`; the lengths hold
@@ -521,7 +514,7 @@ fn piece_shape<S: Simd>(left: usize) -> (usize, usize, usize) {
 /// `ld = batch`), each tap's input offset plus the span's length lies within a read plane
 /// (the tap positions are checked inside the plane, and a multi-position span's taps stay
 /// inside for every position of the run), and every entry's plane is below
-/// `table.planes()`, whose planes `input` holds.
+/// `table.planes`, whose planes `input` holds.
 #[inline(always)]
 unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mut [f32]) {
     let g = job.gather;
@@ -692,7 +685,7 @@ pub(crate) fn grad_part(
         "dy length"
     );
     assert!(
-        job.x.len() >= g.table.planes() * g.in_plane_len(job.ld),
+        job.x.len() >= g.table.planes * g.in_plane_len(job.ld),
         "x length"
     );
     partial[..entries.len() * lanes].fill(0.0);

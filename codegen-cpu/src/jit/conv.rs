@@ -31,7 +31,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use sparse_ir::{Args, BackendError, ConvGeometry, KernelSpec, Op, Strategy};
+use sparse_ir::{Args, BackendError, ConvGeometry, KernelSpec, Op};
 
 use super::code::{self, ChunkCode, ChunkKey, CodegenConfig, Job};
 use super::emit::{self, ChunkOp, ChunkSource, ConvSource, ConvTile, Shape};
@@ -162,19 +162,7 @@ pub(super) fn compile(
     ld: usize,
     start: Instant,
 ) -> Result<JitKernel, BackendError> {
-    let layer = spec.layer().to_string();
-    let op_name = spec.op().name();
-    let unsupported = |reason: String| BackendError::Unsupported {
-        layer: layer.clone(),
-        op: op_name,
-        strategy: Strategy::Jit,
-        reason,
-    };
-    let compile_err = |message: String| BackendError::Compile {
-        layer: layer.clone(),
-        op: op_name,
-        message,
-    };
+    let (unsupported, compile_err) = super::spec_errors(spec);
     let g = *spec.geometry().expect("a convolution spec has a geometry");
     let (backward, grad, bias, relu) = match spec.op() {
         Op::Conv { bias, relu } => (false, false, bias, relu),
@@ -321,7 +309,7 @@ pub(super) fn compile(
         regalloc: options.regalloc,
         verifier: options.verifier,
     };
-    let isa = code::isa_for(config).map_err(compile_err)?;
+    let isa = code::isa_for(config).map_err(&compile_err)?;
     let shape = Shape {
         batch,
         ld,

@@ -427,6 +427,31 @@ impl JitKernel {
     }
 }
 
+/// The two errors a JIT compilation of `spec` reports: `Unsupported` (with the reason) and
+/// `Compile` (with the compiler's message), both naming the layer and op.
+pub(crate) fn spec_errors(
+    spec: &KernelSpec,
+) -> (
+    impl Fn(String) -> BackendError,
+    impl Fn(String) -> BackendError,
+) {
+    let (layer, op) = (spec.layer().to_string(), spec.op().name());
+    let layer2 = layer.clone();
+    (
+        move |reason| BackendError::Unsupported {
+            layer: layer.clone(),
+            op,
+            strategy: Strategy::Jit,
+            reason,
+        },
+        move |message| BackendError::Compile {
+            layer: layer2.clone(),
+            op,
+            message,
+        },
+    )
+}
+
 /// [`JitKernel::compile_with`], stopping with a `Compile` error before the next chunk once
 /// `cancel` is set (the background compilation of a hot-swap kernel nobody waits for).
 pub(crate) fn compile_cancellable(
@@ -435,19 +460,8 @@ pub(crate) fn compile_cancellable(
     cancel: Option<&AtomicBool>,
 ) -> Result<JitKernel, BackendError> {
     let start = Instant::now();
-    let layer = spec.layer().to_string();
     let op_name = spec.op().name();
-    let unsupported = |reason: String| BackendError::Unsupported {
-        layer: layer.clone(),
-        op: op_name,
-        strategy: Strategy::Jit,
-        reason,
-    };
-    let compile_err = |message: String| BackendError::Compile {
-        layer: layer.clone(),
-        op: op_name,
-        message,
-    };
+    let (unsupported, compile_err) = spec_errors(spec);
     let op = match spec.op() {
         Op::Spmm { bias, relu } => ChunkOp::Spmm { bias, relu },
         Op::SpmmT => ChunkOp::SpmmT,
@@ -467,7 +481,7 @@ pub(crate) fn compile_cancellable(
                     spec.ld()
                 )));
             };
-            check_options(options).map_err(compile_err)?;
+            check_options(options).map_err(&compile_err)?;
             return conv::compile(spec, options, cancel, batch, ld, start);
         }
     };
@@ -480,13 +494,13 @@ pub(crate) fn compile_cancellable(
             )))
         }
     };
-    check_options(options).map_err(compile_err)?;
+    check_options(options).map_err(&compile_err)?;
     let config = CodegenConfig {
         opt_level: options.opt_level,
         regalloc: options.regalloc,
         verifier: options.verifier,
     };
-    let isa = code::isa_for(config).map_err(compile_err)?;
+    let isa = code::isa_for(config).map_err(&compile_err)?;
     let shape = Shape {
         batch,
         ld,

@@ -22,8 +22,11 @@
 
 use sparse_ir::{BackendError, ConvGeometry, Op};
 
-use super::rows::Lanes;
-use super::{csr_kernel_name, Ctx, Extent, Grid, IndexArray, KernelArg, KernelEntry, Operand};
+use super::rows::{epilogue_text, Lanes};
+use super::{
+    csr_arrays, csr_kernel_name, transposed_arrays, Ctx, Extent, Grid, IndexArray, KernelArg,
+    KernelEntry, Operand,
+};
 use crate::device::WorkGroups;
 
 /// The geometry parameters every convolution kernel takes, in this order (after its buffers,
@@ -80,18 +83,7 @@ fn per_item(lanes: Lanes) -> String {
 fn forward(wg: &WorkGroups, bias: bool, relu: bool) -> String {
     let lanes = Lanes { w: wg.batch_vector };
     let name = csr_kernel_name(Op::Conv { bias, relu });
-    let bias_param = if bias {
-        "\n    __global const float* restrict bias,"
-    } else {
-        ""
-    };
-    let mut value = "acc".to_string();
-    if bias {
-        value = "acc + bias[o]".into();
-    }
-    if relu {
-        value = format!("fmax({value}, 0.0f)");
-    }
+    let (bias_param, value) = epilogue_text(bias, relu, "o");
     format!(
         "
 // Y = conv(W, X){bias_doc}{relu_doc}: one work-item per ({per}, output row
@@ -343,17 +335,7 @@ pub(super) fn csr_entry(
                 args.push(Op_(Operand::Bias));
             }
             args.extend([Op_(Operand::Y), Array(0), Array(1)]);
-            let arrays = vec![
-                IndexArray {
-                    name: "row_ptr",
-                    data: p.row_ptr().to_vec(),
-                },
-                IndexArray {
-                    name: "col_idx",
-                    data: p.col_idx().to_vec(),
-                },
-            ];
-            (args, rows_grid(ctx.spec.out_features()), arrays)
+            (args, rows_grid(ctx.spec.out_features()), csr_arrays(p))
         }
         Op::ConvT => {
             let t = p.transpose();
@@ -365,21 +347,11 @@ pub(super) fn csr_entry(
                 Array(1),
                 Array(2),
             ];
-            let arrays = vec![
-                IndexArray {
-                    name: "t_row_ptr",
-                    data: t.pattern.row_ptr().to_vec(),
-                },
-                IndexArray {
-                    name: "t_row_idx",
-                    data: t.pattern.col_idx().to_vec(),
-                },
-                IndexArray {
-                    name: "value_index",
-                    data: t.value_index,
-                },
-            ];
-            (args, rows_grid(ctx.spec.in_features()), arrays)
+            (
+                args,
+                rows_grid(ctx.spec.in_features()),
+                transposed_arrays(t),
+            )
         }
         Op::ConvGrad => {
             let row_of: Vec<u32> = (0..p.rows())

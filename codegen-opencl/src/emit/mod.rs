@@ -42,7 +42,7 @@ pub mod training;
 
 use std::sync::Arc;
 
-use sparse_ir::{BackendError, Dim, KernelSpec, Op, Pattern, Strategy};
+use sparse_ir::{BackendError, Dim, KernelSpec, Op, Pattern, Strategy, Transposed};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::device::DeviceProfile;
@@ -404,16 +404,7 @@ fn csr_entry(ctx: &Ctx) -> Result<(KernelEntry, Vec<IndexArray>), BackendError> 
                 Batch,
                 Ld,
             ]);
-            let arrays = vec![
-                IndexArray {
-                    name: "row_ptr",
-                    data: p.row_ptr().to_vec(),
-                },
-                IndexArray {
-                    name: "col_idx",
-                    data: p.col_idx().to_vec(),
-                },
-            ];
+            let arrays = csr_arrays(p);
             let grid = Grid {
                 extent: [
                     Extent::Batch {
@@ -447,20 +438,7 @@ fn csr_entry(ctx: &Ctx) -> Result<(KernelEntry, Vec<IndexArray>), BackendError> 
                 ],
                 local: wg.rows,
             };
-            let arrays = vec![
-                IndexArray {
-                    name: "t_row_ptr",
-                    data: t.pattern.row_ptr().to_vec(),
-                },
-                IndexArray {
-                    name: "t_row_idx",
-                    data: t.pattern.col_idx().to_vec(),
-                },
-                IndexArray {
-                    name: "value_index",
-                    data: t.value_index,
-                },
-            ];
+            let arrays = transposed_arrays(t);
             Ok((KernelEntry { name, args, grid }, arrays))
         }
         Op::Sddmm => {
@@ -509,6 +487,39 @@ fn csr_entry(ctx: &Ctx) -> Result<(KernelEntry, Vec<IndexArray>), BackendError> 
             Err(ctx.unsupported("a convolution op needs a geometry".into()))
         }
     }
+}
+
+/// The index arrays of a generic kernel that walks the pattern's rows: `row_ptr`, `col_idx`.
+fn csr_arrays(p: &Pattern) -> Vec<IndexArray> {
+    vec![
+        IndexArray {
+            name: "row_ptr",
+            data: p.row_ptr().to_vec(),
+        },
+        IndexArray {
+            name: "col_idx",
+            data: p.col_idx().to_vec(),
+        },
+    ]
+}
+
+/// The index arrays of a generic kernel that walks the transpose's rows (the pattern's
+/// columns): `t_row_ptr`, `t_row_idx`, and the weight position of each entry, `value_index`.
+fn transposed_arrays(t: Transposed) -> Vec<IndexArray> {
+    vec![
+        IndexArray {
+            name: "t_row_ptr",
+            data: t.pattern.row_ptr().to_vec(),
+        },
+        IndexArray {
+            name: "t_row_idx",
+            data: t.pattern.col_idx().to_vec(),
+        },
+        IndexArray {
+            name: "value_index",
+            data: t.value_index,
+        },
+    ]
 }
 
 /// What every emitter needs: the spec, the strategy, the device and the limits.

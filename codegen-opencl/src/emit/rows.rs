@@ -169,6 +169,25 @@ impl Lanes {
     }
 }
 
+/// The forward epilogue of a generic kernel: the bias parameter (empty without a bias) and
+/// the stored value, `acc` plus `bias[row]` where asked, through ReLU where asked (`row` is
+/// the kernel's variable for the bias index).
+pub(super) fn epilogue_text(bias: bool, relu: bool, row: &str) -> (&'static str, String) {
+    let bias_param = if bias {
+        "\n    __global const float* restrict bias,"
+    } else {
+        ""
+    };
+    let mut value = "acc".to_string();
+    if bias {
+        value = format!("acc + bias[{row}]");
+    }
+    if relu {
+        value = format!("fmax({value}, 0.0f)");
+    }
+    (bias_param, value)
+}
+
 /// The generic kernel of [`super::csr_library`]: `Some((bias, relu))` for `spmm`, `None` for
 /// `spmm_t`.
 pub(super) fn csr_kernel(wg: &WorkGroups, epilogue: Option<(bool, bool)>) -> String {
@@ -182,18 +201,7 @@ pub(super) fn csr_kernel(wg: &WorkGroups, epilogue: Option<(bool, bool)>) -> Str
     match epilogue {
         Some((bias, relu)) => {
             let name = csr_kernel_name(Op::Spmm { bias, relu });
-            let bias_param = if bias {
-                "\n    __global const float* restrict bias,"
-            } else {
-                ""
-            };
-            let mut value = "acc".to_string();
-            if bias {
-                value = "acc + bias[r]".into();
-            }
-            if relu {
-                value = format!("fmax({value}, 0.0f)");
-            }
+            let (bias_param, value) = epilogue_text(bias, relu, "r");
             format!(
                 "
 // Y = W X{bias_doc}{relu_doc}: one work-item per ({per}, row r)
