@@ -14,8 +14,16 @@
 //! A checkpoint is written into a temporary folder beside its final place; every file is
 //! fsynced, then the folder, then it is renamed into place and the parent fsynced; only then is
 //! the `latest` pointer replaced the same way (temporary file, fsync, rename, fsync). A process
-//! killed at any point leaves the previous checkpoint and the pointer to it intact; leftovers
-//! of an interrupted write are removed by the next one.
+//! killed at any point leaves the previous checkpoint intact; leftovers of an interrupted write
+//! are tidied by the next writer, and a pointer left naming a folder that is not (yet) in place
+//! is recovered from by [`resolve`] (the newest complete checkpoint).
+//!
+//! ## What a load checks
+//!
+//! `state.json` carries the xxh3-64 checksum of `model.safetensors` (a flipped bit is an
+//! error; checkpoints written without one still load), every layer's count of active weights
+//! (checked against its mask), and the epoch and step (checked against each other and the
+//! data set). Weights, biases and momenta must be finite.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -40,6 +48,7 @@ pub const CHECKPOINT_FORMAT: &str = "sparsejit-checkpoint";
 pub const CHECKPOINT_VERSION: u32 = 1;
 // The file names of the checkpoint layout, shared with `kernel-dump` through `sparse-ir`.
 pub use sparse_ir::mask_io::checkpoint::{LATEST_FILE, MODEL_FILE, STATE_FILE};
+use sparse_ir::mask_io::checkpoint_order;
 
 /// What the data set looked like (informational, checked on resume).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +102,24 @@ pub struct TrainState {
     pub history: Vec<EpochMetrics>,
     /// The data set.
     pub data: DataInfo,
+    /// Every masked layer's active weights, checked against its mask on load (absent in
+    /// checkpoints written before it was kept).
+    #[serde(default)]
+    pub nonzeros: BTreeMap<String, usize>,
+    /// How many checkpoints the writing run kept (`--keep`); a resumed run keeps as many
+    /// unless told otherwise.
+    #[serde(default)]
+    pub keep: Option<usize>,
+    /// The checksum of `model.safetensors`, `xxh3-64:` and 16 hex digits (absent in
+    /// checkpoints written before it was kept).
+    #[serde(default)]
+    pub model_checksum: Option<String>,
+}
+
+/// The checksum of a `model.safetensors` file's bytes, as [`TrainState::model_checksum`]
+/// holds it.
+pub fn model_checksum(bytes: &[u8]) -> String {
+    format!("xxh3-64:{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
 fn ck_err(path: &Path, message: impl Into<String>) -> RuntimeError {
@@ -254,6 +281,20 @@ fn mask_tensor(path: &Path, name: &str, t: Loaded) -> Result<Vec<u8>> {
     Ok(mask)
 }
 
+/// An error naming the tensor and its first entry that is NaN or infinite.
+fn finite(path: &Path, name: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(ck_err(
+            path,
+            format!(
+                "tensor {name}: entry {i} is {}, not a finite number",
+                values[i]
+            ),
+        )),
+    }
+}
+
 /// How much of a model a safetensors file must provide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LoadMode {
@@ -342,11 +383,13 @@ fn load_into_model(model: &mut Model, path: &Path, bytes: &[u8], mode: LoadMode)
         } else {
             None
         };
-        if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
-            return Err(ck_err(
-                path,
-                format!("tensor {name}.weight: entry {i} is not finite"),
-            ));
+        finite(path, &format!("{name}.weight"), &weight)?;
+        if let Some(b) = &bias {
+            finite(path, &format!("{name}.bias"), b)?;
+        }
+        if let Some((m, bm)) = &momentum {
+            finite(path, &format!("{name}.momentum"), m)?;
+            finite(path, &format!("{name}.bias_momentum"), bm)?;
         }
         w.sync_dense(&sgd);
         w.set_dense(
@@ -373,10 +416,32 @@ fn sync_dir(path: &Path) -> Result<()> {
 }
 
 /// Finds the checkpoint folder of `path`: the folder itself if it holds `state.json` and
-/// `model.safetensors`, or the folder its `latest` pointer names (the rule of
-/// [`sparse_ir::mask_io::resolve_checkpoint`]).
+/// `model.safetensors`, or the folder its `latest` pointer names, or — where an interrupted
+/// write left the pointer missing or naming a folder not in place — the newest complete
+/// checkpoint, with a warning (the rule of [`sparse_ir::mask_io::locate_checkpoint`]).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
-    Ok(sparse_ir::mask_io::resolve_checkpoint(path)?)
+    let found = sparse_ir::mask_io::locate_checkpoint(path)?;
+    if let Some(why) = &found.recovered {
+        tracing::warn!("{why}");
+    }
+    Ok(found.folder)
+}
+
+/// The checkpoint directory a resumed run goes on writing into: the directory itself when
+/// `path` is one (it has a `latest` pointer or no checkpoint files), the folder above when
+/// `path` is a checkpoint folder (`DIR/epoch-002` continues in `DIR`).
+pub fn resume_dir(path: &Path) -> PathBuf {
+    let is_folder = path.join(STATE_FILE).is_file() && path.join(MODEL_FILE).is_file();
+    match path.parent() {
+        Some(parent) if is_folder => {
+            if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_path_buf()
+            }
+        }
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Reads `state.json` of a checkpoint folder, checking the format and version.
@@ -405,6 +470,29 @@ pub fn read_state(folder: &Path) -> Result<TrainState> {
     serde_json::from_value(value).map_err(|e| ck_err(&path, format!("malformed: {e}")))
 }
 
+/// Where the testing aid [`CheckpointWriter::crash_in_epoch`] aborts a checkpoint write.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Half-way through writing the model file into the temporary folder (`write`).
+    Write,
+    /// After a folder of the same name was moved aside, before its replacement is renamed
+    /// into place, so the pointer names a folder that is not there (`rename`).
+    Rename,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "write" => Ok(CrashPoint::Write),
+            "rename" => Ok(CrashPoint::Rename),
+            other => Err(format!("{other:?}: expected write or rename")),
+        }
+    }
+}
+
 /// The lock file of a checkpoint directory: a writer holds an exclusive lock on it for its
 /// whole life, so two runs never write into one directory.
 pub const LOCK_FILE: &str = ".lock";
@@ -420,7 +508,7 @@ pub const LOCK_FILE: &str = ".lock";
 pub struct CheckpointWriter {
     dir: PathBuf,
     keep: usize,
-    crash_in_epoch: Option<u32>,
+    crash_in_epoch: Option<(u32, CrashPoint)>,
     /// The open lock file; the lock lasts as long as any clone of the writer.
     _lock: Arc<File>,
 }
@@ -473,7 +561,7 @@ impl CheckpointWriter {
                 // `.old-NAME-PID`: NAME was moved aside for its replacement.
                 let original = rest.rsplit_once('-').map_or(rest, |(n, _)| n);
                 let target = self.dir.join(original);
-                if checkpoint_key(original).is_some() && !target.exists() {
+                if checkpoint_order(original).is_some() && !target.exists() {
                     tracing::info!(from = %path.display(), "restoring a checkpoint moved aside by an interrupted write");
                     fs::rename(&path, &target).map_err(|e| RuntimeError::io(&target, e))?;
                 } else {
@@ -488,16 +576,31 @@ impl CheckpointWriter {
         Ok(())
     }
 
-    /// Testing aid: abort the process half-way through writing the checkpoint of `epoch`.
+    /// Testing aid: abort the process at `point` of writing the checkpoint of `epoch`.
     #[doc(hidden)]
-    pub fn crash_in_epoch(mut self, epoch: Option<u32>) -> Self {
-        self.crash_in_epoch = epoch;
+    pub fn crash_in_epoch(mut self, epoch: Option<u32>, point: CrashPoint) -> Self {
+        self.crash_in_epoch = epoch.map(|e| (e, point));
         self
+    }
+
+    /// Whether the testing aid aborts at `point` of this checkpoint.
+    fn crashes_at(&self, trainer: &Trainer, point: CrashPoint) -> bool {
+        self.crash_in_epoch == Some((trainer.epoch(), point))
     }
 
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How many checkpoints it keeps.
+    pub fn keep(&self) -> usize {
+        self.keep
+    }
+
+    /// Keeps the newest `keep` (at least 1) from now on: a resumed run takes its saved value.
+    pub fn set_keep(&mut self, keep: usize) {
+        self.keep = keep.max(1);
     }
 
     /// Writes a checkpoint of the trainer's current state; returns its folder.
@@ -512,14 +615,17 @@ impl CheckpointWriter {
             ),
         };
         let model = model_tensors(trainer.model())?;
-        let state = serde_json::to_vec_pretty(&trainer.state())
+        let mut state = trainer.state();
+        state.keep = Some(self.keep);
+        state.model_checksum = Some(model_checksum(&model));
+        let state = serde_json::to_vec_pretty(&state)
             .map_err(|e| RuntimeError::Config(format!("serialising the state: {e}")))?;
         let tmp = self.dir.join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
         }
         fs::create_dir(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
-        if self.crash_in_epoch.is_some() && self.crash_in_epoch == Some(trainer.epoch()) {
+        if self.crashes_at(trainer, CrashPoint::Write) {
             let half = &model[..model.len() / 2];
             let p = tmp.join(MODEL_FILE);
             let mut f = File::create(&p).map_err(|e| RuntimeError::io(&p, e))?;
@@ -540,6 +646,11 @@ impl CheckpointWriter {
             let o = self.dir.join(format!(".old-{name}-{}", std::process::id()));
             fs::rename(&final_dir, &o).map_err(|e| RuntimeError::io(&final_dir, e))?;
             old = Some(o);
+            if self.crashes_at(trainer, CrashPoint::Rename) {
+                let _ = sync_dir(&self.dir);
+                eprintln!("crash-in-checkpoint: aborting with {name} moved aside");
+                std::process::abort();
+            }
         }
         fs::rename(&tmp, &final_dir).map_err(|e| RuntimeError::io(&final_dir, e))?;
         sync_dir(&self.dir)?;
@@ -568,7 +679,7 @@ impl CheckpointWriter {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let path = e.path();
-            if let Some(key) = checkpoint_key(&name) {
+            if let Some(key) = checkpoint_order(&name) {
                 if path.is_dir() && name != current {
                     found.push((key, path));
                 }
@@ -583,19 +694,69 @@ impl CheckpointWriter {
     }
 }
 
-/// `(epoch, step)` of a checkpoint folder name (`step = u64::MAX` for a whole epoch).
-fn checkpoint_key(name: &str) -> Option<(u32, u64)> {
-    let rest = name.strip_prefix("epoch-")?;
-    match rest.split_once("-step-") {
-        Some((e, s)) => Some((e.parse().ok()?, s.parse().ok()?)),
-        None => Some((rest.parse().ok()?, u64::MAX)),
+/// Checks `state.json`'s progress: `epoch` completed epochs of `steps_per_epoch` steps, plus
+/// the steps of an interrupted epoch, make `step`; the history has one entry per epoch.
+fn check_progress(folder: &Path, state: &TrainState, steps_per_epoch: u64) -> Result<()> {
+    let path = folder.join(STATE_FILE);
+    let partial = state.partial_epoch.as_ref().map_or(0, |p| p.step_in_epoch);
+    if state.partial_epoch.is_some() && (partial == 0 || partial >= steps_per_epoch) {
+        return Err(ck_err(
+            &path,
+            format!(
+                "an interrupted epoch at step {partial} cannot be: an epoch has {steps_per_epoch} \
+                 steps"
+            ),
+        ));
     }
+    if state.partial_epoch.is_some() && state.epoch >= state.config.epochs {
+        return Err(ck_err(
+            &path,
+            format!(
+                "an interrupted epoch after epoch {} cannot be: the run has {} epochs",
+                state.epoch, state.config.epochs
+            ),
+        ));
+    }
+    let expected = u64::from(state.epoch)
+        .checked_mul(steps_per_epoch)
+        .and_then(|s| s.checked_add(partial));
+    if expected != Some(state.step) || state.epoch > state.config.epochs {
+        return Err(ck_err(
+            &path,
+            format!(
+                "epoch {} and step {} cannot be: {} epochs of {steps_per_epoch} steps{} make {} \
+                 steps (of a run of {} epochs)",
+                state.epoch,
+                state.step,
+                state.epoch,
+                if partial > 0 {
+                    format!(" and {partial} steps of the next")
+                } else {
+                    String::new()
+                },
+                expected.map_or("too many".to_string(), |e| e.to_string()),
+                state.config.epochs
+            ),
+        ));
+    }
+    if state.history.len() != state.epoch as usize {
+        return Err(ck_err(
+            &path,
+            format!(
+                "epoch {} cannot be: the history holds {} epochs",
+                state.epoch,
+                state.history.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// What a resumed run may change; everything else comes from the checkpoint.
 #[derive(Debug, Clone, Default)]
 pub struct ResumeOverrides {
-    /// A new total of epochs (the prune-rate schedule is stretched to it).
+    /// A new total of epochs. The prune-rate and learning-rate schedules stay the saved
+    /// run's: extending a finished run continues it, it does not redo it as a longer one.
     pub epochs: Option<u32>,
     /// Kernel threads.
     pub threads: Option<usize>,
@@ -636,6 +797,13 @@ impl Trainer {
                 mean: self.data().normalization().0,
                 std: self.data().normalization().1,
             },
+            nonzeros: self
+                .model()
+                .sparse_layers()
+                .map(|w| (w.name().to_string(), w.nnz()))
+                .collect(),
+            keep: None,
+            model_checksum: None,
         }
     }
 
@@ -693,22 +861,47 @@ impl Trainer {
                 format!("model {} does not match", state.model),
             ));
         }
+        check_progress(&folder, &state, t.steps_per_epoch())?;
         let model_path = folder.join(MODEL_FILE);
         let bytes = fs::read(&model_path).map_err(|e| RuntimeError::io(&model_path, e))?;
+        if let Some(want) = &state.model_checksum {
+            let got = model_checksum(&bytes);
+            if &got != want {
+                return Err(ck_err(
+                    &model_path,
+                    format!(
+                        "its checksum is {got}, state.json says {want}: the file is damaged or \
+                         was changed after it was written"
+                    ),
+                ));
+            }
+        }
         load_into_model(t.model_mut(), &model_path, &bytes, LoadMode::Checkpoint)?;
+        if !state.nonzeros.is_empty() {
+            for w in t.model().sparse_layers() {
+                match state.nonzeros.get(w.name()) {
+                    Some(&n) if n == w.nnz() => {}
+                    saved => {
+                        return Err(ck_err(
+                            &model_path,
+                            format!(
+                                "tensor {}.mask has {} nonzeros, state.json's masking state \
+                                 says {}",
+                                w.name(),
+                                w.nnz(),
+                                saved.map_or("nothing about the layer".to_string(), |n| n
+                                    .to_string())
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
         let masking = Masking::from_state(state.masking.clone())
             .map_err(|e| ck_err(&folder, e.to_string()))?;
-        let prune_schedule = if t.config().epochs == state.config.epochs {
-            state.prune_rate_schedule.clone()
-        } else {
-            let mut s = PruneRateSchedule::new(
-                t.config().decay_schedule,
-                t.config().prune_rate,
-                t.total_steps(),
-            )?;
-            s.advance(state.step);
-            s
-        };
+        // The run's schedules go on as they were, also when it is extended to more epochs:
+        // they belong to the run (a straight run of the new length would differ).
+        let prune_schedule = state.prune_rate_schedule.clone();
         let shuffle_rng = state
             .shuffle_rng
             .restore()

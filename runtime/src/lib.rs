@@ -40,7 +40,7 @@ pub mod tensor;
 pub mod train;
 pub mod weights;
 
-pub use checkpoint::{CheckpointWriter, ResumeOverrides, TrainState};
+pub use checkpoint::{CheckpointWriter, CrashPoint, ResumeOverrides, TrainState};
 pub use data::{Dataset, Split};
 #[cfg(feature = "opencl")]
 pub use device::DeviceModel;

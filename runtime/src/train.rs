@@ -127,7 +127,8 @@ pub struct TrainConfig {
     pub weight_decay: f32,
     /// Seed of every random stream.
     pub seed: u64,
-    /// Most threads a kernel uses (the CPU planner chooses one or this many per kernel).
+    /// Most threads a kernel uses (the CPU planner chooses one or this many per kernel); by
+    /// default 2, or 1 on a one-core machine.
     pub threads: usize,
     /// The backend.
     #[serde(with = "as_text")]
@@ -179,7 +180,7 @@ impl Default for TrainConfig {
             momentum: 0.9,
             weight_decay: 5e-4,
             seed: 17,
-            threads: 2,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
             backend: BackendKind::Cpu,
             strategy: Strategy::Auto,
             dense_momentum: DenseMomentum::default(),

@@ -234,16 +234,13 @@ fn checkpoint_killed_mid_write_leaves_previous_intact() {
     let state = runtime::checkpoint::read_state(&ck.join("epoch-001")).unwrap();
     assert_eq!((state.epoch, state.version), (1, 1));
 
-    // Resume from the directory (its latest) and finish.
-    let m2 = dir.path().join("m2.jsonl");
-    ok(&[
-        "--resume",
-        s(&ck),
-        "--checkpoint-dir",
-        s(&ck),
-        "--metrics-out",
-        s(&m2),
-    ]);
+    // Epoch 2's metrics line is written only after its checkpoint: none yet.
+    assert_eq!(metrics(&m).iter().map(|l| l.epoch).collect::<Vec<_>>(), [1]);
+
+    // Resume from the directory (its latest), which goes on checkpointing there, into the
+    // same metrics file, and finish.
+    let out = ok(&["--resume", s(&ck), "--metrics-out", s(&m)]);
+    assert!(out.contains("checkpoints go on into"), "{out}");
     assert_eq!(
         fs::read_to_string(ck.join("latest")).unwrap().trim(),
         "epoch-003"
@@ -255,14 +252,113 @@ fn checkpoint_killed_mid_write_leaves_previous_intact() {
         .filter(|n| n.starts_with('.') && n != ".lock")
         .count();
     assert_eq!(leftovers, 0, "the next run cleans up");
-    // The same result as an uninterrupted run.
+    // The same result as an uninterrupted run, each epoch's line once.
     let m3 = dir.path().join("m3.jsonl");
     let mut full: Vec<&str> = SMALL.to_vec();
     full.extend(["--epochs", "3", "--deterministic", "--metrics-out", s(&m3)]);
     ok(&full);
-    let (resumed, whole) = (metrics(&m2), metrics(&m3));
-    assert_eq!(resumed.len(), 2);
-    assert_eq!(resumed[1].without_timings(), whole[2].without_timings());
+    let (resumed, whole) = (metrics(&m), metrics(&m3));
+    assert_eq!(
+        resumed.iter().map(|l| l.epoch).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for (x, y) in resumed.iter().zip(&whole) {
+        assert_eq!(x.without_timings(), y.without_timings());
+    }
+}
+
+/// Killed between moving a checkpoint folder aside and renaming its replacement into place:
+/// `latest` names a folder that is not there. Reading the directory takes the newest
+/// complete checkpoint (with a warning); the next run on it restores the folder and goes on.
+#[test]
+fn a_kill_between_the_renames_recovers_the_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend([
+        "--epochs",
+        "3",
+        "--deterministic",
+        "--checkpoint-dir",
+        s(&ck),
+    ]);
+    ok(&args);
+    // Redo epoch 3 from epoch 2, killed while replacing epoch-003.
+    let out = sparse_train(&[
+        "--resume",
+        s(&ck.join("epoch-002")),
+        "--crash-in-checkpoint",
+        "3",
+        "--crash-at",
+        "rename",
+    ]);
+    assert!(!out.status.success(), "the process was to abort");
+    assert_eq!(
+        fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "epoch-003"
+    );
+    assert!(!ck.join("epoch-003").exists(), "moved aside");
+    let found = runtime::checkpoint::resolve(&ck).unwrap();
+    assert!(
+        found
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".old-epoch-003-"),
+        "{found:?}"
+    );
+    let state = runtime::checkpoint::read_state(&found).unwrap();
+    assert_eq!(state.epoch, 3);
+    // Read-only use (no lock taken, nothing tidied) works on the recovered folder …
+    let out = sparse_train(&["--resume", s(&ck), "--eval-only"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("lacks state.json"),
+        "a warning says why: {text}"
+    );
+    // … and the next run restores it and goes on.
+    let out = ok(&["--resume", s(&ck), "--epochs", "4"]);
+    assert!(out.contains("(epoch 3, step 18)"), "{out}");
+    assert_eq!(
+        fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "epoch-004"
+    );
+    assert!(ck.join("epoch-003").join("state.json").is_file());
+}
+
+/// `--resume DIR/epoch-NNN` goes on checkpointing into DIR, keeping as many as the first run
+/// did; extending the run keeps its schedules and says so.
+#[test]
+fn a_resumed_run_goes_on_in_its_folder_with_its_keep_and_schedules() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend(["--epochs", "2", "--checkpoint-dir", s(&ck), "--keep", "1"]);
+    ok(&args);
+    let first = runtime::checkpoint::read_state(&ck.join("epoch-002")).unwrap();
+    assert_eq!(first.keep, Some(1));
+    let out = ok(&["--resume", s(&ck.join("epoch-002")), "--epochs", "4"]);
+    assert!(out.contains("checkpoints go on into"), "{out}");
+    assert!(
+        out.contains("keeps the prune-rate schedule it started with"),
+        "{out}"
+    );
+    let mut names: Vec<String> = fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".lock", "epoch-004", "latest"], "--keep 1 held");
+    let last = runtime::checkpoint::read_state(&ck.join("epoch-004")).unwrap();
+    assert_eq!(last.epoch, 4);
+    assert_eq!(
+        last.prune_rate_schedule.total_steps(),
+        first.prune_rate_schedule.total_steps(),
+        "the 2-epoch schedule goes on"
+    );
+    assert_eq!(last.history[..2], first.history[..]);
 }
 
 #[test]
@@ -381,9 +477,14 @@ fn interrupt_writes_a_checkpoint_and_resumes(signal: &str) {
         s(&m),
     ]);
     let lines = metrics(&m);
-    assert_eq!(lines.len(), 1);
-    assert_eq!(lines[0].epoch, state.epoch + 1);
-    assert_eq!(lines[0].steps, u64::from(state.epoch + 1) * 200);
+    assert_eq!(
+        lines.len(),
+        state.epoch as usize + 1,
+        "the run's history and the new epoch"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last.epoch, state.epoch + 1);
+    assert_eq!(last.steps, u64::from(state.epoch + 1) * 200);
 }
 
 #[test]

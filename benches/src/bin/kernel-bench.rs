@@ -88,8 +88,17 @@ const JIT_CONV_MAX_BATCH: usize = 16;
 /// See [`JIT_CONV_MAX_BATCH`].
 const JIT_CONV_MAX_FMAS: usize = 100_000_000;
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    // `kernel-bench … | head` ends quietly; an error is one line and exit status 1, without a
+    // backtrace even with RUST_BACKTRACE set.
+    sigpipe::reset();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     if cli.backend != BackendName::Cpu && !cfg!(feature = "opencl") {
         bail!(
             "this kernel-bench was built without OpenCL; rebuild with \

@@ -47,7 +47,7 @@ struct Cli {
     /// Seed of every random stream [default: 17].
     #[arg(long)]
     seed: Option<u64>,
-    /// Most threads a kernel uses [default: 2]: the planner runs each kernel on one thread or
+    /// Most threads a kernel uses [default: 2, or the cores if fewer]: the planner runs each kernel on one thread or
     /// on this many, whichever measured faster in a training step's conditions (with
     /// --deterministic, whichever its cost model predicts).
     #[arg(long)]
@@ -95,12 +95,14 @@ struct Cli {
     #[arg(long, value_name = "FILE.jsonl")]
     metrics_out: Option<PathBuf>,
     /// Write DIR/epoch-NNN/ after every epoch (and on Ctrl-C, SIGTERM or SIGHUP) and DIR/latest.
+    /// A resumed run goes on writing where it resumed from unless this names another folder.
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<PathBuf>,
-    /// Keep the newest N checkpoints.
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
-    /// Resume from a checkpoint folder (or DIR, meaning its latest).
+    /// Keep the newest N checkpoints [default: 3, or as many as the resumed run kept].
+    #[arg(long, value_name = "N")]
+    keep: Option<usize>,
+    /// Resume from a checkpoint folder (DIR/epoch-NNN) or directory (DIR, meaning its latest),
+    /// and go on checkpointing into DIR. --metrics-out is rewritten with the run's history.
     #[arg(long, value_name = "PATH")]
     resume: Option<PathBuf>,
     /// Only evaluate (a checkpoint with --resume, or --init-from weights) and exit.
@@ -130,7 +132,15 @@ struct Cli {
     /// Abort half-way through writing the checkpoint of this epoch (tests atomicity).
     #[arg(long, hide = true)]
     crash_in_checkpoint: Option<u32>,
+    /// Where --crash-in-checkpoint aborts: `write` (half-way through the model file) or
+    /// `rename` (after moving a folder of the same name aside, before its replacement is
+    /// renamed into place).
+    #[arg(long, hide = true, default_value = "write")]
+    crash_at: runtime::CrashPoint,
 }
+
+/// Checkpoints kept when neither --keep nor a resumed run says how many.
+const DEFAULT_KEEP: usize = 3;
 
 impl Cli {
     fn config(&self) -> TrainConfig {
@@ -245,6 +255,9 @@ fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
 }
 
 fn main() {
+    // `sparse-train … | head` ends quietly when `head` exits, instead of panicking on the
+    // closed pipe.
+    sigpipe::reset();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -254,22 +267,41 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let interactive = std::io::stderr().is_terminal();
+    // Warnings only by default (RUST_LOG=info shows mask updates, recompilations and
+    // checkpoints); colours only on a terminal.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(interactive)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,runtime::train=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    if cli.init_from.is_some() && cli.resume.is_some() {
+        bail!("--init-from and --resume exclude each other");
+    }
 
     // The checkpoint folder's lock comes first: a second run on the same folder stops here,
-    // before it reads any data.
-    let writer = match &cli.checkpoint_dir {
-        Some(d) if !cli.eval_only => {
-            Some(CheckpointWriter::new(d, cli.keep)?.crash_in_epoch(cli.crash_in_checkpoint))
-        }
+    // before it reads any data. A resumed run goes on in the folder it resumed from.
+    let checkpoint_dir = match (&cli.checkpoint_dir, &cli.resume) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(r)) => Some(runtime::checkpoint::resume_dir(r)),
+        (None, None) => None,
+    };
+    let mut writer = match &checkpoint_dir {
+        Some(d) if !cli.eval_only => Some(
+            CheckpointWriter::new(d, cli.keep.unwrap_or(DEFAULT_KEEP))?
+                .crash_in_epoch(cli.crash_in_checkpoint, cli.crash_at),
+        ),
         _ => None,
     };
+    // Output files that cannot be written are errors now, not after the first epoch.
+    if let Some(path) = &cli.plot {
+        check_writable(path)?;
+    }
+    if let Some(path) = &cli.metrics_out {
+        check_writable(path)?;
+    }
     let dir = data_dir(&cli);
     let data = Dataset::load_dir(&dir).with_context(|| "loading the data set")?;
     let started = Instant::now();
@@ -278,8 +310,24 @@ fn run() -> Result<()> {
             let folder = runtime::checkpoint::resolve(path)?;
             let saved = runtime::checkpoint::read_state(&folder)?;
             cli.check_against(&saved.config)?;
-            if cli.init_from.is_some() {
-                bail!("--init-from and --resume exclude each other");
+            if let Some(w) = &mut writer {
+                let keep = cli.keep.or(saved.keep).unwrap_or(DEFAULT_KEEP);
+                w.set_keep(keep);
+                if cli.checkpoint_dir.is_none() {
+                    println!(
+                        "checkpoints go on into {} (keeping the newest {keep})",
+                        w.dir().display()
+                    );
+                }
+            }
+            if let Some(e) = cli.epochs.filter(|&e| e != saved.config.epochs) {
+                println!(
+                    "the run was set to {} epochs and now runs {e}: it keeps the prune-rate \
+                     schedule it started with (decaying over its first {} steps) and its \
+                     learning-rate schedule, so it differs from a straight {e}-epoch run",
+                    saved.config.epochs,
+                    saved.prune_rate_schedule.total_steps()
+                );
             }
             let overrides = ResumeOverrides {
                 epochs: cli.epochs,
@@ -307,6 +355,24 @@ fn run() -> Result<()> {
         }
     };
     let cfg = trainer.config().clone();
+    for w in trainer.model().sparse_layers() {
+        if w.nnz() == 0 {
+            eprintln!(
+                "warning: layer {} has no nonzero weight at density {}: it passes nothing on \
+                 (raise --density)",
+                w.name(),
+                cfg.density
+            );
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cfg.threads > cores {
+        eprintln!(
+            "warning: --threads {} is more than this machine's {cores} cores: kernels will \
+             wait for each other",
+            cfg.threads
+        );
+    }
     let d = trainer.data();
     println!(
         "{} on {} ({} train / {} validation / {} test, {} classes), density {}, {} epochs, batch {}, lr {}, {} threads, backend {}, strategy {}, dense momentum {}",
@@ -362,10 +428,16 @@ fn run() -> Result<()> {
         return Ok(());
     }
 
+    // The metrics file holds the run's epochs once each: a new run starts it empty, a resumed
+    // run rewrites it with the epochs its checkpoint holds (a line written after the
+    // checkpoint it belongs to, by a run killed in between, goes; none is repeated).
     if let Some(path) = &cli.metrics_out {
-        if cli.resume.is_none() {
-            std::fs::write(path, b"").with_context(|| format!("creating {}", path.display()))?;
+        let mut text = String::new();
+        for m in trainer.history() {
+            text.push_str(&serde_json::to_string(m).context("serialising the metrics")?);
+            text.push('\n');
         }
+        replace_file(path, text.as_bytes())?;
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -408,19 +480,22 @@ fn run() -> Result<()> {
         }
     };
     let stop_for_epochs = stop.clone();
+    // An epoch's checkpoint first, then its metrics line and plot: a run killed in between
+    // resumes from that checkpoint and writes the line then.
     let mut on_epoch = |t: &mut Trainer, m: &EpochMetrics| -> runtime::Result<()> {
         println!("{}", epoch_line(m, t.config().epochs));
+        if let Some(w) = &writer {
+            let folder = w.write(t)?;
+            tracing::info!(checkpoint = %folder.display(), "checkpoint written");
+        }
         if let Some(path) = &cli.metrics_out {
-            let line = serde_json::to_string(m).expect("metrics serialise");
+            let line = serde_json::to_string(m)
+                .map_err(|e| runtime::RuntimeError::Config(format!("serialising metrics: {e}")))?;
             append_line(path, &line)
                 .map_err(|e| runtime::RuntimeError::Config(format!("{e:#}")))?;
         }
         if let Some(path) = &cli.plot {
             write_plot(path, t).map_err(|e| runtime::RuntimeError::Config(format!("{e:#}")))?;
-        }
-        if let Some(w) = &writer {
-            let folder = w.write(t)?;
-            tracing::info!(checkpoint = %folder.display(), "checkpoint written");
         }
         if cli.stop_after_epoch == Some(m.epoch) {
             stop_for_epochs.store(true, Ordering::SeqCst);
@@ -453,6 +528,30 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// Fails unless `path` can be created and written (tried with a scratch file beside it, so
+/// an existing file is left alone).
+fn check_writable(path: &Path) -> Result<()> {
+    let probe = scratch_path(path);
+    std::fs::write(&probe, b"").with_context(|| format!("{} cannot be written", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// A scratch file beside `path`: `path` with `.tmp` added to its name.
+fn scratch_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Replaces `path`'s contents at once (a scratch file renamed over it).
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = scratch_path(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
 fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut f = OpenOptions::new()
         .create(true)
@@ -469,11 +568,7 @@ fn write_plot(path: &Path, t: &Trainer) -> Result<()> {
         "{} at density {} ({}, seed {})",
         c.model, c.density, c.dense_momentum, c.seed
     );
-    let tmp = path.with_extension("svg.tmp");
-    std::fs::write(&tmp, runtime::plot::svg(&title, t.history()))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    replace_file(path, runtime::plot::svg(&title, t.history()).as_bytes())
 }
 
 fn summary(t: &Trainer, wall: f64) {

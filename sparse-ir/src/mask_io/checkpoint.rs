@@ -73,17 +73,69 @@ fn missing_file(folder: &Path) -> Option<&'static str> {
         .find(|name| !folder.join(name).is_file())
 }
 
+/// The order of a checkpoint folder's name, `(epoch, step)`, for `epoch-NNN` (a whole epoch:
+/// `step = u64::MAX`, after every partial checkpoint of that epoch) and
+/// `epoch-NNN-step-SSSSSS` (an epoch interrupted after `SSSSSS` steps); `None` for any
+/// other name.
+pub fn checkpoint_order(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix("epoch-")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match rest.split_once("-step-") {
+        Some((e, s)) if digits(e) && digits(s) => Some((e.parse().ok()?, s.parse().ok()?)),
+        Some(_) => None,
+        None if digits(rest) => Some((rest.parse().ok()?, u64::MAX)),
+        None => None,
+    }
+}
+
+/// The checkpoint folder a path leads to, and how it was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocatedCheckpoint {
+    /// The checkpoint folder (holds [`STATE_FILE`] and [`MODEL_FILE`]).
+    pub folder: PathBuf,
+    /// Set when the `latest` pointer could not be followed (missing, or naming a folder an
+    /// interrupted write left incomplete or moved aside) and the newest complete checkpoint
+    /// of the directory was taken instead: why.
+    pub recovered: Option<String>,
+}
+
+/// Finds the checkpoint folder of `path` (see [`locate_checkpoint`]).
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
+    locate_checkpoint(path).map(|l| l.folder)
+}
+
 /// Finds the checkpoint folder of `path`: `path` itself if it holds [`STATE_FILE`] and
 /// [`MODEL_FILE`]; otherwise the folder that `path`'s [`LATEST_FILE`] pointer names, which
 /// must hold both. The pointer is one line (a trailing newline and surrounding white space
 /// are ignored), not empty, without `/` or `..`.
-pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
+///
+/// Recovery: a process killed between the steps of a checkpoint write can leave the pointer
+/// missing (killed before the first pointer was written) or naming a folder that is moved
+/// aside (killed while replacing a folder of the same name). Then the newest complete
+/// checkpoint of the directory is taken — a folder named as [`checkpoint_order`] reads, or
+/// one moved aside as `.old-NAME-PID` — and [`LocatedCheckpoint::recovered`] says so. A
+/// pointer that is malformed is never second-guessed: it is an error.
+pub fn locate_checkpoint(path: &Path) -> Result<LocatedCheckpoint, CheckpointError> {
+    let found = |folder: PathBuf| LocatedCheckpoint {
+        folder,
+        recovered: None,
+    };
     let missing_here = missing_file(path);
     if missing_here.is_none() {
-        return Ok(path.to_path_buf());
+        return Ok(found(path.to_path_buf()));
     }
     let latest = path.join(LATEST_FILE);
     if !latest.is_file() {
+        if let Some(newest) = newest_complete(path) {
+            return Ok(LocatedCheckpoint {
+                recovered: Some(format!(
+                    "{} has no latest pointer; took its newest complete checkpoint, {}",
+                    path.display(),
+                    newest.display()
+                )),
+                folder: newest,
+            });
+        }
         // Name the missing file where the folder holds the other one: a half-written or
         // hand-copied checkpoint is likelier than a wrong path.
         let detail = match missing_here {
@@ -111,12 +163,45 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, CheckpointError> {
     }
     let folder = path.join(name);
     if let Some(file) = missing_file(&folder) {
+        if let Some(newest) = newest_complete(path) {
+            return Ok(LocatedCheckpoint {
+                recovered: Some(format!(
+                    "the latest pointer names {}, which lacks {file} (a write was \
+                     interrupted); took the newest complete checkpoint, {}",
+                    folder.display(),
+                    newest.display()
+                )),
+                folder: newest,
+            });
+        }
         return Err(CheckpointError::new(
             folder,
             CheckpointProblem::PointerTargetIncomplete(file),
         ));
     }
-    Ok(folder)
+    Ok(found(folder))
+}
+
+/// The newest complete checkpoint folder directly inside `dir`: `epoch-…` folders, and
+/// folders an interrupted write moved aside (`.old-NAME-PID`), ordered by
+/// [`checkpoint_order`] of their name.
+fn newest_complete(dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut best: Option<((u32, u64), PathBuf)> = None;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let ordered = name.strip_prefix(".old-").map_or(name.as_str(), |rest| {
+            rest.rsplit_once('-').map_or(rest, |(n, _)| n)
+        });
+        let Some(key) = checkpoint_order(ordered) else {
+            continue;
+        };
+        let path = e.path();
+        if missing_file(&path).is_none() && best.as_ref().is_none_or(|(k, _)| key > *k) {
+            best = Some((key, path));
+        }
+    }
+    best.map(|(_, p)| p)
 }
 
 #[cfg(test)]
@@ -221,6 +306,69 @@ mod tests {
             e.problem,
             CheckpointProblem::PointerTargetIncomplete(STATE_FILE)
         ));
+    }
+
+    /// Killed between moving a folder aside and renaming its replacement into place: the
+    /// pointer names a missing folder, and the newest complete checkpoint is taken — here the
+    /// one moved aside, newer than the other folders.
+    #[test]
+    fn a_pointer_to_a_missing_folder_recovers_the_newest_complete_checkpoint() {
+        let dir = TempDir::new();
+        checkpoint_folder(&dir.0.join("epoch-001"), &[STATE_FILE, MODEL_FILE]);
+        checkpoint_folder(
+            &dir.0.join("epoch-002-step-000040"),
+            &[STATE_FILE, MODEL_FILE],
+        );
+        checkpoint_folder(
+            &dir.0.join(".old-epoch-002-4242"),
+            &[STATE_FILE, MODEL_FILE],
+        );
+        // Unfinished: never taken, however new.
+        checkpoint_folder(&dir.0.join("epoch-003"), &[MODEL_FILE]);
+        checkpoint_folder(
+            &dir.0.join(".tmp-epoch-004-4242"),
+            &[STATE_FILE, MODEL_FILE],
+        );
+        fs::write(dir.0.join(LATEST_FILE), "epoch-002\n").unwrap();
+        let found = locate_checkpoint(&dir.0).unwrap();
+        assert_eq!(found.folder, dir.0.join(".old-epoch-002-4242"));
+        let why = found.recovered.expect("says it recovered");
+        assert!(
+            why.contains("epoch-002") && why.contains("interrupted"),
+            "{why}"
+        );
+        // Without the folder moved aside, the partial checkpoint of epoch 2 is the newest.
+        fs::remove_dir_all(dir.0.join(".old-epoch-002-4242")).unwrap();
+        assert_eq!(
+            resolve_checkpoint(&dir.0).unwrap(),
+            dir.0.join("epoch-002-step-000040")
+        );
+        // Killed before the first pointer was written: the folder is still found.
+        fs::remove_file(dir.0.join(LATEST_FILE)).unwrap();
+        let found = locate_checkpoint(&dir.0).unwrap();
+        assert_eq!(found.folder, dir.0.join("epoch-002-step-000040"));
+        assert!(found.recovered.unwrap().contains("no latest pointer"));
+        // A pointer that is followed says nothing.
+        fs::write(dir.0.join(LATEST_FILE), "epoch-001").unwrap();
+        assert_eq!(locate_checkpoint(&dir.0).unwrap().recovered, None);
+    }
+
+    #[test]
+    fn checkpoint_names_order_by_epoch_then_step() {
+        assert_eq!(checkpoint_order("epoch-007"), Some((7, u64::MAX)));
+        assert_eq!(checkpoint_order("epoch-007-step-000120"), Some((7, 120)));
+        assert!(checkpoint_order("epoch-007-step-000120") < checkpoint_order("epoch-007"));
+        assert!(checkpoint_order("epoch-007") < checkpoint_order("epoch-008-step-000001"));
+        for bad in [
+            "epoch-",
+            "epoch-x",
+            "epoch-1-step-",
+            "epoch-+1",
+            "latest",
+            ".tmp-epoch-1",
+        ] {
+            assert_eq!(checkpoint_order(bad), None, "{bad}");
+        }
     }
 
     #[test]
