@@ -645,3 +645,104 @@ fn a_second_run_on_a_checkpoint_folder_is_refused() {
         "epoch-030"
     );
 }
+
+/// An output file that cannot be written is an error before training, not after epoch 1.
+#[test]
+fn unwritable_outputs_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    fs::write(&file, b"").unwrap();
+    for flag in ["--plot", "--metrics-out", "--checkpoint-dir"] {
+        let target = file.join("out");
+        let mut args: Vec<&str> = SMALL.to_vec();
+        args.extend(["--epochs", "1", flag, s(&target)]);
+        let out = sparse_train(&args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(stderr.contains(s(&target)), "{flag}: {stderr}");
+        assert!(
+            !stdout.contains("epoch   1/1"),
+            "{flag}: trained first: {stdout}"
+        );
+    }
+}
+
+/// Warnings for a thread count beyond the cores and a layer the density leaves empty; a run
+/// logs no INFO lines unless asked, and never colours a log that is not on a terminal.
+#[test]
+fn warnings_and_quiet_uncoloured_logs() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = (cores + 1).to_string();
+    let args = [
+        "--train-limit",
+        "600",
+        "--eval-limit",
+        "100",
+        "--epochs",
+        "2",
+        "--density",
+        "0.0001",
+        "--threads",
+        &threads,
+    ];
+    let out = sparse_train(&args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--threads {threads} is more than")),
+        "{err}"
+    );
+    assert!(
+        err.contains("layer fc3 has no nonzero weight at density 0.0001"),
+        "{err}"
+    );
+    let quiet = Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args(args)
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("INFO"));
+    let info = Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args(args)
+        .current_dir(repo())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&info.stderr);
+    assert!(log.contains("INFO") && log.contains("mask update"), "{log}");
+    assert!(!log.contains('\u{1b}'), "coloured: {log}");
+}
+
+/// `sparse-train … | head -1`: the run ends when the reader goes, quietly (by SIGPIPE),
+/// without a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_run_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args(SMALL)
+        .args(["--epochs", "50"])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("lenet300-100 on"), "{first}");
+    drop(reader);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?}: {err}",
+        out.status
+    );
+}
