@@ -5,11 +5,20 @@ use std::fmt::Write as _;
 
 use crate::metrics::EpochMetrics;
 
-const W: f64 = 960.0;
-const H: f64 = 420.0;
 const PANEL_W: f64 = 400.0;
 const PANEL_H: f64 = 300.0;
 const TOP: f64 = 60.0;
+/// The left edge of the accuracy panel (room for its tick labels and axis title).
+const LEFT: f64 = 80.0;
+/// Between the panels, and right of the density panel (half its last tick label, and air).
+const GAP: f64 = 80.0;
+const W: f64 = LEFT + PANEL_W + GAP + PANEL_W + 40.0;
+/// The first legend row's baseline, below the axis titles.
+const LEGEND_Y: f64 = TOP + PANEL_H + 60.0;
+/// Legend rows are this far apart; each row of the density legend holds
+/// [`LEGEND_PER_ROW`] layers.
+const LEGEND_ROW: f64 = 18.0;
+const LEGEND_PER_ROW: usize = 4;
 const COLORS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
@@ -120,10 +129,16 @@ fn escape(s: &str) -> String {
 
 /// The SVG document for a run's metrics (`title` goes on top).
 pub fn svg(title: &str, history: &[EpochMetrics]) -> String {
+    let names: Vec<String> = history
+        .first()
+        .map(|m| m.layers.iter().map(|l| l.name.clone()).collect())
+        .unwrap_or_default();
+    let legend_rows = names.len().div_ceil(LEGEND_PER_ROW).max(1);
+    let h = LEGEND_Y + LEGEND_ROW * (legend_rows - 1) as f64 + 16.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif">"##
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" viewBox="0 0 {W} {h}" font-family="sans-serif">"##
     );
     let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="white"/>"##);
     let _ = writeln!(
@@ -147,7 +162,7 @@ pub fn svg(title: &str, history: &[EpochMetrics]) -> String {
     let lowest = val.iter().chain(&test).map(|p| p.1).fold(1.0f64, f64::min);
     let y_min = ((lowest - 0.005) * 100.0).floor() / 100.0;
     let acc = Panel {
-        x0: 80.0,
+        x0: LEFT,
         x_min,
         x_max,
         y_min: y_min.clamp(0.0, 0.99),
@@ -164,7 +179,7 @@ pub fn svg(title: &str, history: &[EpochMetrics]) -> String {
             COLORS[1]
         );
     }
-    let legend_y = TOP + PANEL_H + 60.0;
+    let legend_y = LEGEND_Y;
     let _ = writeln!(
         svg,
         r##"<line x1="90" y1="{legend_y}" x2="110" y2="{legend_y}" stroke="{}" stroke-width="2"/><text x="115" y="{}" font-size="12">validation</text><rect x="200" y="{}" width="8" height="8" fill="{}"/><text x="213" y="{}" font-size="12">test {}</text>"##,
@@ -179,17 +194,13 @@ pub fn svg(title: &str, history: &[EpochMetrics]) -> String {
 
     // Density per layer.
     let dens = Panel {
-        x0: 80.0 + PANEL_W + 80.0,
+        x0: LEFT + PANEL_W + GAP,
         x_min,
         x_max,
         y_min: 0.0,
         y_max: 1.0,
     };
     dens.axes(&mut svg, "Density per layer", "density", true);
-    let names: Vec<String> = history
-        .first()
-        .map(|m| m.layers.iter().map(|l| l.name.clone()).collect())
-        .unwrap_or_default();
     for (i, name) in names.iter().enumerate() {
         let points: Vec<(f64, f64)> = history
             .iter()
@@ -202,13 +213,14 @@ pub fn svg(title: &str, history: &[EpochMetrics]) -> String {
             .collect();
         let color = COLORS[i % COLORS.len()];
         dens.line(&mut svg, &points, color);
-        let lx = dens.x0 + 10.0 + 90.0 * i as f64;
+        let lx = dens.x0 + 10.0 + 95.0 * (i % LEGEND_PER_ROW) as f64;
+        let ly = legend_y + LEGEND_ROW * (i / LEGEND_PER_ROW) as f64;
         let _ = writeln!(
             svg,
-            r##"<line x1="{lx}" y1="{legend_y}" x2="{}" y2="{legend_y}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}" font-size="12">{}</text>"##,
+            r##"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}" font-size="12">{}</text>"##,
             lx + 20.0,
             lx + 25.0,
-            legend_y + 4.0,
+            ly + 4.0,
             escape(name)
         );
     }
@@ -221,22 +233,21 @@ mod tests {
     use super::*;
     use crate::metrics::{LayerMetrics, METRICS_VERSION};
 
-    #[test]
-    fn draws_every_layer_and_point() {
-        let history: Vec<EpochMetrics> = (1..=3)
+    fn history(epochs: u32, layers: &[&str]) -> Vec<EpochMetrics> {
+        (1..=epochs)
             .map(|e| EpochMetrics {
                 version: METRICS_VERSION,
                 epoch: e,
                 train_loss: 0.1,
                 val_acc: Some(0.9 + e as f64 / 100.0),
-                test_acc: (e == 3).then_some(0.95),
+                test_acc: (e == epochs).then_some(0.95),
                 lr: 0.1,
                 prune_rate: 0.5,
                 epoch_seconds: 1.0,
                 step_ms_median: 0.1,
                 compile_ms: 0.0,
                 nnz_total: 10,
-                layers: ["fc1", "fc<2>"]
+                layers: layers
                     .iter()
                     .map(|n| LayerMetrics {
                         name: n.to_string(),
@@ -251,13 +262,70 @@ mod tests {
                 update_ms: 0.0,
                 mask_updated: true,
             })
-            .collect();
-        let s = svg("run <1>", &history);
+            .collect()
+    }
+
+    #[test]
+    fn draws_every_layer_and_point() {
+        let s = svg("run <1>", &history(3, &["fc1", "fc<2>"]));
         assert!(s.starts_with("<svg"));
         assert!(s.trim_end().ends_with("</svg>"));
         assert_eq!(s.matches("<polyline").count(), 3, "validation + 2 layers");
         assert_eq!(s.matches("<circle").count(), 9);
         assert!(s.contains("fc&lt;2&gt;") && s.contains("run &lt;1&gt;"));
         assert!(s.contains("test 95.00%"));
+    }
+
+    /// Every label lies inside the picture (its width estimated at 0.6 em a character): the
+    /// legend below the panels, the last epoch's tick label at the right edge (11 epochs), the
+    /// tick labels left of the accuracy panel; for one epoch, a hundred, and nine layers.
+    #[test]
+    fn no_text_is_clipped() {
+        let attr = |tag: &str, name: &str| -> Option<f64> {
+            let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+            tag[at..].split('"').next()?.parse().ok()
+        };
+        let wrn = [
+            "conv1", "b1.conv1", "b1.conv2", "b2.conv1", "b2.conv2", "b3.conv1", "b3.conv2",
+            "shortcut", "fc",
+        ];
+        for (epochs, layers) in [
+            (1, &["fc1"][..]),
+            (11, &["fc1", "fc2", "fc3"]),
+            (100, &["conv1", "conv2", "fc1", "fc2"]),
+            (250, &wrn),
+        ] {
+            let s = svg(
+                "lenet5 at density 0.05 (window:64, seed 17)",
+                &history(epochs, layers),
+            );
+            let head = &s[..s.find('>').unwrap()];
+            let (w, h) = (attr(head, "width").unwrap(), attr(head, "height").unwrap());
+            for part in s.split("<text").skip(1) {
+                let tag = &part[..part.find('>').unwrap()];
+                let text = &part[part.find('>').unwrap() + 1..part.find("</text>").unwrap()];
+                if tag.contains("rotate") {
+                    continue; // the y-axis titles, placed by their centre
+                }
+                let (x, y, size) = (
+                    attr(tag, "x").unwrap(),
+                    attr(tag, "y").unwrap(),
+                    attr(tag, "font-size").unwrap(),
+                );
+                let width = 0.6 * size * text.chars().count() as f64;
+                let (left, right) = if tag.contains("text-anchor=\"middle\"") {
+                    (x - width / 2.0, x + width / 2.0)
+                } else if tag.contains("text-anchor=\"end\"") {
+                    (x - width, x)
+                } else {
+                    (x, x + width)
+                };
+                assert!(
+                    left >= 0.0 && right <= w && y - size >= 0.0 && y + 0.3 * size <= h,
+                    "{epochs} epochs, {} layers: {text:?} at ({x}, {y}) leaves the {w}x{h} picture",
+                    layers.len()
+                );
+            }
+        }
     }
 }
