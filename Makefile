@@ -22,11 +22,9 @@ ARGS ?=
 train:
 	$(CARGO) run --release --locked -p runtime --bin sparse-train -- $(ARGS)
 
+# Every test suite, ending with one line: N passed, N failed, N skipped.
 test: deps
-	$(CARGO) test --workspace --locked
-	$(CARGO) test -p codegen-opencl --features opencl --locked
-	$(CARGO) test -p runtime --features opencl --locked --test opencl_training
-	$(CARGO) test -p benches --features opencl --locked --lib
+	CARGO="$(CARGO)" scripts/run-tests.sh
 
 fmt:
 	$(CARGO) fmt --all -- --check
