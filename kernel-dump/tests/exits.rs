@@ -24,7 +24,10 @@ fn a_user_error_is_one_line_and_status_1() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("error: "), "{args:?}: {err}");
-        assert!(!err.contains("backtrace") && !err.contains("panicked"), "{err}");
+        assert!(
+            !err.contains("backtrace") && !err.contains("panicked"),
+            "{err}"
+        );
     }
     let out = kernel_dump().arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
