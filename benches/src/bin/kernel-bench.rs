@@ -106,6 +106,14 @@ fn run(cli: Cli) -> Result<()> {
              ocl-icd-opencl-dev) for --backend opencl|all"
         );
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cli.threads > cores {
+        eprintln!(
+            "warning: --threads {} is more than this machine's {cores} cores: the times will \
+             measure threads waiting for each other",
+            cli.threads
+        );
+    }
     let backend = CpuBackend::new(CpuOptions {
         threads: cli.threads,
         isa: None,
