@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc};
+use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc, MAX_ROW_NNZ};
 use proptest::prelude::*;
 use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern};
 use test_support::{check_kernel, named_patterns, random, strides, Run};
@@ -180,6 +180,38 @@ fn rejects_what_it_cannot_compile() {
     };
     let e = JitKernel::compile_with(&spec, &bad).unwrap_err();
     assert!(e.to_string().contains("accumulators"), "{e}");
+}
+
+#[test]
+fn refuses_rows_longer_than_one_function_takes() {
+    // One function per row at least, compiled on one thread: a row over the bound is
+    // refused at once (a 400,000-nonzero row took 16 s and 2.9 GB to compile).
+    let long = MAX_ROW_NNZ + 1;
+    let row = Arc::new(Pattern::dense(1, long).unwrap());
+    let column = Arc::new(Pattern::dense(long, 1).unwrap());
+    for (op, p) in [(Op::SPMM, &row), (Op::Sddmm, &row), (Op::SpmmT, &column)] {
+        let spec = KernelSpec::new("wide", op, p.clone(), Dim::Fixed(8), Dim::Fixed(16)).unwrap();
+        let start = std::time::Instant::now();
+        let e = JitKernel::compile(&spec).unwrap_err();
+        assert!(start.elapsed().as_secs_f64() < 1.0, "{:?}", start.elapsed());
+        assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("wide") && text.contains(&format!("a row of {long} nonzeros")),
+            "{text}"
+        );
+        assert!(estimate(&spec).is_none(), "{op}");
+    }
+    // The other walk of each pattern has rows of one nonzero, and compiles.
+    for (op, p) in [(Op::SpmmT, &row), (Op::SPMM, &column)] {
+        let spec = KernelSpec::new("wide", op, p.clone(), Dim::Fixed(8), Dim::Fixed(16)).unwrap();
+        assert!(JitKernel::compile(&spec).is_ok(), "{op}");
+    }
+    // A row at the bound compiles.
+    let at = Arc::new(Pattern::dense(1, MAX_ROW_NNZ).unwrap());
+    let spec = KernelSpec::new("wide", Op::SPMM, at, Dim::Fixed(8), Dim::Fixed(16)).unwrap();
+    assert!(estimate(&spec).is_some());
+    assert_eq!(JitKernel::compile(&spec).unwrap().stats().functions, 1);
 }
 
 #[test]
