@@ -215,6 +215,58 @@ fn refuses_rows_longer_than_one_function_takes() {
 }
 
 #[test]
+fn functions_of_many_empty_rows_are_bounded_too() {
+    // Every row costs code, an empty one too: 100,000 rows holding 3 nonzeros were one
+    // function; now a chunk ends at 4·chunk_nnz rows as it does at 4·chunk_nnz nonzeros.
+    let p = Arc::new(Pattern::from_coo(100_000, 10, &[(5, 1), (50_000, 2), (99_999, 3)]).unwrap());
+    let chunks = codegen_cpu::jit::chunk_rows(&p, 1000);
+    assert_eq!(chunks.len(), 25);
+    assert!(chunks.iter().all(|c| c.len() <= 4000), "{chunks:?}");
+    assert_eq!((chunks[0].start, chunks[24].end), (0, 100_000));
+    let spec = KernelSpec::new("tall", Op::SPMM, p, Dim::Fixed(4), Dim::Fixed(16)).unwrap();
+    assert_eq!(JitKernel::compile(&spec).unwrap().stats().functions, 25);
+}
+
+#[test]
+fn refuses_convolution_rows_longer_than_one_function_takes() {
+    use sparse_ir::ConvGeometry;
+    let g = |in_channels| ConvGeometry {
+        in_channels,
+        height: 3,
+        width: 3,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let long = MAX_ROW_NNZ / 9 + 1; // channels whose 3x3 windows make a row over the bound
+    let cases = [
+        // conv/conv_grad: one output channel reading `long` input channels.
+        (
+            Op::Conv {
+                bias: false,
+                relu: false,
+            },
+            1,
+            g(long),
+        ),
+        (Op::ConvGrad, 1, g(long)),
+        // conv_t: one input channel written from `long` output channels.
+        (Op::ConvT, long, g(1)),
+    ];
+    for (op, out, geometry) in cases {
+        let p = Arc::new(Pattern::dense(out, geometry.pattern_cols()).unwrap());
+        let spec = KernelSpec::conv("wide", op, p, geometry, Dim::Fixed(1), Dim::Fixed(1)).unwrap();
+        let e = JitKernel::compile(&spec).unwrap_err();
+        assert!(
+            matches!(e, BackendError::Unsupported { .. })
+                && e.to_string()
+                    .contains(&format!("a row of {} nonzeros", 9 * long)),
+            "{op}: {e}"
+        );
+    }
+}
+
+#[test]
 fn checks_arguments_before_running() {
     let p = Arc::new(Pattern::dense(3, 4).unwrap());
     let spec = KernelSpec::new("fc2", Op::SPMM, p, Dim::Fixed(2), Dim::Fixed(4)).unwrap();

@@ -299,8 +299,9 @@ struct ChunkRange {
 /// A chunk ends after row `r` when a hash of that row's columns falls below the fraction
 /// `nnz(r) / target` of the hash range (so a chunk ends, on average, every `target`
 /// nonzeros whatever the row lengths, and a row of `target` nonzeros or more always ends
-/// its chunk); a chunk that reaches `4·target` nonzeros ends anyway (about 2 % of chunks). A
-/// row is never split. Whether a row ends a chunk depends on that row alone (except for the
+/// its chunk); a chunk that reaches `4·target` nonzeros ends anyway (about 2 % of chunks), and
+/// so does one that reaches `4·target` rows (each row costs code, empty ones too: a
+/// `10⁶`-row layer at density `10⁻⁹` was one function of 12 MB). A row is never split. Whether a row ends a chunk depends on that row alone (except for the
 /// size cap), so after an update that changes a few rows the chunking agrees with the old
 /// one from the first boundary after each changed row on: only the chunk holding a changed
 /// row gets new content (two chunks where the row's own boundary appeared, one where it
@@ -317,7 +318,10 @@ pub fn chunk_rows(pattern: &Pattern, target_nnz: usize) -> Vec<Range<usize>> {
     for r in 0..pattern.rows() {
         let (a, b) = (row_ptr[r] as usize, row_ptr[r + 1] as usize);
         let len = (b - a) as u128;
-        let end_here = if len >= target || (b - row_ptr[start] as usize) as u128 >= max {
+        let end_here = if len >= target
+            || (b - row_ptr[start] as usize) as u128 >= max
+            || (r + 1 - start) as u128 >= max
+        {
             true
         } else if len == 0 {
             false
