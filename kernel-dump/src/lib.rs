@@ -11,6 +11,10 @@
 //! to stdout or one file per artefact under `--out DIR`; for a convolution, what has no
 //! convolution code (the JIT's `clif`/`vcode`/`asm`, `rust`, OpenCL `table`/`unrolled`) says
 //! so in one line.
+//!
+//! Limits: the pattern `--random` would draw and the operands `--emit plan` would time are
+//! checked against the machine's memory budget ([`sparse_ir::limits`]) before anything is
+//! allocated; over it is an error naming the flag, the bytes and the machine's memory.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -121,7 +125,9 @@ pub struct Cli {
     #[arg(long)]
     pub layer: Option<String>,
     /// A random mask of this shape: `RxC` for a matrix (e.g. `300x784`), or `OxCxKxK` for a
-    /// convolution's `[out, in, k, k]` weights (e.g. `64x32x3x3`; needs `--input`).
+    /// convolution's `[out, in, k, k]` weights (e.g. `64x32x3x3`; needs `--input`). Its
+    /// expected size is checked against the machine's memory before it is drawn, in time
+    /// proportional to its nonzeros.
     #[arg(long, requires = "density", value_name = "SHAPE")]
     pub random: Option<String>,
     /// Density of the random mask, in (0, 1].
