@@ -894,6 +894,11 @@ fn jit_note(f: &Features) -> Option<String> {
             .to_string()
     } else if f.nnz == 0 {
         "jit not considered: no nonzeros".to_string()
+    } else if f.jit_code_bytes.is_none() {
+        format!(
+            "jit not considered: a row has more than the {} nonzeros one JIT function compiles",
+            crate::jit::MAX_ROW_NNZ
+        )
     } else if jit_writes_padding(f) {
         format!(
             "jit not considered: its 4-float blocks would write the padding columns {}..{} (batch not a multiple of 4)",
@@ -1189,6 +1194,29 @@ mod tests {
             let close = p.close_candidates().expect("close candidates");
             assert!(close.contains(&Strategy::Jit), "{p}");
         }
+    }
+
+    #[test]
+    fn no_jit_for_rows_longer_than_one_function_takes() {
+        // A row over the JIT's bound: not a candidate, the reason says so, nothing compiles.
+        let long = crate::jit::MAX_ROW_NNZ + 1;
+        for op in [Op::SPMM, Op::Sddmm] {
+            let p = pick(op, 1, long, 1.0, 1);
+            assert!(p.predicted(Strategy::Jit).is_none(), "{p}");
+            assert_ne!(p.strategy, Strategy::Jit, "{p}");
+            assert!(
+                p.reasons
+                    .iter()
+                    .any(|r| r.contains("nonzeros one JIT function")),
+                "{p}"
+            );
+        }
+        // `spmm_t` walks the transpose: one long column.
+        let p = pick(Op::SpmmT, long, 1, 1.0, 1);
+        assert!(p.predicted(Strategy::Jit).is_none(), "{p}");
+        // At the bound, the JIT is still predicted.
+        let p = pick(Op::SPMM, 1, crate::jit::MAX_ROW_NNZ, 1.0, 1);
+        assert!(p.predicted(Strategy::Jit).is_some(), "{p}");
     }
 
     #[test]

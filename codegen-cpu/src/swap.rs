@@ -86,7 +86,11 @@ impl SwapKernel {
                 layer: spec.layer().to_string(),
                 op: spec.op().name(),
                 strategy: Strategy::Jit,
-                reason: "the JIT needs a fixed batch and ld and has no dense_grad".into(),
+                reason: format!(
+                    "the JIT needs a fixed batch and ld, has no dense_grad, and compiles no row \
+                     of more than {} nonzeros",
+                    crate::jit::MAX_ROW_NNZ
+                ),
             });
         }
         let writes_padding = match (spec.batch(), spec.ld()) {

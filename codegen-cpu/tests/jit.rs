@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc};
+use codegen_cpu::jit::{estimate, JitKernel, JitOptions, Regalloc, MAX_ROW_NNZ};
 use proptest::prelude::*;
 use sparse_ir::{Args, BackendError, Dim, KernelSpec, Launch, Op, Pattern};
 use test_support::{check_kernel, named_patterns, random, strides, Run};
@@ -180,6 +180,90 @@ fn rejects_what_it_cannot_compile() {
     };
     let e = JitKernel::compile_with(&spec, &bad).unwrap_err();
     assert!(e.to_string().contains("accumulators"), "{e}");
+}
+
+#[test]
+fn refuses_rows_longer_than_one_function_takes() {
+    // One function per row at least, compiled on one thread: a row over the bound is
+    // refused at once (a 400,000-nonzero row took 16 s and 2.9 GB to compile).
+    let long = MAX_ROW_NNZ + 1;
+    let row = Arc::new(Pattern::dense(1, long).unwrap());
+    let column = Arc::new(Pattern::dense(long, 1).unwrap());
+    for (op, p) in [(Op::SPMM, &row), (Op::Sddmm, &row), (Op::SpmmT, &column)] {
+        let spec = KernelSpec::new("wide", op, p.clone(), Dim::Fixed(8), Dim::Fixed(16)).unwrap();
+        let start = std::time::Instant::now();
+        let e = JitKernel::compile(&spec).unwrap_err();
+        assert!(start.elapsed().as_secs_f64() < 1.0, "{:?}", start.elapsed());
+        assert!(matches!(e, BackendError::Unsupported { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("wide") && text.contains(&format!("a row of {long} nonzeros")),
+            "{text}"
+        );
+        assert!(estimate(&spec).is_none(), "{op}");
+    }
+    // The other walk of each pattern has rows of one nonzero, and compiles.
+    for (op, p) in [(Op::SpmmT, &row), (Op::SPMM, &column)] {
+        let spec = KernelSpec::new("wide", op, p.clone(), Dim::Fixed(8), Dim::Fixed(16)).unwrap();
+        assert!(JitKernel::compile(&spec).is_ok(), "{op}");
+    }
+    // A row at the bound compiles.
+    let at = Arc::new(Pattern::dense(1, MAX_ROW_NNZ).unwrap());
+    let spec = KernelSpec::new("wide", Op::SPMM, at, Dim::Fixed(8), Dim::Fixed(16)).unwrap();
+    assert!(estimate(&spec).is_some());
+    assert_eq!(JitKernel::compile(&spec).unwrap().stats().functions, 1);
+}
+
+#[test]
+fn functions_of_many_empty_rows_are_bounded_too() {
+    // Every row costs code, an empty one too: 100,000 rows holding 3 nonzeros were one
+    // function; now a chunk ends at 4·chunk_nnz rows as it does at 4·chunk_nnz nonzeros.
+    let p = Arc::new(Pattern::from_coo(100_000, 10, &[(5, 1), (50_000, 2), (99_999, 3)]).unwrap());
+    let chunks = codegen_cpu::jit::chunk_rows(&p, 1000);
+    assert_eq!(chunks.len(), 25);
+    assert!(chunks.iter().all(|c| c.len() <= 4000), "{chunks:?}");
+    assert_eq!((chunks[0].start, chunks[24].end), (0, 100_000));
+    let spec = KernelSpec::new("tall", Op::SPMM, p, Dim::Fixed(4), Dim::Fixed(16)).unwrap();
+    assert_eq!(JitKernel::compile(&spec).unwrap().stats().functions, 25);
+}
+
+#[test]
+fn refuses_convolution_rows_longer_than_one_function_takes() {
+    use sparse_ir::ConvGeometry;
+    let g = |in_channels| ConvGeometry {
+        in_channels,
+        height: 3,
+        width: 3,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let long = MAX_ROW_NNZ / 9 + 1; // channels whose 3x3 windows make a row over the bound
+    let cases = [
+        // conv/conv_grad: one output channel reading `long` input channels.
+        (
+            Op::Conv {
+                bias: false,
+                relu: false,
+            },
+            1,
+            g(long),
+        ),
+        (Op::ConvGrad, 1, g(long)),
+        // conv_t: one input channel written from `long` output channels.
+        (Op::ConvT, long, g(1)),
+    ];
+    for (op, out, geometry) in cases {
+        let p = Arc::new(Pattern::dense(out, geometry.pattern_cols()).unwrap());
+        let spec = KernelSpec::conv("wide", op, p, geometry, Dim::Fixed(1), Dim::Fixed(1)).unwrap();
+        let e = JitKernel::compile(&spec).unwrap_err();
+        assert!(
+            matches!(e, BackendError::Unsupported { .. })
+                && e.to_string()
+                    .contains(&format!("a row of {} nonzeros", 9 * long)),
+            "{op}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,10 @@
 //! to stdout or one file per artefact under `--out DIR`; for a convolution, what has no
 //! convolution code (the JIT's `clif`/`vcode`/`asm`, `rust`, OpenCL `table`/`unrolled`) says
 //! so in one line.
+//!
+//! Limits: the pattern `--random` would draw and the operands `--emit plan` would time are
+//! checked against the machine's memory budget ([`sparse_ir::limits`]) before anything is
+//! allocated; over it is an error naming the flag, the bytes and the machine's memory.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,7 @@ use codegen_cpu::jit::{JitKernel, JitOptions};
 use codegen_cpu::{CpuBackend, CpuOptions, PlanTiming};
 use codegen_opencl::{DeviceProfile, EmitOptions, KernelLifetime};
 use sparse_ir::backend::{Backend, Kernel};
+use sparse_ir::limits::{bytes_of, MemoryBudget};
 use sparse_ir::rust_emit::{emit_spmm, RustKernel};
 use sparse_ir::text::Module;
 use sparse_ir::{
@@ -120,7 +125,9 @@ pub struct Cli {
     #[arg(long)]
     pub layer: Option<String>,
     /// A random mask of this shape: `RxC` for a matrix (e.g. `300x784`), or `OxCxKxK` for a
-    /// convolution's `[out, in, k, k]` weights (e.g. `64x32x3x3`; needs `--input`).
+    /// convolution's `[out, in, k, k]` weights (e.g. `64x32x3x3`; needs `--input`). Its
+    /// expected size is checked against the machine's memory before it is drawn, in time
+    /// proportional to its nonzeros.
     #[arg(long, requires = "density", value_name = "SHAPE")]
     pub random: Option<String>,
     /// Density of the random mask, in (0, 1].
@@ -215,14 +222,6 @@ impl Input {
     }
 }
 
-/// The most entries (`rows·cols`) of a `--random` mask: drawing one costs a random number per
-/// entry.
-pub const RANDOM_ENTRIES_MAX: usize = 1 << 26;
-
-/// The most `f32` elements of one operand that `--emit plan` allocates to time kernels
-/// (512 MiB).
-pub const OPERAND_ELEMENTS_MAX: usize = 1 << 27;
-
 /// Runs the command line: computes every artefact, then prints or writes them.
 pub fn run(cli: &Cli) -> Result<()> {
     let artefacts = artefacts(cli)?;
@@ -271,9 +270,10 @@ pub fn load_input(cli: &Cli) -> Result<Input> {
             bail!("--density {density} is outside (0, 1]");
         }
         let what = format!("--random {shape_text}");
-        // `parse_shape` checked that `rows·cols` fits RANDOM_ENTRIES_MAX; the geometry is
-        // checked before anything is drawn.
+        // `parse_shape` checked that `rows·cols` fits a `usize`; the size of the pattern and
+        // the geometry are checked before anything is drawn.
         let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+        check_random_size(&what, rows, cols, density, &MemoryBudget::machine())?;
         let geometry = geometry_for(cli, &what, &shape, rows, cols, None)?;
         let pattern = Pattern::random(rows, cols, density, cli.seed)?;
         return Ok(Input {
@@ -303,8 +303,8 @@ fn shape_string(shape: &[usize]) -> String {
         .join("x")
 }
 
-/// Parses `--random`: `RxC` or `OxCxKxK`, every dimension at least 1, at most
-/// [`RANDOM_ENTRIES_MAX`] entries.
+/// Parses `--random`: `RxC` or `OxCxKxK`, every dimension at least 1, the number of entries
+/// within a `usize` (what the pattern may hold is [`check_random_size`]'s).
 fn parse_shape(shape: &str) -> Result<Vec<usize>> {
     let parts: Vec<&str> = shape.split('x').collect();
     if parts.len() != 2 && parts.len() != 4 {
@@ -324,17 +324,50 @@ fn parse_shape(shape: &str) -> Result<Vec<usize>> {
     if dims.contains(&0) {
         bail!("--random {shape:?}: every dimension must be at least 1");
     }
-    let entries = dims
+    if dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= RANDOM_ENTRIES_MAX);
-    if entries.is_none() {
+        .is_none()
+    {
         bail!(
-            "--random {shape:?}: more than {RANDOM_ENTRIES_MAX} entries, the most kernel-dump \
-             draws at random"
+            "--random {shape:?}: the number of entries overflows {} bits",
+            usize::BITS
         );
     }
     Ok(dims)
+}
+
+/// Checks, before anything is drawn, that a random `rows × cols` pattern at `density` (the
+/// mask `what`) holds no more nonzeros than a pattern can (`u32::MAX`), and that the pattern
+/// and what the ops derive from it fit `budget`: per expected nonzero its column index (4
+/// bytes) and the transpose's row index and value position (8), per row and column their
+/// pointers and counts (4 and 12 bytes).
+pub fn check_random_size(
+    what: &str,
+    rows: usize,
+    cols: usize,
+    density: f64,
+    budget: &MemoryBudget,
+) -> Result<()> {
+    let nnz = (density * rows as f64 * cols as f64).ceil();
+    if nnz > u32::MAX as f64 {
+        bail!(
+            "{what} --density {density}: about {nnz:.0} nonzeros, more than the {} a pattern \
+             holds",
+            u32::MAX
+        );
+    }
+    let bytes = bytes_of(&[nnz as usize], 12).and_then(|n| {
+        n.checked_add(bytes_of(&[rows.checked_add(1)?], 4)?)?
+            .checked_add(bytes_of(&[cols.checked_add(1)?], 12)?)
+    });
+    budget.check(
+        &format!(
+            "{what} --density {density}: the pattern (about {nnz:.0} nonzeros) and its transpose"
+        ),
+        bytes,
+    )?;
+    Ok(())
 }
 
 /// Parses `--input HxW`.
@@ -720,38 +753,43 @@ fn unavailable(spec: &KernelSpec, e: &anyhow::Error) -> String {
     }
 }
 
-/// Checks that the operands `--emit plan` allocates to time `spec` stay within
-/// [`OPERAND_ELEMENTS_MAX`] elements each.
-fn check_operand_sizes(spec: &KernelSpec) -> Result<()> {
+/// Checks that the operands `--emit plan` allocates to time `spec` (its inputs, output,
+/// values and bias, the dense gradient, a convolution's unfolded input) fit `budget`
+/// together, before any of them is allocated.
+pub fn check_operand_sizes(spec: &KernelSpec, budget: &MemoryBudget) -> Result<()> {
     let ld = match spec.ld() {
         Dim::Fixed(ld) => ld,
         Dim::Any => return Ok(()),
     };
     let p = spec.pattern();
-    let mut sizes = vec![
-        ("the input", spec.in_features().checked_mul(ld)),
-        ("the output", spec.out_features().checked_mul(ld)),
-        ("the dense gradient", p.rows().checked_mul(p.cols())),
-    ];
+    let input = spec.in_features().checked_mul(ld);
+    let output = spec.out_features().checked_mul(ld);
+    let dense = p.rows().checked_mul(p.cols());
+    // The input, dY, values and bias, and one output buffer as large as the largest of the
+    // output, the input and the dense gradient.
+    let mut floats = [input, output, Some(p.nnz()), Some(p.rows())]
+        .into_iter()
+        .try_fold(0usize, |sum, n| sum.checked_add(n?))
+        .and_then(|sum| sum.checked_add(input?.max(output?).max(dense?)));
     if let Some(g) = spec.geometry() {
         // The dense convolution's unfolded input: C·k² rows of OH·OW positions per column.
         let unfolded = p
             .cols()
             .checked_mul(g.out_positions())
             .and_then(|n| n.checked_mul(ld));
-        sizes.push(("the dense convolution's unfolded input", unfolded));
+        floats = floats.and_then(|sum| sum.checked_add(unfolded?));
     }
-    for (what, n) in sizes {
-        if n.is_none_or(|n| n > OPERAND_ELEMENTS_MAX) {
-            bail!(
-                "{} batch {} ld {ld}{}: {what} would have more than {OPERAND_ELEMENTS_MAX} \
-                 elements, too many to time; use --no-measure, or a smaller --batch or input",
-                spec.op(),
-                spec.batch(),
-                geometry_suffix(spec)
-            );
-        }
-    }
+    let what = format!(
+        "--batch {} (ld {ld}): timing {}{} on a {}x{} pattern",
+        spec.batch(),
+        spec.op(),
+        geometry_suffix(spec),
+        p.rows(),
+        p.cols()
+    );
+    budget
+        .check(&what, floats.and_then(|n| bytes_of(&[n], 4)))
+        .map_err(|e| anyhow!("{e}; use --no-measure, or a smaller --batch or input"))?;
     Ok(())
 }
 
@@ -958,8 +996,9 @@ fn plan_text(cli: &Cli, input: &Input, specs: &[KernelSpec]) -> Result<String> {
             }
             let _ = writeln!(text, "backend cpu, {}", backend.device());
             if !cli.no_measure {
+                let budget = MemoryBudget::machine();
                 for spec in specs {
-                    check_operand_sizes(spec)?;
+                    check_operand_sizes(spec, &budget)?;
                 }
             }
             for spec in specs {

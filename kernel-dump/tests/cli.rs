@@ -10,6 +10,28 @@ fn kernel_dump(args: &[&str]) -> Output {
         .expect("kernel-dump runs")
 }
 
+/// The memory the limit tests tell kernel-dump the machine has (16 GiB), so that their
+/// limits do not depend on the machine running them.
+const TEST_MEMORY: &str = "17179869184";
+
+/// Runs kernel-dump on a machine of [`TEST_MEMORY`] and checks that it fails cleanly: exit
+/// code 1 (not a panic's 101 or an abort's signal) with an error and no panic message; the
+/// error.
+fn fails_within_memory(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kernel-dump"))
+        .args(args)
+        .env(sparse_ir::limits::MEMORY_ENV, TEST_MEMORY)
+        .output()
+        .expect("kernel-dump runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "kernel-dump {args:?}: {stderr}");
+    assert!(
+        stderr.starts_with("Error: ") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    stderr
+}
+
 fn ok(args: &[&str]) -> String {
     let out = kernel_dump(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -611,7 +633,7 @@ fn conv_bad_input_is_a_clear_error() {
     let e = fails(&["--random", "8x4x3", "--density", "0.3"]);
     assert!(e.contains("OUTxINxKxK"), "{e}");
     // Declared sizes are checked before anything is allocated.
-    let e = fails(&[
+    let e = fails_within_memory(&[
         "--random",
         "100000x100000x3x3",
         "--density",
@@ -619,12 +641,25 @@ fn conv_bad_input_is_a_clear_error() {
         "--input",
         "9x9",
     ]);
-    assert!(e.contains("more than 67108864 entries"), "{e}");
-    let e = fails(&["--random", "100000x100000", "--density", "0.1"]);
-    assert!(e.contains("more than 67108864 entries"), "{e}");
-    let e = with(&["--input", "1024x1024", "--op", "conv", "--emit", "plan"]);
     assert!(
-        e.contains("too many to time") && e.contains("--no-measure"),
+        e.contains("about 9000000000 nonzeros, more than the 4294967295 a pattern holds"),
+        "{e}"
+    );
+    let e = fails_within_memory(&[
+        "--random",
+        "8x4x3x3",
+        "--density",
+        "0.3",
+        "--input",
+        "1024x1024",
+        "--op",
+        "conv",
+        "--emit",
+        "plan",
+    ]);
+    assert!(
+        e.contains("--batch 100 (ld 112): timing conv (input=4x1024x1024")
+            && e.contains("needs 24.4 GiB"),
         "{e}"
     );
     // Masks of other ranks and shapes.
@@ -649,5 +684,98 @@ fn conv_bad_input_is_a_clear_error() {
     assert!(
         e.contains("oblong.npy") && e.contains("window must be square"),
         "{e}"
+    );
+}
+
+#[test]
+fn sizes_are_checked_against_the_machines_memory() {
+    // Both aborted on a failed allocation once; now clear errors, exit code 1.
+    let e = fails_within_memory(&[
+        "--random",
+        "100000x100000",
+        "--density",
+        "0.9",
+        "--emit",
+        "stats",
+        "--no-measure",
+    ]);
+    assert!(
+        e.contains("--random 100000x100000 --density 0.9: about 9000000000 nonzeros"),
+        "{e}"
+    );
+    let e = fails_within_memory(&[
+        "--random",
+        "300x784",
+        "--density",
+        "0.05",
+        "--batch",
+        "100000000",
+    ]);
+    assert!(
+        e.contains("--batch 100000000 (ld 100000000): timing spmm")
+            && e.contains("on a 300x784 pattern needs 695.9 GiB, more than the 8.0 GiB one")
+            && e.contains("16.0 GiB that SPARSEJIT_MEMORY_BYTES sets")
+            && e.contains("use --no-measure"),
+        "{e}"
+    );
+    // A pattern whose nonzeros fit u32 but not the memory.
+    let e = fails_within_memory(&["--random", "100000x100000", "--density", "0.1"]);
+    assert!(
+        e.contains("--random 100000x100000 --density 0.1: the pattern (about 1000000000 nonzeros)")
+            && e.contains("needs 11.2 GiB, more than the 8.0 GiB"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sparse_random_patterns_draw_in_time_of_their_nonzeros() {
+    // 10^12 entries at 10^-9: about a thousand nonzeros, drawn without visiting every entry.
+    let start = std::time::Instant::now();
+    let out = ok(&[
+        "--random",
+        "1000000x1000000",
+        "--density",
+        "1e-9",
+        "--emit",
+        "stats",
+        "--no-measure",
+    ]);
+    assert!(out.contains("rows 1000000  cols 1000000  nnz "), "{out}");
+    assert!(
+        start.elapsed().as_secs_f64() < 30.0,
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn rows_too_long_for_one_jit_function_are_left_to_the_generic_kernels() {
+    // One 400,000-nonzero row: compiling it took 16 s and 2.9 GB; the JIT refuses it now,
+    // and `spmm_t` (400,000 rows of one nonzero) still compiles.
+    let out = ok(&["--random", "1x400000", "--density", "1", "--emit", "stats"]);
+    for op in ["spmm", "sddmm"] {
+        assert!(
+            out.contains(&format!(
+                "jit {op} batch 100: layer random: strategy jit cannot run {op}: a row of \
+                 400000 nonzeros is more than the 8192 one JIT function compiles"
+            )),
+            "{out}"
+        );
+    }
+    assert!(out.contains("jit spmm_t batch 100: 100 functions"), "{out}");
+    let out = ok(&[
+        "--random",
+        "1x400000",
+        "--density",
+        "1",
+        "--emit",
+        "plan",
+        "--no-measure",
+        "--batch",
+        "4",
+    ]);
+    assert!(
+        out.contains("jit not considered: a row has more than the 8192 nonzeros"),
+        "{out}"
     );
 }

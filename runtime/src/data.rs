@@ -9,9 +9,20 @@
 //!
 //! The split is the reference's: the first `⌊0.9·n⌋` training images train (54,000 of
 //! MNIST's 60,000), the rest validate; the test images are evaluated at the end.
+//!
+//! The classes are the test set's largest label + 1 (10 for MNIST); a training or validation
+//! label at or beyond that is an error naming the file and the sample.
+//!
+//! Every file is read header first: the data length its dimensions declare is checked
+//! against the machine's memory budget ([`sparse_ir::limits`]) before anything is allocated,
+//! and at most that length plus one byte is read (inflated, for gzip), so a file longer or
+//! shorter than its header declares is an error, and a small gzip bomb is found without
+//! inflating it.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
+
+use sparse_ir::limits::{bytes_of, MemoryBudget};
 
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Matrix, Shape};
@@ -45,79 +56,150 @@ fn data_err(path: &Path, message: impl Into<String>) -> RuntimeError {
 }
 
 /// Reads an IDX file of unsigned bytes (type code 0x08), raw or gzip-compressed. A bad magic
-/// number, an unsupported type, a truncated or over-long file, or a corrupt gzip stream is an
-/// error naming the file.
+/// number, an unsupported type, a truncated or over-long file, a corrupt gzip stream, or
+/// declared dimensions larger than the machine's [`MemoryBudget`] is an error naming the
+/// file. See [`read_idx_from`].
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let raw = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 5);
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| data_err(path, format!("corrupt or truncated gzip stream: {e}")))?;
-        out
-    } else {
-        raw
-    };
-    parse_idx(&bytes).map_err(|m| data_err(path, m))
+    read_idx_with(path, &MemoryBudget::machine())
 }
 
-/// Parses the bytes of an IDX file of unsigned bytes.
-pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
-    if bytes.len() < 4 {
-        return Err(format!(
-            "not an IDX file: {} bytes, too short for the magic number",
-            bytes.len()
-        ));
-    }
-    if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(format!(
-            "not an IDX file: magic number starts with {:02x} {:02x}, expected 00 00",
-            bytes[0], bytes[1]
-        ));
-    }
-    if bytes[2] != 0x08 {
-        return Err(format!(
-            "IDX element type 0x{:02x} is not supported (expected 0x08, unsigned bytes)",
-            bytes[2]
-        ));
-    }
-    let ndims = bytes[3] as usize;
-    if ndims == 0 {
-        return Err("IDX file declares 0 dimensions".into());
-    }
-    let header = 4 + 4 * ndims;
-    if bytes.len() < header {
-        return Err(format!(
-            "truncated IDX header: {ndims} dimensions need {header} bytes, the file has {}",
-            bytes.len()
-        ));
-    }
-    let dims: Vec<usize> = (0..ndims)
-        .map(|i| {
-            let o = 4 + 4 * i;
-            u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
+/// [`read_idx`] with the memory budget `budget`.
+pub fn read_idx_with(path: &Path, budget: &MemoryBudget) -> Result<IdxArray> {
+    let file = std::fs::File::open(path).map_err(|e| RuntimeError::io(path, e))?;
+    let mut file = std::io::BufReader::new(file);
+    let gzip = file
+        .fill_buf()
+        .map_err(|e| RuntimeError::io(path, e))?
+        .starts_with(&[0x1f, 0x8b]);
+    if gzip {
+        let decoder = flate2::bufread::GzDecoder::new(file);
+        read_idx_from(decoder, budget).map_err(|e| match e {
+            IdxReadError::Io(e) => data_err(path, format!("corrupt or truncated gzip stream: {e}")),
+            IdxReadError::Format(m) => data_err(path, m),
         })
+    } else {
+        read_idx_from(file, budget).map_err(|e| match e {
+            IdxReadError::Io(e) => RuntimeError::io(path, e),
+            IdxReadError::Format(m) => data_err(path, m),
+        })
+    }
+}
+
+/// Why [`read_idx_from`] failed.
+#[derive(Debug)]
+pub enum IdxReadError {
+    /// Reading the stream failed (for a gzip stream: it is corrupt or truncated).
+    Io(std::io::Error),
+    /// The content is not a well-formed IDX array of unsigned bytes; the message says why.
+    Format(String),
+}
+
+/// Reads an IDX array of unsigned bytes from a stream (decompressed already), header first:
+/// the data length the header declares is computed with checked arithmetic and checked
+/// against `budget` before any of it is allocated, and at most that length plus one byte is
+/// read, so a stream longer than its header declares is an error found without reading (or
+/// inflating) the rest, and one shorter is an error too.
+pub fn read_idx_from(
+    mut reader: impl Read,
+    budget: &MemoryBudget,
+) -> std::result::Result<IdxArray, IdxReadError> {
+    let mut head = [0u8; 4];
+    let got = read_up_to(&mut reader, &mut head)?;
+    if got < 4 {
+        return Err(IdxReadError::Format(format!(
+            "not an IDX file: {got} bytes, too short for the magic number"
+        )));
+    }
+    let ndims = check_magic(&head).map_err(IdxReadError::Format)?;
+    let mut dims_bytes = vec![0u8; 4 * ndims];
+    let got = read_up_to(&mut reader, &mut dims_bytes)?;
+    if got < dims_bytes.len() {
+        return Err(IdxReadError::Format(format!(
+            "truncated IDX header: {ndims} dimensions need {} bytes, the file has {}",
+            4 + 4 * ndims,
+            4 + got
+        )));
+    }
+    let dims: Vec<usize> = dims_bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| format!("IDX dimensions {dims:?} overflow"))?;
-    let got = bytes.len() - header;
-    if got < expected {
+        .ok_or_else(|| IdxReadError::Format(format!("IDX dimensions {dims:?} overflow")))?;
+    budget
+        .check(
+            &format!("IDX dimensions {dims:?} ({expected} data bytes)"),
+            bytes_of(&[expected], 1),
+        )
+        .map_err(|e| IdxReadError::Format(e.to_string()))?;
+    let mut data = Vec::with_capacity(expected);
+    reader
+        .take(expected as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(IdxReadError::Io)?;
+    if data.len() < expected {
+        return Err(IdxReadError::Format(format!(
+            "truncated: dimensions {dims:?} need {expected} data bytes, the file has {}",
+            data.len()
+        )));
+    }
+    if data.len() > expected {
+        return Err(IdxReadError::Format(format!(
+            "longer than its header declares: unexpected trailing bytes after the {expected} \
+             data bytes of dimensions {dims:?}"
+        )));
+    }
+    Ok(IdxArray { dims, data })
+}
+
+/// Fills `buf` from `reader` as far as the stream goes; the number of bytes read.
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> std::result::Result<usize, IdxReadError> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(IdxReadError::Io(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// Checks the magic number of an IDX file of unsigned bytes; the number of dimensions.
+fn check_magic(head: &[u8; 4]) -> std::result::Result<usize, String> {
+    if head[0] != 0 || head[1] != 0 {
         return Err(format!(
-            "truncated: dimensions {dims:?} need {expected} data bytes, the file has {got}"
+            "not an IDX file: magic number starts with {:02x} {:02x}, expected 00 00",
+            head[0], head[1]
         ));
     }
-    if got > expected {
+    if head[2] != 0x08 {
         return Err(format!(
-            "{} unexpected trailing bytes after the {expected} data bytes of dimensions {dims:?}",
-            got - expected
+            "IDX element type 0x{:02x} is not supported (expected 0x08, unsigned bytes)",
+            head[2]
         ));
     }
-    Ok(IdxArray {
-        dims,
-        data: bytes[header..].to_vec(),
+    match head[3] {
+        0 => Err("IDX file declares 0 dimensions".into()),
+        n => Ok(n as usize),
+    }
+}
+
+/// Parses the bytes of an IDX file of unsigned bytes (the checks of [`read_idx_from`], with
+/// the machine's memory budget).
+pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
+    read_idx_from(bytes, &MemoryBudget::machine()).map_err(|e| match e {
+        IdxReadError::Io(e) => e.to_string(),
+        IdxReadError::Format(m) => m,
     })
+}
+
+/// The number of training samples of a training file of `n` samples (the rest validate).
+fn split_point(n: usize) -> usize {
+    ((1.0 - VALID_SPLIT) * n as f64).floor() as usize
 }
 
 /// Which part of the data a batch comes from.
@@ -271,24 +353,36 @@ impl Dataset {
                 ),
             ));
         }
-        let classes = train_l.data.iter().copied().max().unwrap_or(0) as usize + 1;
+        // The classes are the test set's: its largest label + 1 (10 for MNIST). A training or
+        // validation label beyond them is an error, not a class of its own: one stray label
+        // of 200 would otherwise make a 201-class model.
+        let classes = test_l.data.iter().copied().max().unwrap_or(0) as usize + 1;
         if classes < 2 {
-            return Err(data_err(&tlp, "fewer than 2 classes in the labels"));
+            return Err(data_err(&elp, "fewer than 2 classes in the test labels"));
         }
-        if let Some((i, &l)) = test_l
+        if let Some((i, &l)) = train_l
             .data
             .iter()
             .enumerate()
             .find(|(_, &l)| l as usize >= classes)
         {
+            let part = if i < split_point(train_l.data.len()) {
+                "training"
+            } else {
+                "validation"
+            };
             return Err(data_err(
-                &elp,
-                format!("label {l} of test image {i} is not among the {classes} training classes"),
+                &tlp,
+                format!(
+                    "label {l} of sample {i} (a {part} sample) is not below the {classes} \
+                     classes of the test set (its largest label + 1, from {})",
+                    elp.display()
+                ),
             ));
         }
         let shape = Shape::image(1, train_i.dims[1], train_i.dims[2]);
         let n = train_i.dims[0];
-        let split_at = ((1.0 - VALID_SPLIT) * n as f64).floor() as usize;
+        let split_at = split_point(n);
         let (mut sum, mut sq) = (0u64, 0u64);
         for &p in &train_i.data {
             sum += p as u64;
@@ -593,6 +687,9 @@ impl Dataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sparse_ir::limits::MemorySource;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut v = vec![0, 0, 8, dims.len() as u8];
@@ -618,6 +715,94 @@ mod tests {
         assert!(e.contains("0x0d"), "{e}");
         let e = parse_idx(&[0, 0, 8, 2, 0, 0]).unwrap_err();
         assert!(e.contains("header"), "{e}");
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// Counts the bytes read through it.
+    struct Counting<R> {
+        inner: R,
+        read: Arc<AtomicUsize>,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.fetch_add(n, Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_gzip_stream_longer_than_its_header_stops_at_the_declared_length() {
+        // A header declaring 10 data bytes, followed by 4 MiB: a bomb in small.
+        let bomb = gzip(&idx_bytes(&[10], &vec![7u8; 4 << 20]));
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        let read = Arc::new(AtomicUsize::new(0));
+        let inflated = Counting {
+            inner: flate2::read::GzDecoder::new(&bomb[..]),
+            read: Arc::clone(&read),
+        };
+        let e = read_idx_from(inflated, &MemoryBudget::machine()).unwrap_err();
+        let IdxReadError::Format(m) = e else {
+            panic!("{e:?}")
+        };
+        assert!(m.contains("longer than its header declares"), "{m}");
+        // The header, the declared 10 bytes and one more: nothing else was inflated.
+        assert_eq!(read.load(Ordering::Relaxed), 8 + 10 + 1);
+
+        // Through the file: the error names it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t10k-labels-idx1-ubyte.gz");
+        std::fs::write(&path, &bomb).unwrap();
+        let e = read_idx(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("t10k-labels-idx1-ubyte.gz") && e.contains("longer than its header"),
+            "{e}"
+        );
+        // Shorter than declared, and exactly as declared.
+        std::fs::write(&path, gzip(&idx_bytes(&[10], &[1; 9]))).unwrap();
+        let e = read_idx(&path).unwrap_err().to_string();
+        assert!(e.contains("truncated") && e.contains("has 9"), "{e}");
+        std::fs::write(&path, gzip(&idx_bytes(&[2, 5], &[3; 10]))).unwrap();
+        let a = read_idx(&path).unwrap();
+        assert_eq!((a.dims, a.data), (vec![2, 5], vec![3; 10]));
+        // A corrupt stream is still reported as one.
+        let mut bad = gzip(&idx_bytes(&[2, 5], &[3; 10]));
+        let n = bad.len();
+        bad[n - 6] ^= 0xff; // the CRC
+        std::fs::write(&path, &bad).unwrap();
+        let e = read_idx(&path).unwrap_err().to_string();
+        assert!(e.contains("gzip"), "{e}");
+    }
+
+    #[test]
+    fn declared_sizes_are_checked_against_memory_before_allocating() {
+        // 65535³ bytes declared by a 16-byte file, raw or compressed: refused before any
+        // allocation, naming the file, the dimensions and the machine's memory.
+        let dir = tempfile::tempdir().unwrap();
+        let header = idx_bytes(&[65535, 65535, 65535], &[]);
+        for (name, bytes) in [("raw", header.clone()), ("gz", gzip(&header))] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let e = read_idx(&path).unwrap_err().to_string();
+            assert!(
+                e.contains(&path.display().to_string())
+                    && e.contains("IDX dimensions [65535, 65535, 65535]")
+                    && e.contains("needs 256.0 TiB, more than the")
+                    && e.contains("of memory"),
+                "{e}"
+            );
+        }
+        let small = MemoryBudget::of_memory(100, MemorySource::Environment);
+        let e = read_idx_from(&idx_bytes(&[51], &[0; 51])[..], &small).unwrap_err();
+        assert!(matches!(e, IdxReadError::Format(m) if m.contains("needs 51 B")));
+        assert!(read_idx_from(&idx_bytes(&[50], &[0; 50])[..], &small).is_ok());
     }
 
     #[test]

@@ -24,6 +24,7 @@
 use std::time::Duration;
 
 use rand::Rng;
+use sparse_ir::limits::{bytes_of, MemoryBudget};
 
 use crate::error::{Result, RuntimeError};
 use crate::exec::Executor;
@@ -97,6 +98,7 @@ impl Model {
                 )));
             }
         }
+        check_batch_memory(name, &layers, batch, &MemoryBudget::machine())?;
         let ld = padded_ld(batch);
         for (i, layer) in layers.iter_mut().enumerate() {
             layer.set_needs_input_grad(i > 0);
@@ -402,6 +404,34 @@ enum LayerDesc {
     },
 }
 
+/// Checks, before any buffer sized by the batch is allocated, that the model's input, the
+/// activations of every layer and their gradients at `batch` (`ld` floats per feature) fit
+/// `budget`; the layers' own scratch comes on top, so this is a lower bound of what the batch
+/// needs, enough to refuse a batch no machine could hold with an error naming it.
+fn check_batch_memory(
+    name: &str,
+    layers: &[Box<dyn Layer>],
+    batch: usize,
+    budget: &MemoryBudget,
+) -> Result<()> {
+    let ld = batch.checked_next_multiple_of(crate::tensor::LD_ALIGN);
+    let features = layers
+        .iter()
+        .try_fold(layers[0].input_shape().features(), |sum, l| {
+            sum.checked_add(l.output_shape().features().checked_mul(2)?)
+        });
+    let bytes = features
+        .zip(ld)
+        .and_then(|(features, ld)| bytes_of(&[features, ld], 4));
+    budget
+        .check(
+            &format!("model {name} at batch {batch}: its input, activations and their gradients"),
+            bytes,
+        )
+        .map_err(|e| RuntimeError::Config(e.to_string()))?;
+    Ok(())
+}
+
 /// Describes a feed-forward model layer by layer; [`build`](Self::build) creates it with
 /// Kaiming-uniform weights and full masks. A `relu()` right after a linear or conv layer is
 /// fused into its forward kernel.
@@ -519,5 +549,39 @@ impl ModelBuilder {
             }
         }
         Model::from_layers(&self.name, layers, batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Shape;
+    use rand::SeedableRng;
+
+    #[test]
+    fn a_batch_too_large_for_the_machine_is_an_error_before_allocating() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let builder = ModelBuilder::new("mlp", Shape::flat(784))
+            .linear("fc1", 300)
+            .relu()
+            .linear("fc2", 10);
+        // 2^40 samples: (784 + 2·310) features · 2^40 · 4 bytes, thousands of terabytes.
+        let e = builder
+            .clone()
+            .build(1 << 40, &mut rng)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model mlp at batch 1099511627776: its input, activations")
+                && e.contains("needs 5.5 PiB, more than the"),
+            "{e}"
+        );
+        let e = builder
+            .clone()
+            .build(usize::MAX, &mut rng)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 2^64 bytes"), "{e}");
+        assert_eq!(builder.build(100, &mut rng).unwrap().batch(), 100);
     }
 }

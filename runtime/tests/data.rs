@@ -94,3 +94,51 @@ fn other_idx_directories_use_their_own_statistics() {
     let (m, s) = ds.normalization();
     assert!((m as f64 - mean).abs() < 1e-6 && (s as f64 - std).abs() < 1e-6);
 }
+
+#[test]
+fn a_training_label_beyond_the_test_sets_classes_is_an_error() {
+    // Classes are the test set's largest label + 1; one stray training label of 200 used to
+    // make a 201-class model.
+    let dir = tempfile::tempdir().unwrap();
+    let (n, t) = (20u32, 6u32);
+    let pixels = |count: u32| -> Vec<u8> { (0..count * 4).map(|i| (i * 37 % 251) as u8).collect() };
+    fs::write(
+        dir.path().join("train-images-idx3-ubyte"),
+        idx(&[n, 2, 2], &pixels(n)),
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join("t10k-images-idx3-ubyte"),
+        idx(&[t, 2, 2], &pixels(t)),
+    )
+    .unwrap();
+    let tl: Vec<u8> = (0..t).map(|i| (i % 3) as u8).collect();
+    fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx(&[t], &tl)).unwrap();
+    let write_train = |labels: &[u8]| {
+        fs::write(
+            dir.path().join("train-labels-idx1-ubyte"),
+            idx(&[n], labels),
+        )
+        .unwrap();
+    };
+    let mut labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+    write_train(&labels);
+    assert_eq!(Dataset::load_dir(dir.path()).unwrap().classes(), 3);
+    for (i, part) in [(7, "training"), (19, "validation")] {
+        labels[i] = 200;
+        write_train(&labels);
+        let e = Dataset::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("train-labels-idx1-ubyte")
+                && e.contains(&format!("label 200 of sample {i} (a {part} sample)"))
+                && e.contains("not below the 3 classes of the test set"),
+            "{e}"
+        );
+        labels[i] = 0;
+    }
+    // A label equal to the number of classes is beyond them too.
+    labels[3] = 3;
+    write_train(&labels);
+    let e = Dataset::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("label 3 of sample 3"), "{e}");
+}

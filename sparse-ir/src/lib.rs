@@ -8,6 +8,8 @@
 //! - [`backend`]: the contract every backend implements ([`backend::Backend`],
 //!   [`backend::Kernel`], [`Strategy`]) and the argument checks they all share.
 //! - [`interp`]: the reference interpreter, the oracle every backend is tested against.
+//! - [`limits`]: the machine's physical memory and the [`MemoryBudget`] every declared size
+//!   is checked against before allocation.
 //! - [`AlignedVec`]: an `f32` buffer whose rows start on cache lines (what the CPU kernels
 //!   are fastest on).
 //!
@@ -17,6 +19,7 @@
 pub mod aligned;
 pub mod backend;
 pub mod interp;
+pub mod limits;
 pub mod mask_io;
 pub mod pattern;
 pub mod rust_emit;
@@ -26,6 +29,7 @@ pub mod verify;
 
 pub use aligned::AlignedVec;
 pub use backend::{Args, BackendError, Launch, Strategy};
+pub use limits::{LimitError, MemoryBudget};
 pub use mask_io::{read_mask, LoadedMask, MaskIoError, NdArray};
 pub use pattern::{Pattern, PatternError, RowChunk, Transposed};
 pub use spec::{ConvGeometry, Dim, KernelSpec, Op, Role};

@@ -259,27 +259,44 @@ impl Pattern {
     }
 
     /// A random pattern: each entry present independently with probability `density`, drawn
-    /// from ChaCha8 seeded with `seed` (row by row, column by column), so the same arguments
-    /// give the same pattern everywhere. `density` is clamped to `[0, 1]`.
+    /// from ChaCha8 seeded with `seed`, so the same arguments give the same pattern
+    /// everywhere. `density` is clamped to `[0, 1]`.
+    ///
+    /// Up to [`RANDOM_DENSE_DRAW_MAX`] entries (`rows·cols`, 2²⁶) one number is drawn per entry,
+    /// row by row, column by column: the patterns every test, benchmark and published figure
+    /// of the project were made with. Above, the gaps between consecutive nonzeros (in
+    /// row-major order) are drawn instead, from the geometric distribution of the same
+    /// process, so the time is proportional to the nonzeros (and the rows), not to
+    /// `rows·cols`: a `10⁶ × 10⁶` pattern at density `10⁻⁹` draws about a thousand numbers.
+    ///
+    /// The caller bounds the memory: the pattern holds about `density·rows·cols` nonzeros of
+    /// 4 bytes each (see [`crate::limits`]). More than `u32::MAX` expected nonzeros is an
+    /// error before anything is drawn.
     pub fn random(rows: usize, cols: usize, density: f64, seed: u64) -> Result<Self, PatternError> {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let density = density.clamp(0.0, 1.0);
-        let mut row_ptr = Vec::with_capacity(rows + 1);
-        let mut col_idx = Vec::new();
-        row_ptr.push(0u32);
-        for _ in 0..rows {
-            for c in 0..cols {
-                if rng.random::<f64>() < density {
-                    col_idx.push(c as u32);
-                }
-            }
-            let nnz = u32::try_from(col_idx.len()).map_err(|_| VerifyError::Size {
+        let density = if density.is_nan() {
+            0.0
+        } else {
+            density.clamp(0.0, 1.0)
+        };
+        let entries = rows.checked_mul(cols).ok_or(VerifyError::Size {
+            what: "rows·cols",
+            value: usize::MAX,
+        })?;
+        let expected = density * entries as f64;
+        if expected > u32::MAX as f64 {
+            return Err(VerifyError::Size {
                 what: "nnz",
-                value: col_idx.len(),
-            })?;
-            row_ptr.push(nnz);
+                value: expected as usize,
+            }
+            .into());
         }
+        let (row_ptr, col_idx) = if entries <= RANDOM_DENSE_DRAW_MAX {
+            random_per_entry(rows, cols, density, &mut rng)?
+        } else {
+            random_by_gaps(rows, cols, density, &mut rng)?
+        };
         Self::from_csr(rows, cols, row_ptr, col_idx)
     }
 
@@ -433,6 +450,85 @@ impl Pattern {
     }
 }
 
+/// The most entries (`rows·cols`) for which [`Pattern::random`] draws one number per entry;
+/// larger shapes draw the gaps between nonzeros. It is the cap `kernel-dump --random` had
+/// before it drew by gaps, so every pattern that could be drawn then is drawn the same now.
+pub const RANDOM_DENSE_DRAW_MAX: usize = 1 << 26;
+
+type Csr = (Vec<u32>, Vec<u32>);
+
+fn nnz_u32(n: usize) -> Result<u32, PatternError> {
+    u32::try_from(n).map_err(|_| {
+        VerifyError::Size {
+            what: "nnz",
+            value: n,
+        }
+        .into()
+    })
+}
+
+/// One draw per entry, row by row, column by column.
+fn random_per_entry(
+    rows: usize,
+    cols: usize,
+    density: f64,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<Csr, PatternError> {
+    use rand::Rng;
+    let mut row_ptr = Vec::with_capacity(rows + 1);
+    let mut col_idx = Vec::new();
+    row_ptr.push(0u32);
+    for _ in 0..rows {
+        for c in 0..cols {
+            if rng.random::<f64>() < density {
+                col_idx.push(c as u32);
+            }
+        }
+        row_ptr.push(nnz_u32(col_idx.len())?);
+    }
+    Ok((row_ptr, col_idx))
+}
+
+/// The same Bernoulli process as [`random_per_entry`], drawn by its gaps: the number of
+/// absent entries before the next present one is geometric,
+/// `⌊ln(1 − u) / ln(1 − density)⌋` for a uniform `u ∈ [0, 1)`.
+fn random_by_gaps(
+    rows: usize,
+    cols: usize,
+    density: f64,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<Csr, PatternError> {
+    use rand::Rng;
+    let total = (rows as u64) * (cols as u64); // rows·cols fits usize, checked by the caller
+    let mut row_ptr = Vec::with_capacity(rows + 1);
+    let mut col_idx =
+        Vec::with_capacity(((density * total as f64 * 1.01) as usize + 16).min(1 << 24));
+    row_ptr.push(0u32);
+    let ln_absent = (-density).ln_1p(); // ln(1 − density): −∞ at 1, 0 at 0
+    let mut pos = 0u64;
+    while pos < total && density > 0.0 {
+        let gap = if density >= 1.0 {
+            0.0
+        } else {
+            (-rng.random::<f64>()).ln_1p() / ln_absent
+        };
+        // NaN or beyond the end: no more nonzeros.
+        if gap.is_nan() || gap >= (total - pos) as f64 {
+            break;
+        }
+        pos += gap as u64;
+        let (row, col) = ((pos / cols as u64) as usize, (pos % cols as u64) as u32);
+        while row_ptr.len() <= row {
+            row_ptr.push(nnz_u32(col_idx.len())?);
+        }
+        col_idx.push(col);
+        pos += 1;
+    }
+    let nnz = nnz_u32(col_idx.len())?;
+    row_ptr.resize(rows + 1, nnz);
+    Ok((row_ptr, col_idx))
+}
+
 /// A run of consecutive rows of a pattern, the unit that generated code is owned by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowChunk {
@@ -563,6 +659,55 @@ mod tests {
             Pattern::dense(3, 4).unwrap()
         );
         assert_eq!(Pattern::random(3, 4, 0.0, 1).unwrap().nnz(), 0);
+    }
+
+    #[test]
+    fn random_pins_the_per_entry_draw() {
+        // Shapes up to RANDOM_DENSE_DRAW_MAX entries keep the per-entry draw every test and
+        // published figure was made with: pinned by hash.
+        let p = Pattern::random(300, 784, 0.05, 42).unwrap();
+        assert_eq!((p.nnz(), p.hash()), (11_594, 0x7091_6a50_c7b1_21b2));
+    }
+
+    #[test]
+    fn large_random_patterns_draw_in_time_of_their_nonzeros() {
+        // 10^12 entries: one draw per entry would never end; by gaps it is ~1000 draws.
+        let t = std::time::Instant::now();
+        let p = Pattern::random(1_000_000, 1_000_000, 1e-9, 17).unwrap();
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
+        assert_eq!(p.rows(), 1_000_000);
+        assert!((800..1200).contains(&p.nnz()), "{}", p.nnz());
+        assert_eq!(p, Pattern::random(1_000_000, 1_000_000, 1e-9, 17).unwrap());
+        assert_ne!(p, Pattern::random(1_000_000, 1_000_000, 1e-9, 18).unwrap());
+        // The same Bernoulli process: density and spread over rows and columns as expected.
+        let (rows, cols) = (10_000, 10_000); // above RANDOM_DENSE_DRAW_MAX
+        let q = Pattern::random(rows, cols, 0.01, 5).unwrap();
+        assert!((q.density() - 0.01).abs() < 0.0005, "{}", q.density());
+        let counts: Vec<usize> = q.row_counts().collect();
+        let mean = counts.iter().sum::<usize>() as f64 / rows as f64;
+        let var = counts
+            .iter()
+            .map(|&c| (c as f64 - mean).powi(2))
+            .sum::<f64>()
+            / rows as f64;
+        // binomial(10000, 0.01): variance 99
+        assert!((80.0..120.0).contains(&var), "{var}");
+        let cc = q.col_counts(); // binomial(10000, 0.01) too: mean 100
+        let (lo, hi) = (cc.iter().min().unwrap(), cc.iter().max().unwrap());
+        assert!(*lo > 50 && *hi < 160, "{lo} {hi}");
+        assert_eq!(Pattern::random(1 << 13, 1 << 14, 0.0, 1).unwrap().nnz(), 0);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+        let (row_ptr, col_idx) = random_by_gaps(3, 4, 1.0, &mut rng).unwrap();
+        let dense = Pattern::dense(3, 4).unwrap();
+        assert_eq!(
+            (&row_ptr[..], &col_idx[..]),
+            (dense.row_ptr(), dense.col_idx())
+        );
+        let (row_ptr, col_idx) = random_by_gaps(3, 4, 0.0, &mut rng).unwrap();
+        assert_eq!((row_ptr, col_idx), (vec![0; 4], vec![]));
+        // More nonzeros than a pattern holds: refused before drawing.
+        let e = Pattern::random(100_000, 100_000, 0.9, 1).unwrap_err();
+        assert!(e.to_string().contains("nnz"), "{e}");
     }
 
     #[test]

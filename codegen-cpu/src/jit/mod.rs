@@ -202,12 +202,55 @@ const SDDMM_NNZ_BYTES: [f64; 15] = [
     13.1, 25.1, 37.1, 22.4, 46.4, 63.1, 82.1, 39.4, 63.6, 81.6, 102.1, 56.4, 81.9, 101.6, 122.1,
 ];
 
+/// The most nonzeros of one row (a row of the pattern the code walks: `W`'s for `spmm`,
+/// `sddmm`, `conv` and `conv_grad`, `Wᵀ`'s for `spmm_t`, an input channel's entries for
+/// `conv_t`) that the JIT compiles.
+///
+/// A row is never split across functions, so the row bounds the size of one function, and
+/// one function compiles on one thread: a row of 400,000 nonzeros took 2 s (`spmm`) and 14 s
+/// (`sddmm`) at batch 100 and 2.9 GB of compiler memory. Compile time is linear in the
+/// nonzeros (~5 µs per nonzero for `spmm`, ~33 µs for `sddmm` at batch 100), so a row at the
+/// bound compiles in under 0.3 s. Above it the JIT refuses with `Unsupported`, and the
+/// planner does not consider it ([`estimate`] gives `None`): the generic or dense kernels
+/// run such a layer, where the JIT's code would not fit the instruction cache anyway.
+pub const MAX_ROW_NNZ: usize = 8192;
+
+/// The longest row of the pattern the JIT's code for `spec` walks (see [`MAX_ROW_NNZ`]).
+pub fn longest_code_row(spec: &KernelSpec) -> usize {
+    let p = spec.pattern();
+    match (spec.op(), spec.geometry()) {
+        (Op::SpmmT, _) => p.col_counts().into_iter().max().unwrap_or(0),
+        (Op::ConvT, Some(g)) => {
+            let mut per_channel = vec![0usize; g.in_channels];
+            for &c in p.col_idx() {
+                if let Some(n) = per_channel.get_mut(c as usize / g.taps().max(1)) {
+                    *n += 1;
+                }
+            }
+            per_channel.into_iter().max().unwrap_or(0)
+        }
+        _ => p.row_counts().max().unwrap_or(0),
+    }
+}
+
+/// The `Unsupported` reason for a spec whose longest code row is over [`MAX_ROW_NNZ`].
+fn row_bound_reason(spec: &KernelSpec) -> Option<String> {
+    let longest = longest_code_row(spec);
+    (longest > MAX_ROW_NNZ).then(|| {
+        format!(
+            "a row of {longest} nonzeros is more than the {MAX_ROW_NNZ} one JIT function \
+             compiles (a row is one function, compiled on one thread); the generic and dense \
+             strategies run it"
+        )
+    })
+}
+
 /// L1 instruction cache budget for [`JitEstimate::fits_l1i`].
 const L1I_BUDGET: usize = 24 * 1024;
 
 /// Predicts the code size and compile time of `JitKernel::compile(spec)` with the default
 /// options, without compiling; `None` where the JIT does not compile the spec (`dense_grad`,
-/// a batch or `ld` not fixed).
+/// a batch or `ld` not fixed, a row longer than [`MAX_ROW_NNZ`]).
 ///
 /// Bytes per row and per nonzero were fitted by least squares on five random layers
 /// (`jit_bench sizes`); they depend on the op and on the batch only through its shape class.
@@ -232,6 +275,9 @@ pub fn estimate(spec: &KernelSpec) -> Option<JitEstimate> {
             return None
         }
     };
+    if longest_code_row(spec) > MAX_ROW_NNZ {
+        return None;
+    }
     let code_bytes = (per_row * rows as f64 + per_nnz * p.nnz() as f64).round() as usize;
     Some(JitEstimate {
         code_bytes,
@@ -253,8 +299,9 @@ struct ChunkRange {
 /// A chunk ends after row `r` when a hash of that row's columns falls below the fraction
 /// `nnz(r) / target` of the hash range (so a chunk ends, on average, every `target`
 /// nonzeros whatever the row lengths, and a row of `target` nonzeros or more always ends
-/// its chunk); a chunk that reaches `4·target` nonzeros ends anyway (about 2 % of chunks). A
-/// row is never split. Whether a row ends a chunk depends on that row alone (except for the
+/// its chunk); a chunk that reaches `4·target` nonzeros ends anyway (about 2 % of chunks), and
+/// so does one that reaches `4·target` rows (each row costs code, empty ones too: a
+/// `10⁶`-row layer at density `10⁻⁹` was one function of 12 MB). A row is never split. Whether a row ends a chunk depends on that row alone (except for the
 /// size cap), so after an update that changes a few rows the chunking agrees with the old
 /// one from the first boundary after each changed row on: only the chunk holding a changed
 /// row gets new content (two chunks where the row's own boundary appeared, one where it
@@ -271,7 +318,10 @@ pub fn chunk_rows(pattern: &Pattern, target_nnz: usize) -> Vec<Range<usize>> {
     for r in 0..pattern.rows() {
         let (a, b) = (row_ptr[r] as usize, row_ptr[r + 1] as usize);
         let len = (b - a) as u128;
-        let end_here = if len >= target || (b - row_ptr[start] as usize) as u128 >= max {
+        let end_here = if len >= target
+            || (b - row_ptr[start] as usize) as u128 >= max
+            || (r + 1 - start) as u128 >= max
+        {
             true
         } else if len == 0 {
             false
@@ -354,8 +404,8 @@ impl JitKernel {
 
     /// Compiles `spec` with `options`.
     ///
-    /// Errors: `Unsupported` for `dense_grad`, `conv_dense_grad` and for a batch or `ld`
-    /// that is not fixed;
+    /// Errors: `Unsupported` for `dense_grad`, `conv_dense_grad`, for a batch or `ld`
+    /// that is not fixed, and for a row longer than [`MAX_ROW_NNZ`] nonzeros;
     /// `Compile` for invalid options or a code generator failure.
     pub fn compile_with(
         spec: &KernelSpec,
@@ -482,6 +532,9 @@ pub(crate) fn compile_cancellable(
                 )));
             };
             check_options(options).map_err(&compile_err)?;
+            if let Some(reason) = row_bound_reason(spec) {
+                return Err(unsupported(reason));
+            }
             return conv::compile(spec, options, cancel, batch, ld, start);
         }
     };
@@ -495,6 +548,9 @@ pub(crate) fn compile_cancellable(
         }
     };
     check_options(options).map_err(&compile_err)?;
+    if let Some(reason) = row_bound_reason(spec) {
+        return Err(unsupported(reason));
+    }
     let config = CodegenConfig {
         opt_level: options.opt_level,
         regalloc: options.regalloc,
