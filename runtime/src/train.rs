@@ -412,6 +412,13 @@ impl Trainer {
         if data.is_empty(Split::Train) {
             return Err(RuntimeError::Config("the training set is empty".into()));
         }
+        let samples = data.len(Split::Train);
+        if config.batch_size > samples {
+            return Err(RuntimeError::Config(format!(
+                "--batch-size {} is more than the {samples} training samples: use at most {samples}",
+                config.batch_size
+            )));
+        }
         let exec = Executor::new(ExecOptions {
             backend: config.backend,
             threads: config.threads,

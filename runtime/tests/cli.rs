@@ -606,6 +606,27 @@ fn bad_options_are_clear_errors() {
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--density 0"));
+    // A batch larger than the training set, and one larger than the machine's memory.
+    let out = sparse_train(&["--batch-size", "1000", "--train-limit", "600"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--batch-size 1000 is more than the 600 training samples"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_sparse-train"))
+        .args(["--batch-size", "50000", "--eval-limit", "10"])
+        .current_dir(repo())
+        .env("SPARSEJIT_MEMORY_BYTES", "200000000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("at batch 50000") && err.contains("more than"),
+        "{err}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = sparse_train(&["--resume", s(dir.path())]);
     assert!(!out.status.success());
