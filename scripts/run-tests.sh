@@ -2,7 +2,8 @@
 # Runs every test suite of the project (what `make test` runs, after installing the Debian
 # packages the OpenCL tests need) and ends with one line: N passed, N failed, N skipped
 # (skipped = ignored tests). A suite that fails to build or fails a test makes the exit status
-# non-zero; the other suites still run.
+# non-zero; every test binary of every suite still runs (--no-fail-fast), so the counts are
+# whole.
 set -u
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
@@ -19,10 +20,10 @@ suite() {
     fi
 }
 
-suite test --workspace --locked
-suite test -p codegen-opencl --features opencl --locked
-suite test -p runtime --features opencl --locked --test opencl_training
-suite test -p benches --features opencl --locked --lib
+suite test --workspace --locked --no-fail-fast
+suite test -p codegen-opencl --features opencl --locked --no-fail-fast
+suite test -p runtime --features opencl --locked --no-fail-fast --test opencl_training
+suite test -p benches --features opencl --locked --no-fail-fast --lib
 
 if [ -f "$log.failed" ]; then
     echo

@@ -26,7 +26,7 @@ fn fails_within_memory(args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "kernel-dump {args:?}: {stderr}");
     assert!(
-        stderr.starts_with("Error: ") && !stderr.contains("panicked"),
+        stderr.starts_with("error: ") && !stderr.contains("panicked"),
         "{stderr}"
     );
     stderr
