@@ -8,7 +8,10 @@
 //! then run every output channel over the tile, its nonzeros grouped by tap in a
 //! [`TapTable`]. A tile's outputs stay in vector registers across all of a channel's
 //! nonzeros (one load and one FMA per nonzero and vector), and the input rows of a tile stay
-//! in L1/L2 across channels.
+//! in L1/L2 across channels. With many input planes (64 or more), every channel runs over one
+//! block of 32 input planes before the next block, its sums stored and reloaded in between:
+//! the input under a tile's taps for all planes (128 channels, 2 positions at batch 128:
+//! about 800 KB) would not stay in a 1 MB L2 while the channels reuse it.
 //!
 //! A tile is one output position (`batch` contiguous floats), or, at stride 1 where every tap
 //! of a run of positions lies inside the input and `ld = batch` (no padding columns between
@@ -57,6 +60,13 @@ pub(crate) struct TapTable {
     /// `groups[row_groups[r] .. row_groups[r + 1]]` (a sparse row visits only its taps).
     groups: Vec<(u32, u32, u32)>,
     row_groups: Vec<u32>,
+    /// Planes per block of [`TapTable::block_groups_of`] (all planes in one block if 0).
+    block: usize,
+    /// The groups cut at multiples of `block` planes: block `b` of row `r` is
+    /// `block_groups[block_rows[b·rows + r] .. block_rows[b·rows + r + 1]]` (empty without
+    /// blocks).
+    block_groups: Vec<(u32, u32, u32)>,
+    block_rows: Vec<u32>,
     /// The largest plane any entry reads, plus one (0 when empty): the read side must hold
     /// this many planes.
     planes: usize,
@@ -125,14 +135,67 @@ impl TapTable {
             value: entries.iter().map(|e| e.3 as u32).collect(),
             groups,
             row_groups,
+            block: 0,
+            block_groups: Vec::new(),
+            block_rows: Vec::new(),
             planes: entries.iter().map(|e| e.2 + 1).max().unwrap_or(0),
             values_needed: entries.iter().map(|e| e.3 + 1).max().unwrap_or(0),
         }
     }
 
+    /// The table with its groups also cut into blocks of `block` planes (entries of a group
+    /// are sorted by plane, so each block's part of a group is a sub-range); no blocks if
+    /// `block` is 0 or holds every plane.
+    fn with_blocks(mut self, block: usize) -> TapTable {
+        if block == 0 || block >= self.planes {
+            return self;
+        }
+        let blocks = self.planes.div_ceil(block);
+        let mut block_groups = Vec::new();
+        let mut block_rows = Vec::with_capacity(blocks * self.rows + 1);
+        for b in 0..blocks {
+            let (lo, hi) = ((b * block) as u32, ((b + 1) * block) as u32);
+            for r in 0..self.rows {
+                block_rows.push(block_groups.len() as u32);
+                for &(tap, first, end) in self.groups_of(r) {
+                    let entries = &self.plane[first as usize..end as usize];
+                    let from = first + entries.partition_point(|&p| p < lo) as u32;
+                    let to = first + entries.partition_point(|&p| p < hi) as u32;
+                    if from < to {
+                        block_groups.push((tap, from, to));
+                    }
+                }
+            }
+        }
+        block_rows.push(block_groups.len() as u32);
+        self.block = block;
+        self.block_groups = block_groups;
+        self.block_rows = block_rows;
+        self
+    }
+
     /// Row `r`'s non-empty `(tap, first entry, end)` groups.
     fn groups_of(&self, r: usize) -> &[(u32, u32, u32)] {
         &self.groups[self.row_groups[r] as usize..self.row_groups[r + 1] as usize]
+    }
+
+    /// Number of plane blocks (1 without blocks).
+    fn blocks(&self) -> usize {
+        if self.block == 0 {
+            1
+        } else {
+            self.planes.div_ceil(self.block)
+        }
+    }
+
+    /// Row `r`'s groups restricted to plane block `b` of `blocks` (all its groups for one
+    /// block).
+    fn block_groups_of(&self, b: usize, blocks: usize, r: usize) -> &[(u32, u32, u32)] {
+        if blocks == 1 {
+            return self.groups_of(r);
+        }
+        let i = b * self.rows + r;
+        &self.block_groups[self.block_rows[i] as usize..self.block_rows[i + 1] as usize]
     }
 
     /// The entries of rows `rows`.
@@ -248,6 +311,8 @@ impl ConvGather {
             Direction::Forward => TapTable::forward(p, g),
             Direction::Backward => TapTable::backward(p, g),
         };
+        let block = plane_block(table.planes);
+        let table = table.with_blocks(block);
         let (oh_n, ow_n) = sides.out_dims();
         let mut tiles = Vec::new();
         for h in 0..oh_n {
@@ -372,6 +437,47 @@ struct SpanList {
 /// a few per row).
 fn balanced(table: &TapTable, parts: usize) -> Vec<Range<usize>> {
     crate::backend::balanced_ranges(table.rows, parts, |r| table.rows_range(0..r).len() + 2 * r)
+}
+
+/// Planes per block of a gather's channel loop ([`TapTable::with_blocks`]), for tables that
+/// read enough planes for blocks to pay: 32, or 64 from 256 planes (measured on 128 to 512
+/// planes at batch 128, docs/MEASUREMENTS.md); 0 (none) below 96 planes. Whether a launch
+/// uses the blocks depends on its batch ([`use_blocks`]).
+fn plane_block(planes: usize) -> usize {
+    if let Some(block) = forced_block() {
+        return block;
+    }
+    match planes {
+        0..96 => 0,
+        96..256 => 32,
+        _ => 64,
+    }
+}
+
+/// Planes per block forced by `SPARSEJIT_CONV_BLOCK=N` (0: no blocks), for measuring the
+/// choice: blocks are then used at every batch.
+fn forced_block() -> Option<usize> {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| {
+        std::env::var("SPARSEJIT_CONV_BLOCK")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Whether a gather at `lanes` floats per position runs the table's plane blocks: when the
+/// input under a two-position tile's taps, for every plane, passes 512 KiB (half of a 1 MiB
+/// L2), and the whole input does not fit in 1 MiB anyway (a 2×2 input of 512 planes ran
+/// 1.3–1.8× slower in blocks).
+fn use_blocks(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize) -> bool {
+    if forced_block().is_some() {
+        return table.block > 0;
+    }
+    const TILE_INPUT_MAX: usize = 512 << 10;
+    const INPUT_IN_L2: usize = 1 << 20;
+    let window = kernel * (kernel + 1);
+    let tile_input = table.planes * window.min(in_plane / lanes.max(1)) * lanes * 4;
+    table.block > 0 && tile_input > TILE_INPUT_MAX && table.planes * in_plane * 4 > INPUT_IN_L2
 }
 
 /// Whether a gather (`conv`, `conv_t`) at `(batch, ld)` computes whole rows, padding columns
@@ -527,6 +633,11 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
         job.batch
     };
     let list = g.spans_at(job.batch, job.ld, lanes);
+    let blocks = if use_blocks(&g.table, g.sides.g.kernel, plane_in, lanes) {
+        g.table.blocks()
+    } else {
+        1
+    };
     // Plain loops, no closures: a closure would not inherit the caller's target features,
     // and the intrinsics would turn into calls.
     // Pieces outside rows: a piece's input (every channel's rows under its taps) stays in
@@ -536,29 +647,33 @@ unsafe fn gather_body<S: Simd>(job: &GatherJob<'_>, rows: Range<usize>, out: &mu
         let mut at = 0;
         while at < span.len {
             let (n, nv, tail) = piece_shape::<S>(span.len - at);
-            for r in rows.clone() {
-                let init = job.bias.map_or(0.0, |b| b[r]);
-                let row_out = (r - rows.start) * plane_out + span.out_off + at;
-                let piece = Piece {
-                    input: input.wrapping_add(at),
-                    plane_stride: plane_in,
-                    table: &g.table,
-                    values: job.values.as_ptr(),
-                    row: r,
-                    offsets,
-                    tail,
-                };
-                // SAFETY: see the function's contract: `nv` vectors (the last `tail` lanes)
-                // from `row_out` lie in row `r`'s written plane within `out`.
-                unsafe {
-                    let y = out_base.add(row_out);
-                    dispatch_piece!(
-                        gather_piece,
-                        S,
-                        nv,
-                        tail < S::LANES,
-                        (&piece, y, init, job.relu)
-                    )
+            for b in 0..blocks {
+                for r in rows.clone() {
+                    let init = job.bias.map_or(0.0, |b| b[r]);
+                    let row_out = (r - rows.start) * plane_out + span.out_off + at;
+                    let piece = Piece {
+                        input: input.wrapping_add(at),
+                        plane_stride: plane_in,
+                        table: &g.table,
+                        values: job.values.as_ptr(),
+                        groups: g.table.block_groups_of(b, blocks, r),
+                        offsets,
+                        tail,
+                        first: b == 0,
+                        last: b + 1 == blocks,
+                    };
+                    // SAFETY: see the function's contract: `nv` vectors (the last `tail`
+                    // lanes) from `row_out` lie in row `r`'s written plane within `out`.
+                    unsafe {
+                        let y = out_base.add(row_out);
+                        dispatch_piece!(
+                            gather_piece,
+                            S,
+                            nv,
+                            tail < S::LANES,
+                            (&piece, y, init, job.relu)
+                        )
+                    }
                 }
             }
             at += n;
@@ -574,10 +689,16 @@ struct Piece<'a> {
     plane_stride: usize,
     table: &'a TapTable,
     values: *const f32,
-    row: usize,
+    /// The `(tap, first entry, end)` groups to walk: a row's, or its part in one plane block.
+    groups: &'a [(u32, u32, u32)],
     /// Per tap, where the piece's input starts within a read plane ([`OUTSIDE`] if nowhere).
     offsets: &'a [usize],
     tail: usize,
+    /// The first plane block: the sums start from the bias, else from what the previous
+    /// block stored.
+    first: bool,
+    /// The last plane block: the epilogue (ReLU) applies.
+    last: bool,
 }
 
 /// `y[0..NV vectors] = relu?(init + Σ_taps Σ_entries w · input[plane][tap offset ..])`.
@@ -599,7 +720,16 @@ unsafe fn gather_piece<S: Simd, const NV: usize, const MASKED: bool>(
     unsafe {
         let mask = S::mask(0, piece.tail);
         let mut acc = [S::splat(init); NV];
-        for &(tap, first, end) in t.groups_of(piece.row) {
+        if !piece.first {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = if MASKED && i == NV - 1 {
+                    S::load_masked(y.add(i * S::LANES), mask)
+                } else {
+                    S::load(y.add(i * S::LANES))
+                };
+            }
+        }
+        for &(tap, first, end) in piece.groups {
             let offset = *piece.offsets.get_unchecked(tap as usize);
             if offset == OUTSIDE {
                 continue;
@@ -618,7 +748,7 @@ unsafe fn gather_piece<S: Simd, const NV: usize, const MASKED: bool>(
                 }
             }
         }
-        if relu {
+        if relu && piece.last {
             let zero = S::zero();
             for a in acc.iter_mut() {
                 *a = S::max(*a, zero);
@@ -744,9 +874,11 @@ unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mu
                     plane_stride: plane_in,
                     table: &g.table,
                     values: std::ptr::null(),
-                    row: r,
+                    groups: g.table.groups_of(r),
                     offsets,
                     tail,
+                    first: true,
+                    last: true,
                 };
                 // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`, each
                 // tap's input span in its plane of `x`, and every entry `e` of `rows` has
@@ -786,7 +918,7 @@ unsafe fn grad_piece<S: Simd, const NV: usize, const MASKED: bool>(
                 S::load(dy.add(i * S::LANES))
             };
         }
-        for &(tap, first, end) in t.groups_of(piece.row) {
+        for &(tap, first, end) in piece.groups {
             let offset = *piece.offsets.get_unchecked(tap as usize);
             if offset == OUTSIDE {
                 continue;

@@ -194,6 +194,11 @@ pub fn conv_cases() -> Vec<ConvCase> {
         ConvCase::random("5x5 on 3x3 p1", 3, geometry(2, 3, 3, 5, 1, 1), 0.5, 8),
         ConvCase::random("1x1 s2", 3, geometry(3, 7, 6, 1, 2, 0), 0.6, 9),
         ConvCase::random("3x3 s3 p1", 3, geometry(2, 10, 11, 3, 3, 1), 0.5, 10),
+        // Enough planes on the read side of `conv` (128 inputs) and of `conv_t` (256 outputs)
+        // for the CPU kernels' plane blocks at batch 100 (blocks of 32 and 64 planes): rows
+        // with nothing in some block.
+        ConvCase::random("128 inputs", 4, geometry(128, 6, 6, 3, 1, 1), 0.1, 11),
+        ConvCase::random("256 outputs", 256, geometry(3, 6, 6, 3, 1, 1), 0.1, 12),
     ];
     // An empty output channel (row 1) and an empty input channel (channel 2 of 3).
     let g = geometry(3, 6, 5, 3, 1, 1);
