@@ -224,6 +224,14 @@ impl Input {
 
 /// Runs the command line: computes every artefact, then prints or writes them.
 pub fn run(cli: &Cli) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cli.threads > cores {
+        eprintln!(
+            "warning: --threads {} is more than this machine's {cores} cores: the plan would \
+             time threads waiting for each other",
+            cli.threads
+        );
+    }
     let artefacts = artefacts(cli)?;
     match &cli.out {
         Some(dir) => {
@@ -276,6 +284,13 @@ pub fn load_input(cli: &Cli) -> Result<Input> {
         check_random_size(&what, rows, cols, density, &MemoryBudget::machine())?;
         let geometry = geometry_for(cli, &what, &shape, rows, cols, None)?;
         let pattern = Pattern::random(rows, cols, density, cli.seed)?;
+        if pattern.nnz() == 0 {
+            eprintln!(
+                "warning: {what} at --density {density} drew no nonzero (expected {:.3}): every \
+                 kernel of it does nothing",
+                rows as f64 * cols as f64 * density
+            );
+        }
         return Ok(Input {
             layer: cli.layer.clone().unwrap_or_else(|| "random".into()),
             pattern: Arc::new(pattern),

@@ -55,3 +55,24 @@ fn a_closed_output_pipe_ends_it_quietly() {
         out.status
     );
 }
+
+/// Warnings, on stderr, for more threads than cores and for a random pattern that drew
+/// nothing; the dump still runs.
+#[test]
+fn warnings_for_threads_and_an_empty_pattern() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = (cores + 1).to_string();
+    let out = kernel_dump()
+        .args(["--random", "10x10", "--density", "0.001", "--emit", "stats"])
+        .args(["--no-measure", "--threads", &threads])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--threads {threads} is more than")),
+        "{err}"
+    );
+    assert!(err.contains("drew no nonzero"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nnz 0"));
+}
