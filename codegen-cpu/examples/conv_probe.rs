@@ -1,8 +1,8 @@
 //! Runs one generic convolution kernel in a loop and prints its time, for profiling
 //! (`perf record`) and for comparing kernel settings across processes:
-//! `conv_probe IN OUT HW [STRIDE] [SECONDS] [conv|conv_t|conv_grad]` runs a 3×3 convolution
-//! with padding 1 on `IN` planes of `HW`×`HW` into `OUT` planes, batch 128, 5 % density,
-//! one thread.
+//! `conv_probe IN OUT HW [STRIDE] [SECONDS] [conv|conv_t|conv_grad] [DENSITY]` runs a 3×3
+//! convolution with padding 1 on `IN` planes of `HW`×`HW` into `OUT` planes, batch 128,
+//! at `DENSITY` (default 0.05), one thread.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,7 +42,8 @@ fn main() {
         stride,
         padding: 1,
     };
-    let pattern = Arc::new(Pattern::random(o, c * 9, 0.05, 7).expect("pattern"));
+    let density: f64 = arg(&args, 7, 0.05);
+    let pattern = Arc::new(Pattern::random(o, c * 9, density, 7).expect("pattern"));
     let batch = 128;
     let spec = KernelSpec::conv(
         "probe",

@@ -467,17 +467,24 @@ fn forced_block() -> Option<usize> {
 
 /// Whether a gather at `lanes` floats per position runs the table's plane blocks: when the
 /// input under a two-position tile's taps, for every plane, passes 512 KiB (half of a 1 MiB
-/// L2), and the whole input does not fit in 1 MiB anyway (a 2×2 input of 512 planes ran
-/// 1.3–1.8× slower in blocks).
+/// L2), the whole input does not fit in 1 MiB anyway (a 2×2 input of 512 planes ran
+/// 1.3–1.8× slower in blocks), and rows average at least 8 entries per block.
 fn use_blocks(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize) -> bool {
     if forced_block().is_some() {
         return table.block > 0;
     }
     const TILE_INPUT_MAX: usize = 512 << 10;
     const INPUT_IN_L2: usize = 1 << 20;
+    // A row's sums are stored and reloaded once per block: worth it where a row has a few
+    // entries in each block (at 1 % density, 128 planes: 3, and the blocks lost 1.26×).
+    const ENTRIES_PER_ROW_BLOCK_MIN: usize = 8;
     let window = kernel * (kernel + 1);
     let tile_input = table.planes * window.min(in_plane / lanes.max(1)) * lanes * 4;
-    table.block > 0 && tile_input > TILE_INPUT_MAX && table.planes * in_plane * 4 > INPUT_IN_L2
+    let row_blocks = table.rows * table.blocks();
+    table.block > 0
+        && tile_input > TILE_INPUT_MAX
+        && table.planes * in_plane * 4 > INPUT_IN_L2
+        && table.len() >= ENTRIES_PER_ROW_BLOCK_MIN * row_blocks
 }
 
 /// Whether a gather (`conv`, `conv_t`) at `(batch, ld)` computes whole rows, padding columns
