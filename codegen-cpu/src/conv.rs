@@ -869,30 +869,38 @@ unsafe fn grad_body<S: Simd>(job: &GradJob<'_>, rows: Range<usize>, partial: &mu
     let partial = partial.as_mut_ptr().wrapping_sub(first * S::LANES);
     // The sums must not see the padding columns: spans of `batch` lanes.
     let list = g.spans_at(job.batch, job.ld, job.batch);
+    // The plane blocks of `gather_body`: each row's `dY` tile is loaded once per block.
+    let blocks = if use_blocks(&g.table, g.sides.g.kernel, plane_in, job.batch) {
+        g.table.blocks()
+    } else {
+        1
+    };
     // Plain loops, as in `gather_body`.
     for span in &list.spans {
         let offsets = &list.offsets[span.offsets.clone()];
         let mut at = 0;
         while at < span.len {
             let (n, nv, tail) = piece_shape::<S>(span.len - at);
-            for r in rows.clone() {
-                let piece = Piece {
-                    input: job.x.as_ptr().wrapping_add(at),
-                    plane_stride: plane_in,
-                    table: &g.table,
-                    values: std::ptr::null(),
-                    groups: g.table.groups_of(r),
-                    offsets,
-                    tail,
-                    first: true,
-                    last: true,
-                };
-                // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`, each
-                // tap's input span in its plane of `x`, and every entry `e` of `rows` has
-                // `S::LANES` partial sums at `partial + e·S::LANES`.
-                unsafe {
-                    let dy = job.dy.as_ptr().add(r * plane_out + span.out_off + at);
-                    dispatch_piece!(grad_piece, S, nv, tail < S::LANES, (&piece, dy, partial))
+            for b in 0..blocks {
+                for r in rows.clone() {
+                    let piece = Piece {
+                        input: job.x.as_ptr().wrapping_add(at),
+                        plane_stride: plane_in,
+                        table: &g.table,
+                        values: std::ptr::null(),
+                        groups: g.table.block_groups_of(b, blocks, r),
+                        offsets,
+                        tail,
+                        first: true,
+                        last: true,
+                    };
+                    // SAFETY: as in `gather_body`: the span lies in row `r`'s plane of `dy`,
+                    // each tap's input span in its plane of `x`, and every entry `e` of
+                    // `rows` has `S::LANES` partial sums at `partial + e·S::LANES`.
+                    unsafe {
+                        let dy = job.dy.as_ptr().add(r * plane_out + span.out_off + at);
+                        dispatch_piece!(grad_piece, S, nv, tail < S::LANES, (&piece, dy, partial))
+                    }
                 }
             }
             at += n;
