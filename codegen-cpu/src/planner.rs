@@ -1028,7 +1028,8 @@ pub fn generic_variant(f: &Features) -> String {
 const CONV_FMA_PER_NS: f64 = 12.0;
 
 /// Predicted time of the generic convolution kernels, µs: the useful multiply-adds
-/// (`nnz·OH·OW·batch`) at [`CONV_FMA_PER_NS`], with the batch's last vector counted whole.
+/// (`nnz·OH·OW·batch`) at `CONV_FMA_PER_NS` multiply-adds per ns, with the batch's last
+/// vector counted whole.
 pub fn conv_generic_us(f: &Features) -> f64 {
     let lanes = generic_costs(f.isa).lanes;
     let b = f.batch.div_ceil(lanes) * lanes;

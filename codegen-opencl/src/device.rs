@@ -1,6 +1,6 @@
 //! What the emitters and the planner need to know about a device, without OpenCL.
 //!
-//! [`DeviceInfo`] is what [`crate::probe`] reports for every OpenCL device (feature `opencl`);
+//! [`DeviceInfo`] is what `crate::probe` reports for every OpenCL device (feature `opencl`);
 //! [`DeviceProfile`] is the part of it that shapes the emitted code and the plan — the device
 //! kind and its limits — and can be built by hand (e.g. [`DeviceProfile::nvidia_gpu`]) to emit
 //! code for a device that is not present.

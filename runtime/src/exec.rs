@@ -13,7 +13,7 @@
 //! owns device buffers for its operands and every run copies its inputs to the device and its
 //! output back (what models with convolutions use). Training of linear models keeps its
 //! tensors on the device instead (`crate::device::DeviceModel`, which runs the same compiled
-//! kernels on device buffers through [`Kernel::opencl`]). [`Executor::device_stats`] says how
+//! kernels on device buffers through `Kernel::opencl`, with the `opencl` feature). [`Executor::device_stats`] says how
 //! the time splits between kernels and copies. The thread count does not apply: the OpenCL
 //! platform has its own (PoCL: `POCL_MAX_PTHREAD_COUNT`).
 

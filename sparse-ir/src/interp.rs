@@ -24,7 +24,7 @@
 //! - `conv_grad`: `dW[k] = Σ_{oh, ow, b} dY[o, oh, ow, b]·X[c, ih, iw, b]`;
 //! - `conv_dense_grad`: the same sum for every `(o, c, kh, kw)`, at `o·C·k² + c·k² + kh·k + kw`.
 //!
-//! [`reference`] also returns, per output element, the sum of the absolute values of the terms
+//! [`reference()`] also returns, per output element, the sum of the absolute values of the terms
 //! that make it up, from which [`compare`] applies the tolerance of CONTRACTS.md:
 //! `|got − want| ≤ 1e-5 · Σ|terms| + 1e-6`.
 

@@ -1,7 +1,7 @@
 //! The `.sir` text format: named patterns and the kernel specs that use them.
 //!
 //! A [`Module`] holds one or more named [`Pattern`]s and kernel declarations ([`KernelDecl`])
-//! that refer to them by name. [`Module`]'s `Display` (or [`print`]) writes the canonical text
+//! that refer to them by name. [`Module`]'s `Display` (or [`print()`]) writes the canonical text
 //! and [`parse`] (or `str::parse`) reads it back; the two round-trip exactly:
 //! `parse(&print(&m)) == Ok(m)`, and `print(&parse(s)?) == s` for canonical text `s`.
 //!
