@@ -224,13 +224,8 @@ impl Input {
 
 /// Runs the command line: computes every artefact, then prints or writes them.
 pub fn run(cli: &Cli) -> Result<()> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cli.threads > cores {
-        eprintln!(
-            "warning: --threads {} is more than this machine's {cores} cores: the plan would \
-             time threads waiting for each other",
-            cli.threads
-        );
+    if let Some(warning) = sparse_ir::limits::threads_beyond_cores(cli.threads) {
+        eprintln!("warning: {warning}: the plan would time threads waiting for each other");
     }
     let artefacts = artefacts(cli)?;
     match &cli.out {

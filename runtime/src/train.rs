@@ -180,7 +180,7 @@ impl Default for TrainConfig {
             momentum: 0.9,
             weight_decay: 5e-4,
             seed: 17,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
+            threads: sparse_ir::limits::cores().min(2),
             backend: BackendKind::Cpu,
             strategy: Strategy::Auto,
             dense_momentum: DenseMomentum::default(),

@@ -16,6 +16,9 @@
 //!
 //! Sizes are multiplied with checked arithmetic ([`bytes_of`]): a product that overflows 64
 //! bits is over any budget.
+//!
+//! The cores ([`cores`]) bound the useful threads: [`threads_beyond_cores`] is the warning
+//! every tool gives for more.
 
 use std::sync::OnceLock;
 
@@ -88,6 +91,19 @@ fn parse_meminfo(text: &str) -> Option<u64> {
         Some(_) => return None,
     };
     value.checked_mul(unit).filter(|&b| b > 0)
+}
+
+/// The cores this process may run on (`std::thread::available_parallelism`; 1 where unknown).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The warning for `--threads threads` beyond [`cores`] (threads would wait for each other),
+/// `None` within them.
+pub fn threads_beyond_cores(threads: usize) -> Option<String> {
+    let cores = cores();
+    (threads > cores)
+        .then(|| format!("--threads {threads} is more than this machine's {cores} cores"))
 }
 
 /// The number of bytes of `counts` multiplied together and by `element_bytes`; `None` when the
@@ -199,6 +215,19 @@ pub fn human(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn threads_beyond_the_cores_are_warned_about() {
+        let n = cores();
+        assert!(n >= 1);
+        assert_eq!(threads_beyond_cores(n), None);
+        assert_eq!(threads_beyond_cores(1), None);
+        let w = threads_beyond_cores(n + 1).expect("a warning");
+        assert_eq!(
+            w,
+            format!("--threads {} is more than this machine's {n} cores", n + 1)
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -106,13 +106,8 @@ fn run(cli: Cli) -> Result<()> {
              ocl-icd-opencl-dev) for --backend opencl|all"
         );
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cli.threads > cores {
-        eprintln!(
-            "warning: --threads {} is more than this machine's {cores} cores: the times will \
-             measure threads waiting for each other",
-            cli.threads
-        );
+    if let Some(warning) = sparse_ir::limits::threads_beyond_cores(cli.threads) {
+        eprintln!("warning: {warning}: the times will measure threads waiting for each other");
     }
     let backend = CpuBackend::new(CpuOptions {
         threads: cli.threads,

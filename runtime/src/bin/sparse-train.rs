@@ -365,13 +365,8 @@ fn run() -> Result<()> {
             );
         }
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cfg.threads > cores {
-        eprintln!(
-            "warning: --threads {} is more than this machine's {cores} cores: kernels will \
-             wait for each other",
-            cfg.threads
-        );
+    if let Some(warning) = sparse_ir::limits::threads_beyond_cores(cfg.threads) {
+        eprintln!("warning: {warning}: kernels will wait for each other");
     }
     let d = trainer.data();
     println!(
