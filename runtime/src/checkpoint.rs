@@ -48,7 +48,7 @@ pub const CHECKPOINT_FORMAT: &str = "sparsejit-checkpoint";
 pub const CHECKPOINT_VERSION: u32 = 1;
 // The file names of the checkpoint layout, shared with `kernel-dump` through `sparse-ir`.
 pub use sparse_ir::mask_io::checkpoint::{LATEST_FILE, MODEL_FILE, STATE_FILE};
-use sparse_ir::mask_io::checkpoint_order;
+use sparse_ir::mask_io::{checkpoint_order, moved_aside};
 
 /// What the data set looked like (informational, checked on resume).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -557,9 +557,8 @@ impl CheckpointWriter {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let path = e.path();
-            if let Some(rest) = name.strip_prefix(".old-") {
+            if let Some(original) = moved_aside(&name) {
                 // `.old-NAME-PID`: NAME was moved aside for its replacement.
-                let original = rest.rsplit_once('-').map_or(rest, |(n, _)| n);
                 let target = self.dir.join(original);
                 if checkpoint_order(original).is_some() && !target.exists() {
                     tracing::info!(from = %path.display(), "restoring a checkpoint moved aside by an interrupted write");

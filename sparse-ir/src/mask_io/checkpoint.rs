@@ -88,6 +88,13 @@ pub fn checkpoint_order(name: &str) -> Option<(u32, u64)> {
     }
 }
 
+/// The name of the checkpoint folder that `name` was moved aside from by an interrupted write
+/// (`.old-NAME-PID` gives `NAME`); `None` for any other name.
+pub fn moved_aside(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix(".old-")?;
+    Some(rest.rsplit_once('-').map_or(rest, |(n, _)| n))
+}
+
 /// The checkpoint folder a path leads to, and how it was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocatedCheckpoint {
@@ -190,9 +197,7 @@ fn newest_complete(dir: &Path) -> Option<PathBuf> {
     let mut best: Option<((u32, u64), PathBuf)> = None;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let ordered = name.strip_prefix(".old-").map_or(name.as_str(), |rest| {
-            rest.rsplit_once('-').map_or(rest, |(n, _)| n)
-        });
+        let ordered = moved_aside(&name).unwrap_or(&name);
         let Some(key) = checkpoint_order(ordered) else {
             continue;
         };

@@ -61,8 +61,8 @@ use thiserror::Error;
 use crate::pattern::{Pattern, PatternError};
 
 pub use checkpoint::{
-    checkpoint_order, locate_checkpoint, resolve_checkpoint, CheckpointError, CheckpointProblem,
-    LATEST_FILE, MODEL_FILE, STATE_FILE,
+    checkpoint_order, locate_checkpoint, moved_aside, resolve_checkpoint, CheckpointError,
+    CheckpointProblem, LATEST_FILE, MODEL_FILE, STATE_FILE,
 };
 pub use npy::{encode_npy, parse_npy};
 pub use st::{encode_safetensors, parse_safetensors, parse_safetensors_all, safetensors_names};
