@@ -191,9 +191,15 @@ class _SparseModule(nn.Module):
             mask = mask.detach().cpu()
         changed = self._ops.set_mask(np.asarray(mask))
         if changed:
-            self.mask.copy_(torch.from_numpy(self._ops.mask().astype(np.bool_)))
-            self.values.data = dense[self._index()].clone()
+            self._pattern_changed(dense)
         return changed
+
+    def _pattern_changed(self, dense: torch.Tensor) -> None:
+        """After the Rust side took a new pattern: the mask buffer, and ``values`` gathered
+        from the flat ``dense`` weight (its stale gradient dropped)."""
+        self.mask.copy_(torch.from_numpy(self._ops.mask().astype(np.bool_)))
+        self.values.data = dense[self._index()].clone()
+        self.values.grad = None
 
     def _values_grad(self, dyf: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
         if self._want_dense_grad:
@@ -683,12 +689,12 @@ class Masking:
             )
         if self._update is not None:
             raise RuntimeError("add_module: Masking already has its layers")
+        # Model order (named_modules' pre-order), as the runtime lists its layers.
         found: List[Tuple[str, nn.Module, nn.Module, str]] = []
-        for parent_name, parent in module.named_modules():
-            for child_name, child in parent.named_children():
-                name = f"{parent_name}.{child_name}" if parent_name else child_name
-                if isinstance(child, (_SparseModule, nn.Linear, nn.Conv2d)):
-                    found.append((name, parent, child, child_name))
+        for name, child in module.named_modules():
+            if name and isinstance(child, (_SparseModule, nn.Linear, nn.Conv2d)):
+                parent_name, _, attr = name.rpartition(".")
+                found.append((name, module.get_submodule(parent_name), child, attr))
         if not found:
             raise ValueError("add_module: the module has no nn.Linear or nn.Conv2d layer")
         shapes = [(name, list(child.weight.shape)) for name, _, child, _ in found]
@@ -854,9 +860,8 @@ class Masking:
                 if isinstance(v, torch.Tensor) and v.shape == values.shape
             }
             m._ops.set_mask(mask.reshape(tuple(m.mask.shape)))
-            m.mask.copy_(torch.from_numpy(m._ops.mask().astype(np.bool_)))
+            m._pattern_changed(torch.from_numpy(w))
             index = m._index()
-            values.data = torch.from_numpy(w)[index].clone()
             key = self._momentum_key(state)
             for k, v in old_state.items():
                 if k == key:
