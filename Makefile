@@ -1,7 +1,8 @@
 # The two commands a fresh clone needs: `make train` (the main job) and `make test`.
 
-# Debian packages the tests need (OpenCL headers/loader and PoCL, the CPU OpenCL platform).
-DEB_PACKAGES := ocl-icd-opencl-dev pocl-opencl-icd
+# Debian packages the tests need: OpenCL headers/loader and PoCL (the CPU OpenCL platform);
+# PyTorch (CPU) and venv for the Python package's tests.
+DEB_PACKAGES := ocl-icd-opencl-dev pocl-opencl-icd python3-torch python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 

@@ -115,11 +115,13 @@ def test_mask_update_matches_the_runtime_on_the_reference_state():
     before = {l.name: l.module.nnz for l in mask.layers}
     report = mask.at_end_of_epoch()
     assert any(l["changed"] for l in report["layers"])
-    for layer, w, m in zip(mask.layers, weights, want):
+    for layer, w, m, mom in zip(mask.layers, weights, want, momenta):
         np.testing.assert_array_equal(layer.module.mask.reshape(-1).numpy(), m.astype(bool))
         np.testing.assert_allclose(layer.module.weight.reshape(-1).numpy(), w, rtol=1e-4, atol=1e-6)
-        # The optimiser's state follows the new pattern.
-        assert mask.optimizer.state[layer.module.values]["momentum_buffer"].numel() == layer.module.nnz
+        # The optimiser's momentum follows the new pattern: kept weights keep theirs, grown
+        # ones start from the momentum that made them grow.
+        buf = mask.optimizer.state[layer.module.values]["momentum_buffer"]
+        np.testing.assert_allclose(buf.numpy(), mom[layer.module._index().numpy()], rtol=1e-4, atol=1e-6)
     assert sum(before.values()) == pytest.approx(sum(l.module.nnz for l in mask.layers), rel=0.02)
     # The recompiled kernels compute the new masked layers.
     x = torch.randn(3, 1, 6, 6)

@@ -1,6 +1,6 @@
 //! `make test` (scripts/run-tests.sh) ends with one line, `N passed, N failed, N skipped`,
 //! summed over every suite, and fails when any suite fails, after running the others. Checked
-//! with a stand-in for cargo that prints cargo's result lines.
+//! with stand-ins for cargo and the Python suite that print their result lines.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,12 +25,24 @@ fn the_test_run_ends_with_one_summary_line() {
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A stand-in for the Python suite that prints pytest's summary line.
+    let python = dir.path().join("python-tests");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\necho '2 failed, 40 passed, 3 skipped, 1 error in 1.25s'\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/run-tests.sh");
-    let out = Command::new(&script).env("CARGO", &fake).output().unwrap();
+    let out = Command::new(&script)
+        .env("CARGO", &fake)
+        .env("PYTHON_TESTS", &python)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout.trim_end().lines().last(),
-        Some("31 passed, 2 failed, 4 skipped"),
+        Some("71 passed, 5 failed, 7 skipped"),
         "{stdout}"
     );
     assert!(!out.status.success(), "a failed suite fails the run");

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The Python package's tests against a real PyTorch: Debian's python3-torch (`make deps`
+# installs it) seen from a venv (target/python-venv) that also sees the system's packages; the
+# package is built and installed with `pip install ./python` (maturin and pytest come from
+# PyPI). Ends with pytest's summary line.
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/usr/bin/python3}
+venv=target/python-venv
+"$PYTHON" -c 'import torch' || {
+    echo "error: $PYTHON has no torch: install Debian's python3-torch (make deps does)" >&2
+    exit 1
+}
+"$PYTHON" -m venv --system-site-packages "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check pytest
+"$venv/bin/pip" install --quiet --disable-pip-version-check ./python
+exec "$venv/bin/python" -m pytest -p no:cacheprovider -q python/tests
