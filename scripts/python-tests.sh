@@ -11,6 +11,9 @@ venv=target/python-venv
     echo "error: $PYTHON has no torch: install Debian's python3-torch (make deps does)" >&2
     exit 1
 }
+# test_checkpoints.py reads checkpoints that sparse-train writes.
+${CARGO:-cargo} build --quiet --locked -p runtime --bin sparse-train
+export SPARSEJIT_SPARSE_TRAIN=target/debug/sparse-train
 "$PYTHON" -m venv --system-site-packages "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check pytest
 "$venv/bin/pip" install --quiet --disable-pip-version-check ./python

@@ -11,7 +11,7 @@ Python/boundary overhead of one call.
 2. The overhead of one call: a 1 x 1 SparseLinear at batch 1 (one multiply-add), forward and
    forward + backward, against the kernel called directly on numpy arrays
    (sparsejit.compile(...)), so the difference is the module, the autograd Function and the
-   crossing into Rust.
+   crossing into Rust; a 1 x 1 nn.Linear's forward + backward beside it.
 
 Environment: any Python >= 3.9 with torch (CPU) and sparsejit installed (`pip install ./python`).
 Say which torch in any figure you publish:
@@ -91,6 +91,7 @@ def layer_comparison(args: argparse.Namespace) -> Dict[str, float]:
 
 def overhead(args: argparse.Namespace) -> Dict[str, float]:
     layer = SparseLinear(1, 1, density=1.0)
+    dense = nn.Linear(1, 1)
     x = torch.randn(1, 1, requires_grad=True)
     pattern = sparsejit.Pattern(np.ones((1, 1)))
     kernel = sparsejit.compile(pattern, "spmm", 1, bias=True)
@@ -114,8 +115,16 @@ def overhead(args: argparse.Namespace) -> Dict[str, float]:
     def kernel_only() -> None:
         kernel(values, xn, bias=bias)
 
+    def torch_forward_backward() -> None:
+        dense(x).sum().backward()
+
     medians = interleaved(
-        {"kernel": many(kernel_only), "forward": many(forward), "fwd_bwd": many(forward_backward)},
+        {
+            "kernel": many(kernel_only),
+            "forward": many(forward),
+            "fwd_bwd": many(forward_backward),
+            "torch_fwd_bwd": many(torch_forward_backward),
+        },
         max(5, args.repeats // 3),
     )
     per = {k: v / calls * 1e6 for k, v in medians.items()}
@@ -123,6 +132,7 @@ def overhead(args: argparse.Namespace) -> Dict[str, float]:
         "kernel_call_us": per["kernel"],
         "module_forward_us": per["forward"],
         "module_forward_backward_us": per["fwd_bwd"],
+        "torch_linear_forward_backward_us": per["torch_fwd_bwd"],
     }
 
 
@@ -157,7 +167,8 @@ def main() -> None:
     print(
         f"per call: kernel on numpy {over['kernel_call_us']:.1f} us, module forward "
         f"{over['module_forward_us']:.1f} us, forward+backward "
-        f"{over['module_forward_backward_us']:.1f} us"
+        f"{over['module_forward_backward_us']:.1f} us (nn.Linear 1x1: "
+        f"{over['torch_linear_forward_backward_us']:.1f} us)"
     )
     if args.json:
         with open(args.json, "w") as f:

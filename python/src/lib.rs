@@ -1,12 +1,12 @@
 //! `sparsejit._native`: the Rust side of the `sparsejit` Python package (PyO3).
 //!
-//! - [`ops::SparseOps`]: one sparse layer's kernels (linear or convolution), compiled for its
+//! - `ops::SparseOps`: one sparse layer's kernels (linear or convolution), compiled for its
 //!   current pattern and for each batch size it meets, run on numpy views of torch tensors
 //!   without copying them; what `sparsejit.torch`'s modules call from their autograd functions.
-//! - [`masking`]: the runtime's sparse-momentum mask update and prune-rate schedules, on dense
+//! - `masking`: the runtime's sparse-momentum mask update and prune-rate schedules, on dense
 //!   numpy arrays, for `sparsejit.torch.Masking`.
-//! - [`api`]: the numpy-level API: `Pattern`, `compile`, `Kernel` and `kernel_dump`.
-//! - [`tensors`]: safetensors files in `sparse-train`'s checkpoint layout.
+//! - `api`: the numpy-level API: `Pattern`, `compile`, `Kernel` and `kernel_dump`.
+//! - `tensors`: safetensors files in `sparse-train`'s checkpoint layout.
 //!
 //! Every array is checked (dtype, contiguity, shape) before a kernel runs; a mismatch is a
 //! Python `TypeError` or `ValueError`, never a crash.
