@@ -1,8 +1,10 @@
 # The two commands a fresh clone needs: `make train` (the main job) and `make test`.
 
 # Debian packages the tests need: OpenCL headers/loader and PoCL (the CPU OpenCL platform);
+# OpenMPI and libclang (the mpi crate's bindings generator) for distributed training;
 # PyTorch (CPU) and venv for the Python package's tests.
-DEB_PACKAGES := ocl-icd-opencl-dev pocl-opencl-icd python3-torch python3-venv
+DEB_PACKAGES := ocl-icd-opencl-dev pocl-opencl-icd openmpi-bin libopenmpi-dev libclang-dev \
+	python3-torch python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test suite of the project (what `make test` runs, after installing the Debian
-# packages the OpenCL and Python tests need) and ends with one line: N passed, N failed, N skipped
+# packages the OpenCL, MPI and Python tests need) and ends with one line: N passed, N failed, N skipped
 # (skipped = ignored tests). A suite that fails to build or fails a test makes the exit status
 # non-zero; every test binary of every suite still runs (--no-fail-fast), so the counts are
 # whole.
@@ -23,6 +23,7 @@ suite() {
 suite test --workspace --locked --no-fail-fast
 suite test -p codegen-opencl --features opencl --locked --no-fail-fast
 suite test -p runtime --features opencl --locked --no-fail-fast --test opencl_training
+suite test -p runtime --features mpi --locked --no-fail-fast --test distributed
 suite test -p benches --features opencl --locked --no-fail-fast --lib
 
 # The Python package's tests (pytest; see scripts/python-tests.sh).

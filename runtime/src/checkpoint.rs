@@ -810,6 +810,26 @@ impl Trainer {
     /// pointer names one) on `data`. With `--deterministic` the saved plan is reused, so the
     /// run continues bit for bit.
     pub fn resume(path: &Path, data: Dataset, overrides: &ResumeOverrides) -> Result<Self> {
+        Self::resume_with(path, data, overrides, None)
+    }
+
+    /// [`resume`](Self::resume) for one rank of a data-parallel run (see
+    /// [`Trainer::new_distributed`]).
+    pub fn resume_distributed(
+        path: &Path,
+        data: Dataset,
+        overrides: &ResumeOverrides,
+        comm: Box<dyn crate::distributed::Communicator>,
+    ) -> Result<Self> {
+        Self::resume_with(path, data, overrides, Some(comm))
+    }
+
+    fn resume_with(
+        path: &Path,
+        data: Dataset,
+        overrides: &ResumeOverrides,
+        comm: Option<Box<dyn crate::distributed::Communicator>>,
+    ) -> Result<Self> {
         let folder = resolve(path)?;
         let state = read_state(&folder)?;
         let mut config = state.config.clone();
@@ -834,7 +854,7 @@ impl Trainer {
         if let Some(s) = overrides.strategy {
             config.strategy = s;
         }
-        let mut t = Trainer::build(config, data)?;
+        let mut t = Trainer::build(config, data, comm)?;
         let st = &state.data;
         let data = t.data();
         if st.train != data.len(Split::Train)

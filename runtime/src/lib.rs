@@ -13,13 +13,16 @@
 //! - [`masking`]: sparse momentum and its peers; [`Trainer`]: the training loop with
 //!   windowed dense momentum and recompilation after mask updates; [`data`]: IDX data sets;
 //!   [`checkpoint`]: atomic checkpoints and resume; [`metrics`], [`plot`]: what runs report.
+//! - [`distributed`]: data-parallel training over ranks that sum the nonzero weights'
+//!   gradients each step (MPI with the cargo feature `mpi`).
 //! - [`SparseWeights`] ([`weights`]): one layer's parameters, its optimiser state (one SGD
 //!   step, with the lazy decay of inactive momentum, for the host and the OpenCL device) and
 //!   its kernels.
 //!
 //! The modules use each other without cycles; each uses only modules before it in this
 //! order: `masking`, `metrics`, `tensor` → `error` → `exec` → `weights` → `layers`, `loss`,
-//! `data` → `model` → `models`, `device` → `train` → `checkpoint` (and `plot` → `metrics`).
+//! `data` → `model` → `models`, `device`, `distributed` → `train` → `checkpoint` (and `plot`
+//! → `metrics`).
 //!
 //! See `docs/SPARSE_MOMENTUM.md` and `docs/CONTRACTS.md` for the algorithm and the formats.
 
@@ -27,6 +30,7 @@ pub mod checkpoint;
 pub mod data;
 #[cfg(feature = "opencl")]
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod exec;
 pub mod layers;

@@ -70,6 +70,14 @@ pub struct EpochMetrics {
     pub update_ms: f64,
     /// Whether the mask was updated at the end of this epoch.
     pub mask_updated: bool,
+    /// Data-parallel runs only: the payload bytes this rank passed to all-reduce in the
+    /// epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_bytes: Option<u64>,
+    /// Data-parallel runs only: the payload an all-reduce of every parameter (weights dense,
+    /// biases) at every step of the epoch would have passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_bytes_dense_equivalent: Option<u64>,
 }
 
 impl EpochMetrics {

@@ -261,6 +261,8 @@ mod tests {
                 dense_steps: 0,
                 update_ms: 0.0,
                 mask_updated: true,
+                comm_bytes: None,
+                comm_bytes_dense_equivalent: None,
             })
             .collect()
     }

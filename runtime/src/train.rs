@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 use sparse_ir::Strategy;
 
 use crate::data::{Dataset, Split};
+use crate::distributed::{
+    check_patterns, dense_equivalent_bytes, rank_batch, shard, Communicator, GradientBuffer,
+};
 use crate::error::{Result, RuntimeError};
 use crate::exec::{BackendKind, ExecOptions, Executor};
 use crate::masking::{
@@ -347,6 +350,14 @@ pub struct Trainer {
     eval_indices: Vec<u32>,
     step_ms: Vec<f64>,
     compile_ms_pending: f64,
+    /// The other ranks of a data-parallel run (see [`crate::distributed`]), if any.
+    comm: Option<Box<dyn Communicator>>,
+    /// The gradients of a data-parallel step, packed for the all-reduce.
+    grad_buf: GradientBuffer,
+    /// Bytes this rank passed to all-reduce in the current epoch.
+    comm_bytes: u64,
+    /// Whether a rank asked to stop at the last data-parallel step.
+    peers_stopped: bool,
     /// The model's training state on the OpenCL device, when it runs there (see
     /// [`crate::device`]); `None` on the host backends and for models the device path does
     /// not support.
@@ -391,7 +402,26 @@ impl Trainer {
     /// Sets up a fresh run: the model with Kaiming-uniform weights, the initial masks, the
     /// schedules, and every kernel compiled.
     pub fn new(config: TrainConfig, data: Dataset) -> Result<Self> {
-        let mut t = Self::build(config, data)?;
+        Self::new_with(config, data, None)
+    }
+
+    /// [`new`](Self::new) for one rank of a data-parallel run: the model takes this rank's
+    /// share of every global batch of `config.batch_size`, and the gradients are summed over
+    /// the ranks of `comm` at every step (see [`crate::distributed`]).
+    pub fn new_distributed(
+        config: TrainConfig,
+        data: Dataset,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        Self::new_with(config, data, Some(comm))
+    }
+
+    fn new_with(
+        config: TrainConfig,
+        data: Dataset,
+        comm: Option<Box<dyn Communicator>>,
+    ) -> Result<Self> {
+        let mut t = Self::build(config, data, comm)?;
         if t.config.density < 1.0 {
             let masks = t.masking.init_masks();
             let sgd = t.sgd.config;
@@ -405,8 +435,13 @@ impl Trainer {
         Ok(t)
     }
 
-    /// Everything but the masks and the compilation.
-    pub(crate) fn build(config: TrainConfig, mut data: Dataset) -> Result<Self> {
+    /// Everything but the masks and the compilation; with `comm`, one rank of a data-parallel
+    /// run.
+    pub(crate) fn build(
+        config: TrainConfig,
+        mut data: Dataset,
+        comm: Option<Box<dyn Communicator>>,
+    ) -> Result<Self> {
         config.validate()?;
         data.limit(config.train_limit, config.eval_limit);
         if data.is_empty(Split::Train) {
@@ -429,11 +464,29 @@ impl Trainer {
             launches_per_pattern: (config.density < 1.0)
                 .then(|| steps_per_epoch(&data, config.batch_size)),
         })?;
+        if let Some(c) = &comm {
+            if config.batch_size < c.size() {
+                return Err(RuntimeError::Config(format!(
+                    "--batch-size {} is smaller than the {} ranks: every rank needs a sample",
+                    config.batch_size,
+                    c.size()
+                )));
+            }
+            if config.backend == BackendKind::OpenCl {
+                return Err(RuntimeError::Config(
+                    "--distributed runs on the cpu backend only".into(),
+                ));
+            }
+        }
+        // Each rank's model holds its share of a global batch.
+        let model_batch = comm.as_ref().map_or(config.batch_size, |c| {
+            rank_batch(config.batch_size, c.size())
+        });
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
         let model = config
             .model
             .builder(data.shape(), data.classes())
-            .build(config.batch_size, &mut init_rng)?;
+            .build(model_batch, &mut init_rng)?;
         let specs = model
             .sparse_layers()
             .map(|w| LayerSpec::new(w.name(), w.shape()))
@@ -473,6 +526,10 @@ impl Trainer {
             eval_indices: Vec::with_capacity(batch),
             step_ms: Vec::new(),
             compile_ms_pending: 0.0,
+            comm,
+            grad_buf: GradientBuffer::default(),
+            comm_bytes: 0,
+            peers_stopped: false,
             #[cfg(feature = "opencl")]
             device: None,
         };
@@ -684,14 +741,30 @@ impl Trainer {
 
     /// One training step on the samples `order[lo..hi]`; returns the loss and whether the
     /// dense gradient was computed.
-    fn train_step(&mut self, lo: usize, hi: usize) -> Result<(f64, bool)> {
+    fn train_step(&mut self, lo: usize, hi: usize, stop: &AtomicBool) -> Result<(f64, bool)> {
+        // A data-parallel rank takes its share of the global batch; a share left empty (a
+        // last batch smaller than the ranks) still runs one sample, weighted 0, so that every
+        // rank's bookkeeping stays the same.
+        let (lo_r, hi_r, weight) = match &self.comm {
+            Some(c) => {
+                let r = shard(hi - lo, c.rank(), c.size());
+                let w = r.len() as f64 / (hi - lo) as f64;
+                let (a, b) = (lo + r.start, lo + r.end);
+                if a == b {
+                    (lo, lo + 1, 0.0)
+                } else {
+                    (a, b, w)
+                }
+            }
+            None => (lo, hi, 1.0),
+        };
         let (input, labels) = self.model.batch_buffers_mut();
         let n = self
             .data
-            .gather(Split::Train, &self.order[lo..hi], input, labels)?;
+            .gather(Split::Train, &self.order[lo_r..hi_r], input, labels)?;
         let mode = self.grad_mode();
         let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
-        let loss = self.step_on_backend(n, mode, lr)?;
+        let loss = self.step_on_backend(n, mode, lr, weight, stop)?;
         if !loss.is_finite() {
             return Err(RuntimeError::Config(format!(
                 "training diverged: the loss is {loss} at step {} (epoch {})",
@@ -707,16 +780,55 @@ impl Trainer {
     /// Forward, backward and the SGD update with learning rate `lr` on the batch in the
     /// model's buffers (`n` valid columns): on the device where the model lives there, else
     /// through the host model. Returns the mean loss.
-    fn step_on_backend(&mut self, n: usize, mode: WeightGradMode, lr: f32) -> Result<f64> {
+    ///
+    /// In a data-parallel run, `weight` is this rank's share of the global batch: the
+    /// gradients and the loss are weighted by it and summed over the ranks before the step,
+    /// and `stop` is summed with them so that every rank stops after the same step.
+    fn step_on_backend(
+        &mut self,
+        n: usize,
+        mode: WeightGradMode,
+        lr: f32,
+        weight: f64,
+        stop: &AtomicBool,
+    ) -> Result<f64> {
         #[cfg(feature = "opencl")]
         if let Some(d) = &mut self.device {
             return d.train_step(&self.model, n, mode, &self.sgd.config, lr);
         }
-        let loss = self.model.forward_backward(n, mode)?;
+        let mut loss = self.model.forward_backward(n, mode)?;
+        if let Some(c) = &self.comm {
+            let dense = mode == WeightGradMode::Dense;
+            let bytes = self.grad_buf.pack(&self.model, weight as f32, dense);
+            c.all_reduce_sum(self.grad_buf.as_mut_slice())?;
+            self.grad_buf.unpack(&mut self.model, dense)?;
+            let mut shared = [
+                loss * weight,
+                f64::from(u8::from(stop.load(Ordering::SeqCst))),
+            ];
+            c.all_reduce_sum_f64(&mut shared)?;
+            loss = shared[0];
+            self.peers_stopped = shared[1] > 0.0;
+            self.comm_bytes += (bytes + std::mem::size_of_val(&shared)) as u64;
+        }
         if loss.is_finite() {
             self.sgd.step(&mut self.model, lr);
         }
         Ok(loss)
+    }
+
+    /// Whether the run stops now: the stop flag, or in a data-parallel run what the ranks
+    /// agreed at the last step (so that they all stop after the same step).
+    fn stopping(&self, stop: &AtomicBool) -> bool {
+        match self.comm {
+            Some(_) => self.peers_stopped,
+            None => stop.load(Ordering::SeqCst),
+        }
+    }
+
+    /// This rank and the number of ranks (0 and 1 outside a data-parallel run).
+    pub fn rank(&self) -> (usize, usize) {
+        self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()))
     }
 
     /// Runs (the rest of) the next epoch. `stop` is checked after every step: when it is
@@ -751,12 +863,13 @@ impl Trainer {
         self.step_ms.reserve(spe as usize);
         let mut compile_ms = std::mem::take(&mut self.compile_ms_pending);
         let mut update_ms = 0.0;
+        self.comm_bytes = 0;
         let started = Instant::now();
         for i in first..spe {
             let t0 = Instant::now();
             let lo = i as usize * batch;
             let hi = (lo + batch).min(n_train);
-            let (loss, dense) = self.train_step(lo, hi)?;
+            let (loss, dense) = self.train_step(lo, hi, stop)?;
             self.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             loss_sum += loss;
             dense_steps += u64::from(dense);
@@ -772,7 +885,7 @@ impl Trainer {
                 update_ms += u;
                 compile_ms += c;
             }
-            if !last && stop.load(Ordering::SeqCst) {
+            if !last && self.stopping(stop) {
                 self.sync_host_model()?;
                 self.partial = Some(PartialEpoch {
                     step_in_epoch: i + 1,
@@ -833,6 +946,11 @@ impl Trainer {
             dense_steps,
             update_ms,
             mask_updated,
+            comm_bytes: self.comm.as_ref().map(|_| self.comm_bytes),
+            comm_bytes_dense_equivalent: self
+                .comm
+                .as_ref()
+                .map(|_| (dense_equivalent_bytes(&self.model) as u64) * (spe - first)),
         };
         self.history.push(metrics.clone());
         Ok(EpochEnd::Completed(Box::new(metrics)))
@@ -857,6 +975,9 @@ impl Trainer {
             if w.rebuild_from_dense()? {
                 changed.push(w.name().to_string());
             }
+        }
+        if let Some(c) = &self.comm {
+            check_patterns(c.as_ref(), &self.model)?;
         }
         let update_ms = started.elapsed().as_secs_f64() * 1e3;
         // With --deterministic the plan holds for the whole epoch: a layer recompiled inside
@@ -911,17 +1032,30 @@ impl Trainer {
         let n = self.data.len(split);
         let batch = self.config.batch_size;
         let (mut loss, mut correct) = (0.0, 0usize);
+        // A data-parallel run evaluates every size-th batch on each rank and sums.
+        let (rank, size) = self.rank();
+        let batch = self.model.batch().min(batch);
         let mut start = 0;
+        let mut index = 0;
         while start < n {
             let end = (start + batch).min(n);
-            self.eval_indices.clear();
-            self.eval_indices.extend(start as u32..end as u32);
-            let (input, labels) = self.model.batch_buffers_mut();
-            let count = self.data.gather(split, &self.eval_indices, input, labels)?;
-            let (l, c) = self.evaluate_batch_on_backend(count)?;
-            loss += l;
-            correct += c;
+            if index % size == rank {
+                self.eval_indices.clear();
+                self.eval_indices.extend(start as u32..end as u32);
+                let (input, labels) = self.model.batch_buffers_mut();
+                let count = self.data.gather(split, &self.eval_indices, input, labels)?;
+                let (l, c) = self.evaluate_batch_on_backend(count)?;
+                loss += l;
+                correct += c;
+            }
             start = end;
+            index += 1;
+        }
+        if let Some(c) = &self.comm {
+            let mut sums = [loss, correct as f64];
+            c.all_reduce_sum_f64(&mut sums)?;
+            loss = sums[0];
+            correct = sums[1] as usize;
         }
         Ok(Evaluation {
             loss: if n == 0 { 0.0 } else { loss / n as f64 },
@@ -956,7 +1090,7 @@ impl Trainer {
                 EpochEnd::Completed(m) => on_epoch(self, &m)?,
                 EpochEnd::Interrupted => return Ok(false),
             }
-            if stop.load(Ordering::SeqCst) && !self.finished() {
+            if self.stopping(stop) && !self.finished() {
                 return Ok(false);
             }
         }

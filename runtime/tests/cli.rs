@@ -767,3 +767,12 @@ fn a_closed_output_pipe_ends_the_run_quietly() {
         out.status
     );
 }
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn distributed_without_mpi_says_how_to_build_it() {
+    let out = sparse_train(&["--distributed", "--epochs", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features mpi"), "{err}");
+}

@@ -42,11 +42,11 @@ fn the_test_run_ends_with_one_summary_line() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout.trim_end().lines().last(),
-        Some("71 passed, 5 failed, 7 skipped"),
+        Some("78 passed, 5 failed, 8 skipped"),
         "{stdout}"
     );
     assert!(!out.status.success(), "a failed suite fails the run");
     let runs = std::fs::read_to_string(&calls).unwrap();
-    assert_eq!(runs.lines().count(), 4, "every suite ran: {runs}");
+    assert_eq!(runs.lines().count(), 5, "every suite ran: {runs}");
     assert!(runs.lines().last().unwrap().contains("benches"));
 }

@@ -120,6 +120,22 @@ struct Cli {
     /// Draw accuracy and per-layer density over epochs into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Data-parallel training over MPI, one rank per process (`mpirun -np N sparse-train
+    /// --distributed …`): each rank trains on its share of every global batch of
+    /// --batch-size; only the nonzero weights' gradients (and the dense ones before a mask
+    /// update) are summed. Rank 0 writes checkpoints, metrics and the plot. Needs a build
+    /// with the cargo feature `mpi`.
+    #[arg(long)]
+    distributed: bool,
+    /// With --distributed: a rank waiting longer than this in a collective operation (a rank
+    /// that died or hangs) ends the job.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        requires = "distributed"
+    )]
+    mpi_timeout: u64,
     /// Use only the first N training images (tests and quick runs).
     #[arg(long, hide = true)]
     train_limit: Option<usize>,
@@ -280,6 +296,21 @@ fn run() -> Result<()> {
     if cli.init_from.is_some() && cli.resume.is_some() {
         bail!("--init-from and --resume exclude each other");
     }
+    // A data-parallel run: rank 0 leads (checkpoints, metrics, plot, output); the others
+    // train beside it.
+    let comm = if cli.distributed {
+        Some(communicator(cli.mpi_timeout)?)
+    } else {
+        None
+    };
+    let lead = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    macro_rules! say {
+        ($($arg:tt)*) => {
+            if lead {
+                println!($($arg)*);
+            }
+        };
+    }
 
     // The checkpoint folder's lock comes first: a second run on the same folder stops here,
     // before it reads any data. A resumed run goes on in the folder it resumed from.
@@ -289,17 +320,20 @@ fn run() -> Result<()> {
         (None, None) => None,
     };
     let mut writer = match &checkpoint_dir {
-        Some(d) if !cli.eval_only => Some(
+        Some(d) if !cli.eval_only && lead => Some(
             CheckpointWriter::new(d, cli.keep.unwrap_or(DEFAULT_KEEP))?
                 .crash_in_epoch(cli.crash_in_checkpoint, cli.crash_at),
         ),
         _ => None,
     };
-    // Output files that cannot be written are errors now, not after the first epoch.
-    if let Some(path) = &cli.plot {
+    // Output files that cannot be written are errors now, not after the first epoch. Only
+    // the leading rank writes them.
+    let plot = cli.plot.as_ref().filter(|_| lead);
+    let metrics_out = cli.metrics_out.as_ref().filter(|_| lead);
+    if let Some(path) = plot {
         check_writable(path)?;
     }
-    if let Some(path) = &cli.metrics_out {
+    if let Some(path) = metrics_out {
         check_writable(path)?;
     }
     let dir = data_dir(&cli);
@@ -314,14 +348,14 @@ fn run() -> Result<()> {
                 let keep = cli.keep.or(saved.keep).unwrap_or(DEFAULT_KEEP);
                 w.set_keep(keep);
                 if cli.checkpoint_dir.is_none() {
-                    println!(
+                    say!(
                         "checkpoints go on into {} (keeping the newest {keep})",
                         w.dir().display()
                     );
                 }
             }
             if let Some(e) = cli.epochs.filter(|&e| e != saved.config.epochs) {
-                println!(
+                say!(
                     "the run was set to {} epochs and now runs {e}: it keeps the prune-rate \
                      schedule it started with (decaying over its first {} steps) and its \
                      learning-rate schedule, so it differs from a straight {e}-epoch run",
@@ -335,8 +369,11 @@ fn run() -> Result<()> {
                 backend: cli.backend,
                 strategy: cli.strategy,
             };
-            let t = Trainer::resume(&folder, data, &overrides)?;
-            println!(
+            let t = match comm {
+                Some(c) => Trainer::resume_distributed(&folder, data, &overrides, c)?,
+                None => Trainer::resume(&folder, data, &overrides)?,
+            };
+            say!(
                 "resumed {} from {} (epoch {}, step {})",
                 t.config().model,
                 folder.display(),
@@ -346,10 +383,13 @@ fn run() -> Result<()> {
             t
         }
         None => {
-            let mut t = Trainer::new(cli.config(), data)?;
+            let mut t = match comm {
+                Some(c) => Trainer::new_distributed(cli.config(), data, c)?,
+                None => Trainer::new(cli.config(), data)?,
+            };
             if let Some(file) = &cli.init_from {
                 t.load_weights(file)?;
-                println!("weights and masks from {}", file.display());
+                say!("weights and masks from {}", file.display());
             }
             t
         }
@@ -369,7 +409,7 @@ fn run() -> Result<()> {
         eprintln!("warning: {warning}: kernels will wait for each other");
     }
     let d = trainer.data();
-    println!(
+    say!(
         "{} on {} ({} train / {} validation / {} test, {} classes), density {}, {} epochs, batch {}, lr {}, {} threads, backend {}, strategy {}, dense momentum {}",
         cfg.model,
         dir.display(),
@@ -387,7 +427,7 @@ fn run() -> Result<()> {
         cfg.dense_momentum
     );
     if cfg.backend == BackendKind::OpenCl {
-        println!("device {}", trainer.executor().device());
+        say!("device {}", trainer.executor().device());
     }
 
     if cli.eval_only {
@@ -401,7 +441,7 @@ fn run() -> Result<()> {
             .sparse_layers()
             .map(|w| format!("{} {} ({:.2}%)", w.name(), w.nnz(), w.density() * 100.0))
             .collect();
-        println!(
+        say!(
             "validation {} (loss {:.4}), test {} (loss {:.4}); {}",
             percent(val.accuracy),
             val.loss,
@@ -417,7 +457,7 @@ fn run() -> Result<()> {
             "test_acc": test.accuracy,
             "nnz_total": trainer.model().nnz(),
         });
-        if let Some(path) = &cli.metrics_out {
+        if let Some(path) = metrics_out {
             append_line(path, &line.to_string())?;
         }
         return Ok(());
@@ -426,7 +466,7 @@ fn run() -> Result<()> {
     // The metrics file holds the run's epochs once each: a new run starts it empty, a resumed
     // run rewrites it with the epochs its checkpoint holds (a line written after the
     // checkpoint it belongs to, by a run killed in between, goes; none is repeated).
-    if let Some(path) = &cli.metrics_out {
+    if let Some(path) = metrics_out {
         let mut text = String::new();
         for m in trainer.history() {
             text.push_str(&serde_json::to_string(m).context("serialising the metrics")?);
@@ -478,18 +518,18 @@ fn run() -> Result<()> {
     // An epoch's checkpoint first, then its metrics line and plot: a run killed in between
     // resumes from that checkpoint and writes the line then.
     let mut on_epoch = |t: &mut Trainer, m: &EpochMetrics| -> runtime::Result<()> {
-        println!("{}", epoch_line(m, t.config().epochs));
+        say!("{}", epoch_line(m, t.config().epochs));
         if let Some(w) = &writer {
             let folder = w.write(t)?;
             tracing::info!(checkpoint = %folder.display(), "checkpoint written");
         }
-        if let Some(path) = &cli.metrics_out {
+        if let Some(path) = metrics_out {
             let line = serde_json::to_string(m)
                 .map_err(|e| runtime::RuntimeError::Config(format!("serialising metrics: {e}")))?;
             append_line(path, &line)
                 .map_err(|e| runtime::RuntimeError::Config(format!("{e:#}")))?;
         }
-        if let Some(path) = &cli.plot {
+        if let Some(path) = plot {
             write_plot(path, t).map_err(|e| runtime::RuntimeError::Config(format!("{e:#}")))?;
         }
         if cli.stop_after_epoch == Some(m.epoch) {
@@ -507,20 +547,40 @@ fn run() -> Result<()> {
             if let Some(w) = &writer {
                 if trainer.partial_epoch().is_some() {
                     let folder = w.write(&mut trainer)?;
-                    println!("interrupted: checkpoint written to {}", folder.display());
+                    say!("interrupted: checkpoint written to {}", folder.display());
                 } else {
-                    println!("interrupted after epoch {}", trainer.epoch());
+                    say!("interrupted after epoch {}", trainer.epoch());
                 }
             } else {
-                println!("interrupted (no --checkpoint-dir: nothing saved)");
+                say!("interrupted (no --checkpoint-dir: nothing saved)");
             }
             std::process::exit(130);
         }
-        println!("stopped after epoch {} as asked", trainer.epoch());
+        say!("stopped after epoch {} as asked", trainer.epoch());
         return Ok(());
     }
-    summary(&trainer, started.elapsed().as_secs_f64());
+    if lead {
+        summary(&trainer, started.elapsed().as_secs_f64());
+    }
     Ok(())
+}
+
+/// The MPI communicator of a `--distributed` run.
+#[cfg(feature = "mpi")]
+fn communicator(timeout_s: u64) -> Result<Box<dyn runtime::distributed::Communicator>> {
+    let comm =
+        runtime::distributed::MpiCommunicator::init(std::time::Duration::from_secs(timeout_s))?;
+    Ok(Box::new(comm))
+}
+
+/// Without MPI support, `--distributed` is an error that says how to build with it.
+#[cfg(not(feature = "mpi"))]
+fn communicator(_timeout_s: u64) -> Result<Box<dyn runtime::distributed::Communicator>> {
+    bail!(
+        "--distributed needs a build with MPI: cargo build --release -p runtime --features mpi \
+         (Debian: libopenmpi-dev, openmpi-bin and libclang-dev), then mpirun -np N \
+         target/release/sparse-train --distributed ..."
+    )
 }
 
 /// Fails unless `path` can be created and written (tried with a scratch file beside it, so

@@ -456,6 +456,14 @@ impl SparseWeights {
         (&mut self.params, &mut self.sgd)
     }
 
+    /// The gradients of the last backward pass, mutable: the nonzero weights' (CSR order),
+    /// the bias's and the dense weight gradient (for data-parallel training, which sums them
+    /// over the ranks before the step).
+    pub(crate) fn grads_mut(&mut self) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let s = &mut self.sgd;
+        (&mut s.grad, &mut s.bias_grad, &mut s.dense_grad)
+    }
+
     /// Scales the gradient (values and bias) — for users composing their own losses.
     pub fn scale_grad(&mut self, factor: f32) {
         for g in self
