@@ -292,3 +292,34 @@ fn a_bad_configuration_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("smaller than the 2 ranks"), "{err}");
 }
+
+#[test]
+fn a_distributed_run_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ck, m, p) = (
+        dir.path().join("ck"),
+        dir.path().join("m.jsonl"),
+        dir.path().join("p.jsonl"),
+    );
+    let mut a = RUN.to_vec();
+    a.extend([
+        "--epochs",
+        "2",
+        "--stop-after-epoch",
+        "1",
+        "--checkpoint-dir",
+        s(&ck),
+    ]);
+    a.extend(["--metrics-out", s(&m)]);
+    run(mpirun(2), &a);
+    run(mpirun(2), &["--resume", s(&ck), "--metrics-out", s(&m)]);
+    let mut b = RUN.to_vec();
+    b.extend(["--epochs", "2", "--metrics-out", s(&p)]);
+    run(plain(), &b);
+    let (d, p) = (metrics(&m), metrics(&p));
+    assert_eq!(d.len(), 2);
+    for (x, y) in d.iter().zip(&p) {
+        assert!((x.train_loss - y.train_loss).abs() <= 1e-4 * y.train_loss);
+        assert_eq!(x.nnz_total, y.nnz_total);
+    }
+}
