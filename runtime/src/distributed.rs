@@ -53,16 +53,14 @@ pub struct GradientBuffer {
 
 impl GradientBuffer {
     /// Scales every gradient of `model` by `scale` into the buffer: per layer, the nonzero
-    /// weights' gradient, the bias gradient and, if `dense`, the dense weight gradient.
-    /// Returns the payload in bytes.
+    /// weights' gradient (or, if `dense`, the dense weight gradient, which holds it) and the
+    /// bias gradient. Returns the payload in bytes.
     pub fn pack(&mut self, model: &Model, scale: f32, dense: bool) -> usize {
         self.buf.clear();
         for w in model.sparse_layers() {
-            self.buf.extend(w.grad().iter().map(|g| g * scale));
+            let weights = if dense { w.dense_grad() } else { w.grad() };
+            self.buf.extend(weights.iter().map(|g| g * scale));
             self.buf.extend(w.bias_grad().iter().map(|g| g * scale));
-            if dense {
-                self.buf.extend(w.dense_grad().iter().map(|g| g * scale));
-            }
         }
         self.buf.len() * std::mem::size_of::<f32>()
     }
@@ -89,10 +87,10 @@ impl GradientBuffer {
         };
         for w in model.sparse_layers_mut() {
             let (grad, bias, dense_grad) = w.grads_mut();
-            take(grad)?;
+            take(if dense { dense_grad } else { grad })?;
             take(bias)?;
             if dense {
-                take(dense_grad)?;
+                w.active_grad_from_dense();
             }
         }
         Ok(())

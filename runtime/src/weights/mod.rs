@@ -464,6 +464,15 @@ impl SparseWeights {
         (&mut s.grad, &mut s.bias_grad, &mut s.dense_grad)
     }
 
+    /// Sets the nonzero weights' gradient from the dense gradient (after the dense gradient
+    /// alone was summed over the ranks of a data-parallel run).
+    pub(crate) fn active_grad_from_dense(&mut self) {
+        let s = &mut self.sgd;
+        for (g, &i) in s.grad.iter_mut().zip(&self.params.dense_index) {
+            *g = s.dense_grad[i as usize];
+        }
+    }
+
     /// Scales the gradient (values and bias) — for users composing their own losses.
     pub fn scale_grad(&mut self, factor: f32) {
         for g in self
