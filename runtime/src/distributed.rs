@@ -9,9 +9,10 @@
 //! every rank takes the same SGD step, keeps identical weights and momentum, and runs the same
 //! mask update from identical inputs; the patterns' hashes are compared after every update.
 //!
-//! The sums must be identical on every rank, so [`Communicator::all_reduce_sum`] reduces to
-//! one rank and broadcasts the result (an all-reduce's algorithm may add in a different order
-//! on different ranks).
+//! The sums must be identical on every rank, so with more than two ranks
+//! [`Communicator::all_reduce_sum`] reduces to one rank and broadcasts the result (an
+//! all-reduce's algorithm may add in a different order on different ranks); two ranks add two
+//! numbers, the same bits in either order, and use one all-reduce.
 
 use crate::error::{Result, RuntimeError};
 use crate::model::Model;
@@ -129,6 +130,7 @@ pub use self::mpi_comm::MpiCommunicator;
 
 #[cfg(feature = "mpi")]
 mod mpi_comm {
+    use std::cell::RefCell;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -149,6 +151,8 @@ mod mpi_comm {
         /// Milliseconds since `epoch` when the running collective started; 0 when none runs.
         busy_since: Arc<AtomicU64>,
         epoch: Instant,
+        /// The receive buffer of `all_reduce_sum`, kept from step to step.
+        scratch: RefCell<Vec<f32>>,
     }
 
     impl std::fmt::Debug for MpiCommunicator {
@@ -198,6 +202,7 @@ mod mpi_comm {
                 world,
                 busy_since,
                 epoch,
+                scratch: RefCell::new(Vec::new()),
             })
         }
 
@@ -220,10 +225,19 @@ mod mpi_comm {
         }
 
         fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+            let mut sum = self.scratch.borrow_mut();
+            sum.clear();
+            sum.resize(buf.len(), 0.0);
             self.watched(|| {
+                if self.world.size() == 2 {
+                    // Two addends give the same bits in either order: one all-reduce.
+                    self.world
+                        .all_reduce_into(&buf[..], &mut sum[..], SystemOperation::sum());
+                    buf.copy_from_slice(&sum);
+                    return;
+                }
                 let root = self.world.process_at_rank(0 as Rank);
                 if self.world.rank() == 0 {
-                    let mut sum = vec![0.0f32; buf.len()];
                     root.reduce_into_root(&buf[..], &mut sum[..], SystemOperation::sum());
                     buf.copy_from_slice(&sum);
                 } else {

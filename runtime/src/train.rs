@@ -458,8 +458,10 @@ impl Trainer {
             backend: config.backend,
             threads: config.threads,
             hot_swap: config.hot_swap && !config.deterministic,
-            // With --deterministic the plan must not depend on timing either.
-            plan_timing: !config.deterministic,
+            // With --deterministic the plan must not depend on timing either; nor in a
+            // data-parallel run, whose ranks (often on one machine) would time each other's
+            // kernels.
+            plan_timing: !config.deterministic && comm.is_none(),
             // Sparse masks change after every epoch; a dense run keeps its patterns.
             launches_per_pattern: (config.density < 1.0)
                 .then(|| steps_per_epoch(&data, config.batch_size)),
