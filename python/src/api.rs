@@ -308,14 +308,7 @@ impl PyKernel {
                 let values = arrays::readonly("values", a)?;
                 let x = arrays::readonly("x", b)?;
                 let values = arrays::vector("values", p.nnz(), &values)?;
-                let x = arrays::slice(
-                    &Operand {
-                        name: "x",
-                        features: fin,
-                        batch,
-                    },
-                    &x,
-                )?;
+                let x = arrays::slice(&Operand::new("x", fin, batch), &x)?;
                 let bias = match (bias, op.has_bias()) {
                     (Some(b), _) => Some(arrays::readonly("bias", b)?),
                     (None, true) => {
@@ -345,14 +338,7 @@ impl PyKernel {
                 let values = arrays::readonly("values", a)?;
                 let dy = arrays::readonly("dy", b)?;
                 let values = arrays::vector("values", p.nnz(), &values)?;
-                let dy = arrays::slice(
-                    &Operand {
-                        name: "dy",
-                        features: fout,
-                        batch,
-                    },
-                    &dy,
-                )?;
+                let dy = arrays::slice(&Operand::new("dy", fout, batch), &dy)?;
                 let mut dx = vec![0.0f32; fin * batch];
                 let args = Args::SpmmT {
                     values,
@@ -366,22 +352,8 @@ impl PyKernel {
             Role::WeightGrad | Role::DenseGrad => {
                 let dy = arrays::readonly("dy", a)?;
                 let x = arrays::readonly("x", b)?;
-                let dy = arrays::slice(
-                    &Operand {
-                        name: "dy",
-                        features: fout,
-                        batch,
-                    },
-                    &dy,
-                )?;
-                let x = arrays::slice(
-                    &Operand {
-                        name: "x",
-                        features: fin,
-                        batch,
-                    },
-                    &x,
-                )?;
+                let dy = arrays::slice(&Operand::new("dy", fout, batch), &dy)?;
+                let x = arrays::slice(&Operand::new("x", fin, batch), &x)?;
                 if op.role() == Role::WeightGrad {
                     let mut dw = vec![0.0f32; p.nnz()];
                     let args = Args::Sddmm { dy, x, dw: &mut dw };

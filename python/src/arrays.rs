@@ -67,6 +67,17 @@ pub(crate) fn writable<'py>(
     })
 }
 
+impl<'a> Operand<'a> {
+    /// The operand `name` of `features` elements per column of a batch of `batch`.
+    pub(crate) fn new(name: &'a str, features: usize, batch: usize) -> Self {
+        Operand {
+            name,
+            features,
+            batch,
+        }
+    }
+}
+
 /// Checks that `shape` is `[…, batch]` with `features` elements per batch column.
 pub(crate) fn check_shape(op: &Operand<'_>, shape: &[usize]) -> PyResult<()> {
     let ok = match shape.split_last() {

@@ -164,6 +164,76 @@ impl SparseOps {
         })
     }
 
+    /// The weight gradient into `out`: the nonzero weights' (`dense` false, `nnz` elements)
+    /// or the dense one (`rows · cols` elements).
+    fn gradient(
+        &mut self,
+        py: Python<'_>,
+        dy: &Bound<'_, PyAny>,
+        x: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        dense: bool,
+    ) -> PyResult<()> {
+        let key = self.key("x", x)?;
+        let (fin, fout) = self.features(key)?;
+        let (name, len) = if dense {
+            ("grad", self.rows() * self.cols())
+        } else {
+            ("dw", self.pattern.nnz())
+        };
+        let dy = arrays::readonly("dy", dy)?;
+        let x = arrays::readonly("x", x)?;
+        let mut out = arrays::writable(name, out)?;
+        let batch = key.batch;
+        let dy = arrays::slice(&Operand::new("dy", fout, batch), &dy)?;
+        let x = arrays::slice(&Operand::new("x", fin, batch), &x)?;
+        let out = arrays::vector_mut(name, len, &mut out)?;
+        let launch = Launch::new(batch, batch);
+        if dense {
+            let kernel = self.dense_grad_kernel(key)?;
+            py.detach(|| kernel.run(launch, Args::DenseGrad { dy, x, grad: out }))
+        } else {
+            let kernel = &self.compiled(key)?.weight_grad;
+            py.detach(|| kernel.run(launch, Args::Sddmm { dy, x, dw: out }))
+        }
+        .map_err(run_error)
+    }
+
+    /// The dense-gradient kernel of a launch, compiled at its first use (only the steps
+    /// before a mask update need it). The JIT has none: the planner's pick stands in.
+    fn dense_grad_kernel(&mut self, key: LaunchKey) -> PyResult<&Kernel> {
+        let geometry = self.geometry(key.height, key.width)?;
+        let (name, rows, cols, strategy) =
+            (self.name.clone(), self.rows(), self.cols(), self.strategy);
+        let compiled = self.compiled(key)?;
+        if compiled.dense_grad.is_none() {
+            let op = if geometry.is_some() {
+                Op::ConvDenseGrad
+            } else {
+                Op::DenseGrad
+            };
+            let full = Arc::new(
+                Pattern::dense(rows, cols).map_err(|e| PyValueError::new_err(e.to_string()))?,
+            );
+            let spec = KernelSpec::with_geometry(
+                name,
+                op,
+                full,
+                geometry,
+                Dim::Fixed(key.batch),
+                Dim::Fixed(key.batch),
+            )
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let exec = crate::executor(key.threads)?;
+            let kernel = match exec.compile(&spec, strategy) {
+                Ok(k) => k,
+                Err(_) => exec.compile(&spec, Strategy::Auto).map_err(run_error)?,
+            };
+            compiled.dense_grad = Some(kernel);
+        }
+        Ok(compiled.dense_grad.as_ref().expect("compiled above"))
+    }
+
     /// The operand shapes of a launch: input-side and output-side features per batch column.
     fn features(&self, key: LaunchKey) -> PyResult<(usize, usize)> {
         Ok(match self.geometry(key.height, key.width)? {
@@ -371,22 +441,8 @@ impl SparseOps {
             .map(|b| arrays::vector("bias", rows, b))
             .transpose()?;
         let batch = key.batch;
-        let x = arrays::slice(
-            &Operand {
-                name: "x",
-                features: fin,
-                batch,
-            },
-            &x,
-        )?;
-        let y = arrays::slice_mut(
-            &Operand {
-                name: "y",
-                features: fout,
-                batch,
-            },
-            &mut y,
-        )?;
+        let x = arrays::slice(&Operand::new("x", fin, batch), &x)?;
+        let y = arrays::slice_mut(&Operand::new("y", fout, batch), &mut y)?;
         let kernel = &self.compiled(key)?.forward;
         py.detach(|| kernel.run(Launch::new(batch, batch), Args::Spmm { values, x, bias, y }))
             .map_err(run_error)
@@ -409,22 +465,8 @@ impl SparseOps {
         let mut dx = arrays::writable("dx", dx)?;
         let values = arrays::vector("values", nnz, &values)?;
         let batch = key.batch;
-        let dy = arrays::slice(
-            &Operand {
-                name: "dy",
-                features: fout,
-                batch,
-            },
-            &dy,
-        )?;
-        let dx = arrays::slice_mut(
-            &Operand {
-                name: "dx",
-                features: fin,
-                batch,
-            },
-            &mut dx,
-        )?;
+        let dy = arrays::slice(&Operand::new("dy", fout, batch), &dy)?;
+        let dx = arrays::slice_mut(&Operand::new("dx", fin, batch), &mut dx)?;
         let kernel = &self.compiled(key)?.backward_data;
         py.detach(|| kernel.run(Launch::new(batch, batch), Args::SpmmT { values, dy, dx }))
             .map_err(run_error)
@@ -439,33 +481,7 @@ impl SparseOps {
         x: &Bound<'_, PyAny>,
         dw: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let key = self.key("x", x)?;
-        let (fin, fout) = self.features(key)?;
-        let nnz = self.pattern.nnz();
-        let dy = arrays::readonly("dy", dy)?;
-        let x = arrays::readonly("x", x)?;
-        let mut dw = arrays::writable("dw", dw)?;
-        let batch = key.batch;
-        let dy = arrays::slice(
-            &Operand {
-                name: "dy",
-                features: fout,
-                batch,
-            },
-            &dy,
-        )?;
-        let x = arrays::slice(
-            &Operand {
-                name: "x",
-                features: fin,
-                batch,
-            },
-            &x,
-        )?;
-        let dw = arrays::vector_mut("dw", nnz, &mut dw)?;
-        let kernel = &self.compiled(key)?.weight_grad;
-        py.detach(|| kernel.run(Launch::new(batch, batch), Args::Sddmm { dy, x, dw }))
-            .map_err(run_error)
+        self.gradient(py, dy, x, dw, false)
     }
 
     /// The dense weight gradient (every entry, masked ones included), written into `grad`
@@ -478,68 +494,7 @@ impl SparseOps {
         x: &Bound<'_, PyAny>,
         grad: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let key = self.key("x", x)?;
-        let (fin, fout) = self.features(key)?;
-        let size = self.rows() * self.cols();
-        let dy = arrays::readonly("dy", dy)?;
-        let x = arrays::readonly("x", x)?;
-        let mut out = arrays::writable("grad", grad)?;
-        let batch = key.batch;
-        let dy = arrays::slice(
-            &Operand {
-                name: "dy",
-                features: fout,
-                batch,
-            },
-            &dy,
-        )?;
-        let x = arrays::slice(
-            &Operand {
-                name: "x",
-                features: fin,
-                batch,
-            },
-            &x,
-        )?;
-        let out = arrays::vector_mut("grad", size, &mut out)?;
-        let geometry = self.geometry(key.height, key.width)?;
-        let (name, rows, cols, strategy) =
-            (self.name.clone(), self.rows(), self.cols(), self.strategy);
-        let compiled = self.compiled(key)?;
-        if compiled.dense_grad.is_none() {
-            let op = if geometry.is_some() {
-                Op::ConvDenseGrad
-            } else {
-                Op::DenseGrad
-            };
-            let full = Arc::new(
-                Pattern::dense(rows, cols).map_err(|e| PyValueError::new_err(e.to_string()))?,
-            );
-            let spec = KernelSpec::with_geometry(
-                name,
-                op,
-                full,
-                geometry,
-                Dim::Fixed(batch),
-                Dim::Fixed(batch),
-            )
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let exec = crate::executor(key.threads)?;
-            let kernel = match exec.compile(&spec, strategy) {
-                Ok(k) => k,
-                // The JIT has no dense gradient: the planner's pick instead.
-                Err(_) => exec.compile(&spec, Strategy::Auto).map_err(run_error)?,
-            };
-            compiled.dense_grad = Some(kernel);
-        }
-        let kernel = compiled.dense_grad.as_ref().expect("compiled above");
-        py.detach(|| {
-            kernel.run(
-                Launch::new(batch, batch),
-                Args::DenseGrad { dy, x, grad: out },
-            )
-        })
-        .map_err(run_error)
+        self.gradient(py, dy, x, grad, true)
     }
 
     /// The strategy of each op compiled for a batch of `batch` (and a convolution's

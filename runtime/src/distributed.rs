@@ -136,6 +136,7 @@ mod mpi_comm {
     use std::time::{Duration, Instant};
 
     use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+    use mpi::datatype::Equivalence;
     use mpi::topology::{Communicator as _, SimpleCommunicator};
     use mpi::Rank;
 
@@ -206,6 +207,33 @@ mod mpi_comm {
             })
         }
 
+        /// Replaces `buf` on every rank by the sum over the ranks, the same bits everywhere:
+        /// one all-reduce for two ranks (two addends give the same sum in either order), else
+        /// a reduce to rank 0 and a broadcast. `sum` is the receive buffer.
+        fn sum_everywhere<T>(&self, buf: &mut [T], sum: &mut Vec<T>)
+        where
+            T: Equivalence + Copy + Default,
+        {
+            sum.clear();
+            sum.resize(buf.len(), T::default());
+            self.watched(|| {
+                if self.world.size() == 2 {
+                    self.world
+                        .all_reduce_into(&buf[..], &mut sum[..], SystemOperation::sum());
+                    buf.copy_from_slice(sum);
+                    return;
+                }
+                let root = self.world.process_at_rank(0 as Rank);
+                if self.world.rank() == 0 {
+                    root.reduce_into_root(&buf[..], &mut sum[..], SystemOperation::sum());
+                    buf.copy_from_slice(sum);
+                } else {
+                    root.reduce_into(&buf[..], SystemOperation::sum());
+                }
+                root.broadcast_into(buf);
+            });
+        }
+
         fn watched<T>(&self, f: impl FnOnce() -> T) -> T {
             let now = (self.epoch.elapsed().as_millis() as u64).max(1);
             self.busy_since.store(now, Ordering::Relaxed);
@@ -225,41 +253,12 @@ mod mpi_comm {
         }
 
         fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-            let mut sum = self.scratch.borrow_mut();
-            sum.clear();
-            sum.resize(buf.len(), 0.0);
-            self.watched(|| {
-                if self.world.size() == 2 {
-                    // Two addends give the same bits in either order: one all-reduce.
-                    self.world
-                        .all_reduce_into(&buf[..], &mut sum[..], SystemOperation::sum());
-                    buf.copy_from_slice(&sum);
-                    return;
-                }
-                let root = self.world.process_at_rank(0 as Rank);
-                if self.world.rank() == 0 {
-                    root.reduce_into_root(&buf[..], &mut sum[..], SystemOperation::sum());
-                    buf.copy_from_slice(&sum);
-                } else {
-                    root.reduce_into(&buf[..], SystemOperation::sum());
-                }
-                root.broadcast_into(buf);
-            });
+            self.sum_everywhere(buf, &mut self.scratch.borrow_mut());
             Ok(())
         }
 
         fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-            self.watched(|| {
-                let root = self.world.process_at_rank(0 as Rank);
-                if self.world.rank() == 0 {
-                    let mut sum = vec![0.0f64; buf.len()];
-                    root.reduce_into_root(&buf[..], &mut sum[..], SystemOperation::sum());
-                    buf.copy_from_slice(&sum);
-                } else {
-                    root.reduce_into(&buf[..], SystemOperation::sum());
-                }
-                root.broadcast_into(buf);
-            });
+            self.sum_everywhere(buf, &mut Vec::new());
             Ok(())
         }
 

@@ -211,10 +211,8 @@ fn loads(dir: &Path) {
     );
 }
 
-#[test]
-fn a_killed_rank_ends_the_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = dir.path().join("ck");
+/// A long 2-rank run checkpointing into `ck`, started and past its first checkpoint.
+fn long_run(ck: &Path) -> std::process::Child {
     let mut a = RUN.to_vec();
     a.extend([
         "--epochs",
@@ -222,15 +220,23 @@ fn a_killed_rank_ends_the_job() {
         "--mpi-timeout",
         "20",
         "--checkpoint-dir",
-        s(&ck),
+        s(ck),
     ]);
-    let mut job = mpirun(2)
+    let job = mpirun(2)
         .args(&a)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_checkpoint(&ck);
+    wait_for_checkpoint(ck);
+    job
+}
+
+#[test]
+fn a_killed_rank_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut job = long_run(&ck);
     // Kill one rank (the processes whose command line names this checkpoint folder).
     let pids = Command::new("pgrep")
         .args(["-f", &format!("checkpoint-dir {}", s(&ck))])
@@ -257,22 +263,7 @@ fn a_killed_rank_ends_the_job() {
 fn sigterm_stops_every_rank_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck");
-    let mut a = RUN.to_vec();
-    a.extend([
-        "--epochs",
-        "200",
-        "--mpi-timeout",
-        "20",
-        "--checkpoint-dir",
-        s(&ck),
-    ]);
-    let mut job = mpirun(2)
-        .args(&a)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&ck);
+    let mut job = long_run(&ck);
     Command::new("kill")
         .args(["-TERM", &job.id().to_string()])
         .status()
