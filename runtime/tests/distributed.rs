@@ -1,6 +1,6 @@
 //! `sparse-train --distributed` under `mpirun`, 2 ranks, against one process: the same losses,
-//! masks and accuracy; communication in proportion to the nonzeros; a killed rank or SIGTERM
-//! ends the job with the last checkpoint loadable. Needs the cargo feature `mpi` and
+//! masks and accuracy; communication in proportion to the nonzeros; a killed rank, a rank that
+//! stops answering, or SIGTERM ends the job with the last checkpoint loadable. Needs the cargo feature `mpi` and
 //! OpenMPI's `mpirun` (`make deps` installs it); run as root with `--allow-run-as-root`.
 #![cfg(feature = "mpi")]
 
@@ -211,14 +211,16 @@ fn loads(dir: &Path) {
     );
 }
 
-/// A long 2-rank run checkpointing into `ck`, started and past its first checkpoint.
-fn long_run(ck: &Path) -> std::process::Child {
+/// A long 2-rank run checkpointing into `ck` with a collective timeout of `timeout` seconds,
+/// started and past its first checkpoint.
+fn long_run(ck: &Path, timeout: u32) -> std::process::Child {
+    let timeout = timeout.to_string();
     let mut a = RUN.to_vec();
     a.extend([
         "--epochs",
         "200",
         "--mpi-timeout",
-        "20",
+        &timeout,
         "--checkpoint-dir",
         s(ck),
     ]);
@@ -232,29 +234,49 @@ fn long_run(ck: &Path) -> std::process::Child {
     job
 }
 
-#[test]
-fn a_killed_rank_ends_the_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = dir.path().join("ck");
-    let mut job = long_run(&ck);
-    // Kill one rank (the processes whose command line names this checkpoint folder).
+/// The pid of one rank of the run checkpointing into `ck` (a process whose command line
+/// names the folder).
+fn a_rank(ck: &Path) -> String {
     let pids = Command::new("pgrep")
-        .args(["-f", &format!("checkpoint-dir {}", s(&ck))])
+        .args(["-f", &format!("checkpoint-dir {}", s(ck))])
         .output()
         .unwrap();
-    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout)
+    String::from_utf8_lossy(&pids.stdout)
         .lines()
-        .map(str::to_string)
-        .collect();
-    let rank = pids
-        .iter()
         .find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm"))
                 .is_ok_and(|c| c.trim() == "sparse-train")
         })
-        .expect("a rank is running");
-    Command::new("kill").args(["-9", rank]).status().unwrap();
+        .expect("a rank is running")
+        .to_string()
+}
+
+#[test]
+fn a_killed_rank_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut job = long_run(&ck, 20);
+    Command::new("kill")
+        .args(["-9", &a_rank(&ck)])
+        .status()
+        .unwrap();
     let status = wait_for(&mut job, Duration::from_secs(90));
+    assert!(!status.success());
+    loads(&ck);
+}
+
+#[test]
+fn a_rank_that_stops_answering_ends_the_job_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let mut job = long_run(&ck, 3);
+    // A stopped rank neither dies nor answers: the other waits in a collective until its
+    // watchdog ends it, and mpirun ends the job.
+    Command::new("kill")
+        .args(["-STOP", &a_rank(&ck)])
+        .status()
+        .unwrap();
+    let status = wait_for(&mut job, Duration::from_secs(60));
     assert!(!status.success());
     loads(&ck);
 }
@@ -263,7 +285,7 @@ fn a_killed_rank_ends_the_job() {
 fn sigterm_stops_every_rank_with_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck");
-    let mut job = long_run(&ck);
+    let mut job = long_run(&ck, 20);
     Command::new("kill")
         .args(["-TERM", &job.id().to_string()])
         .status()
