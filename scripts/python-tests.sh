@@ -16,5 +16,8 @@ ${CARGO:-cargo} build --quiet --locked -p runtime --bin sparse-train
 export SPARSEJIT_SPARSE_TRAIN=target/debug/sparse-train
 "$PYTHON" -m venv --system-site-packages "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check pytest
-"$venv/bin/pip" install --quiet --disable-pip-version-check ./python
+# The extension is built with the profile the other suites built (their compiled dependencies
+# serve again); a user's `pip install ./python` builds the release profile.
+MATURIN_PEP517_ARGS="--profile dev --locked" \
+    "$venv/bin/pip" install --quiet --disable-pip-version-check ./python
 exec "$venv/bin/python" -m pytest -p no:cacheprovider -q python/tests
