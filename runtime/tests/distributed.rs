@@ -156,6 +156,41 @@ fn two_ranks_train_as_one_process() {
 }
 
 #[test]
+fn three_ranks_sum_through_rank_zero_and_train_as_one_process() {
+    // More than two ranks reduce to rank 0 and broadcast; shares of 34, 33 and 33 samples.
+    let dir = tempfile::tempdir().unwrap();
+    let (pm, dm) = (dir.path().join("p.jsonl"), dir.path().join("d.jsonl"));
+    let (pc, dc) = (dir.path().join("p"), dir.path().join("d"));
+    let mut a = RUN.to_vec();
+    a.extend(["--epochs", "2", "--stop-after-epoch", "1"]);
+    let mut pa = a.clone();
+    pa.extend(["--metrics-out", s(&pm), "--checkpoint-dir", s(&pc)]);
+    let mut da = a.clone();
+    da.extend(["--metrics-out", s(&dm), "--checkpoint-dir", s(&dc)]);
+    run(plain(), &pa);
+    run(mpirun(3), &da);
+    let (p, d) = (metrics(&pm), metrics(&dm));
+    let rel = (p[0].train_loss - d[0].train_loss).abs() / p[0].train_loss;
+    assert!(
+        rel <= 1e-4,
+        "losses {} and {}",
+        p[0].train_loss,
+        d[0].train_loss
+    );
+    let (mp, md) = (masks(&pc), masks(&dc));
+    let total: usize = mp.iter().map(|(_, m)| m.len()).sum();
+    let differ: usize = mp
+        .iter()
+        .zip(&md)
+        .map(|((_, a), (_, b))| a.iter().zip(b).filter(|(x, y)| x != y).count())
+        .sum();
+    assert!(
+        differ * 1000 <= total,
+        "{differ} of {total} mask entries differ"
+    );
+}
+
+#[test]
 fn communication_follows_the_nonzeros() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.jsonl");
