@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -39,23 +37,7 @@ from torch import nn
 
 import sparsejit
 from sparsejit.torch import SparseLinear, set_num_threads
-
-
-def timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved(runs: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
-    """Median seconds of each run, the runs alternated `repeats` times after one warm-up."""
-    times: Dict[str, List[float]] = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+from timing import interleaved
 
 
 def layer_comparison(args: argparse.Namespace) -> Dict[str, float]:

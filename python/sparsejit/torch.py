@@ -187,9 +187,7 @@ class _SparseModule(nn.Module):
         ``values`` in place (the same ``Parameter``), so an optimiser keeps it; its optimiser
         state no longer matches (``Masking`` remaps it)."""
         dense = self.weight.reshape(-1)
-        if isinstance(mask, torch.Tensor):
-            mask = mask.detach().cpu()
-        changed = self._ops.set_mask(np.asarray(mask))
+        changed = self._ops.set_mask(np.asarray(_as_mask(mask)))
         if changed:
             self._pattern_changed(dense)
         return changed

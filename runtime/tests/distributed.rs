@@ -48,6 +48,21 @@ fn run(mut c: Command, args: &[&str]) -> Output {
     out
 }
 
+/// How many mask entries of two checkpoint directories differ, and how many there are.
+fn mask_differences(a: &Path, b: &Path) -> (usize, usize) {
+    let (ma, mb) = (masks(a), masks(b));
+    let total = ma.iter().map(|(_, m)| m.len()).sum();
+    let differ = ma
+        .iter()
+        .zip(&mb)
+        .map(|((na, x), (nb, y))| {
+            assert_eq!(na, nb);
+            x.iter().zip(y).filter(|(p, q)| p != q).count()
+        })
+        .sum();
+    (differ, total)
+}
+
 fn metrics(path: &Path) -> Vec<EpochMetrics> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -139,16 +154,7 @@ fn two_ranks_train_as_one_process() {
     da.extend(["--checkpoint-dir", s(&dc2)]);
     run(plain(), &pa);
     run(mpirun(2), &da);
-    let (mp, md) = (masks(&pc2), masks(&dc2));
-    let total: usize = mp.iter().map(|(_, m)| m.len()).sum();
-    let differ: usize = mp
-        .iter()
-        .zip(&md)
-        .map(|((na, a), (nb, b))| {
-            assert_eq!(na, nb);
-            a.iter().zip(b).filter(|(x, y)| x != y).count()
-        })
-        .sum();
+    let (differ, total) = mask_differences(&pc2, &dc2);
     assert!(
         differ * 1000 <= total,
         "{differ} of {total} mask entries differ"
@@ -177,13 +183,7 @@ fn three_ranks_sum_through_rank_zero_and_train_as_one_process() {
         p[0].train_loss,
         d[0].train_loss
     );
-    let (mp, md) = (masks(&pc), masks(&dc));
-    let total: usize = mp.iter().map(|(_, m)| m.len()).sum();
-    let differ: usize = mp
-        .iter()
-        .zip(&md)
-        .map(|((_, a), (_, b))| a.iter().zip(b).filter(|(x, y)| x != y).count())
-        .sum();
+    let (differ, total) = mask_differences(&pc, &dc);
     assert!(
         differ * 1000 <= total,
         "{differ} of {total} mask entries differ"
@@ -269,21 +269,20 @@ fn long_run(ck: &Path, timeout: u32) -> std::process::Child {
     job
 }
 
-/// The pid of one rank of the run checkpointing into `ck` (a process whose command line
-/// names the folder).
+/// The pid of one rank of the run checkpointing into `ck` (a `sparse-train` process whose
+/// command line names the folder), read from /proc.
 fn a_rank(ck: &Path) -> String {
-    let pids = Command::new("pgrep")
-        .args(["-f", &format!("checkpoint-dir {}", s(ck))])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&pids.stdout)
-        .lines()
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim() == "sparse-train")
+    let needle = format!("--checkpoint-dir\0{}", s(ck));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            comm.trim() == "sparse-train" && String::from_utf8_lossy(&cmdline).contains(&needle)
         })
         .expect("a rank is running")
-        .to_string()
 }
 
 #[test]
