@@ -67,6 +67,13 @@ pub struct DataInfo {
     pub mean: f32,
     /// Normalisation standard deviation.
     pub std: f32,
+    /// Where the samples came from: `mnist`, `idx`, `cifar10`, `synthetic` or `memory`
+    /// (absent in checkpoints of older versions, which were IDX data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Each channel's normalisation `(mean, std)` where there are several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<(f32, f32)>>,
 }
 
 /// The contents of `state.json`.
@@ -795,6 +802,9 @@ impl Trainer {
                 classes: self.data().classes(),
                 mean: self.data().normalization().0,
                 std: self.data().normalization().1,
+                source: Some(self.data().source().name().to_string()),
+                channels: Some(self.data().channel_normalization().to_vec())
+                    .filter(|c| c.len() > 1),
             },
             nonzeros: self
                 .model()
@@ -853,6 +863,25 @@ impl Trainer {
         }
         if let Some(s) = overrides.strategy {
             config.strategy = s;
+        }
+        // Data of another kind (CIFAR-10 for an MNIST run, say) is named before a model is
+        // built for it. IDX files of any origin are one kind.
+        fn kind(source: &str) -> &str {
+            match source {
+                "mnist" | "idx" => "IDX",
+                other => other,
+            }
+        }
+        if let Some(saved) = &state.data.source {
+            let now = data.source().name();
+            if kind(saved) != kind(now) {
+                return Err(ck_err(
+                    &folder,
+                    format!(
+                        "the checkpoint was trained on {saved} data, the data given now is {now}"
+                    ),
+                ));
+            }
         }
         let mut t = Trainer::build(config, data, comm)?;
         let st = &state.data;

@@ -45,7 +45,7 @@ pub mod train;
 pub mod weights;
 
 pub use checkpoint::{CheckpointWriter, CrashPoint, ResumeOverrides, TrainState};
-pub use data::{Dataset, Split};
+pub use data::{Augmentation, DataSource, Dataset, Split};
 #[cfg(feature = "opencl")]
 pub use device::DeviceModel;
 pub use error::{Result, RuntimeError};

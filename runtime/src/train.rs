@@ -30,7 +30,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sparse_ir::Strategy;
 
-use crate::data::{Dataset, Split};
+use crate::data::{step_key, Augmentation, Dataset, Split};
 use crate::distributed::{
     check_patterns, dense_equivalent_bytes, rank_batch, shard, Communicator, GradientBuffer,
 };
@@ -167,6 +167,10 @@ pub struct TrainConfig {
     pub train_limit: Option<usize>,
     /// Use only the first N validation and test images.
     pub eval_limit: Option<usize>,
+    /// Random crops and flips of the training samples (the reference's CIFAR-10
+    /// augmentation), drawn from the seed and the step; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augmentation: Option<Augmentation>,
 }
 
 impl Default for TrainConfig {
@@ -198,6 +202,7 @@ impl Default for TrainConfig {
             hot_swap: false,
             train_limit: None,
             eval_limit: None,
+            augmentation: None,
         }
     }
 }
@@ -761,9 +766,15 @@ impl Trainer {
             None => (lo, hi, 1.0),
         };
         let (input, labels) = self.model.batch_buffers_mut();
-        let n = self
-            .data
-            .gather(Split::Train, &self.order[lo_r..hi_r], input, labels)?;
+        let indices = &self.order[lo_r..hi_r];
+        let n = match &self.config.augmentation {
+            Some(a) => {
+                let key = step_key(self.config.seed, self.step);
+                self.data
+                    .gather_augmented(Split::Train, indices, input, labels, a, key)?
+            }
+            None => self.data.gather(Split::Train, indices, input, labels)?,
+        };
         let mode = self.grad_mode();
         let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
         let loss = self.step_on_backend(n, mode, lr, weight, stop)?;

@@ -29,9 +29,17 @@ struct Cli {
     /// The model: lenet300-100 or lenet5 [default: lenet300-100].
     #[arg(long)]
     model: Option<ModelKind>,
-    /// Directory of IDX files (train-/t10k-images/labels, raw or .gz).
-    #[arg(long, default_value = "data/mnist")]
-    data_dir: PathBuf,
+    /// The data: mnist (IDX files: MNIST or a drop-in such as Fashion-MNIST), cifar10
+    /// (CIFAR-10's binary version, from --data-dir) or synthetic (CIFAR-shaped random
+    /// images, for timing). With cifar10 the training images are randomly cropped (4-pixel
+    /// zero padding) and flipped, and the batch size defaults to 128 [default: mnist].
+    #[arg(long, value_enum)]
+    data: Option<DataKind>,
+    /// The data's directory: for mnist the IDX files (train-/t10k-images/labels, raw or .gz)
+    /// [default: data/mnist]; for cifar10 data_batch_1.bin … data_batch_5.bin and
+    /// test_batch.bin.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Global density of the masked weights, in (0, 1]; 1 trains dense [default: 0.05].
     #[arg(long)]
     density: Option<f64>,
@@ -158,6 +166,20 @@ struct Cli {
 /// Checkpoints kept when neither --keep nor a resumed run says how many.
 const DEFAULT_KEEP: usize = 3;
 
+/// What `--data` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DataKind {
+    /// IDX files.
+    Mnist,
+    /// CIFAR-10's binary version.
+    Cifar10,
+    /// CIFAR-shaped random images.
+    Synthetic,
+}
+
+/// Samples of `--data synthetic` (CIFAR-10's numbers): training file and test file.
+const SYNTHETIC_SAMPLES: (usize, usize) = (50_000, 10_000);
+
 impl Cli {
     fn config(&self) -> TrainConfig {
         let d = TrainConfig::default();
@@ -165,7 +187,10 @@ impl Cli {
             model: self.model.unwrap_or(d.model),
             density: self.density.unwrap_or(d.density),
             epochs: self.epochs.unwrap_or(d.epochs),
-            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            batch_size: self.batch_size.unwrap_or(match self.data {
+                Some(DataKind::Cifar10 | DataKind::Synthetic) => 128,
+                _ => d.batch_size,
+            }),
             lr: self.lr.unwrap_or(d.lr),
             seed: self.seed.unwrap_or(d.seed),
             threads: self.threads.unwrap_or(d.threads),
@@ -183,6 +208,10 @@ impl Cli {
             hot_swap: self.hot_swap,
             train_limit: self.train_limit,
             eval_limit: self.eval_limit,
+            augmentation: match self.data {
+                Some(DataKind::Cifar10) => Some(runtime::Augmentation::CIFAR),
+                _ => None,
+            },
             ..d
         }
     }
@@ -226,18 +255,53 @@ impl Cli {
     }
 }
 
-/// `data/mnist` relative to the working directory, or else to the repository.
-fn data_dir(cli: &Cli) -> PathBuf {
-    if cli.data_dir.is_dir() || cli.data_dir != Path::new("data/mnist") {
-        return cli.data_dir.clone();
+/// `--data-dir`, or `data/mnist` relative to the working directory, or else to the
+/// repository.
+fn mnist_dir(cli: &Cli) -> PathBuf {
+    let default = Path::new("data/mnist");
+    match &cli.data_dir {
+        Some(d) => d.clone(),
+        None if default.is_dir() => default.to_path_buf(),
+        None => {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(default);
+            if repo.is_dir() {
+                repo
+            } else {
+                default.to_path_buf()
+            }
+        }
     }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("data/mnist");
-    if repo.is_dir() {
-        repo
-    } else {
-        cli.data_dir.clone()
+}
+
+/// Loads what `--data` and `--data-dir` name; a description of it for the first line.
+fn load_data(cli: &Cli) -> Result<(Dataset, String)> {
+    match cli.data.unwrap_or(DataKind::Mnist) {
+        DataKind::Mnist => {
+            let dir = mnist_dir(cli);
+            let data = Dataset::load_dir(&dir).with_context(|| "loading the data set")?;
+            Ok((data, dir.display().to_string()))
+        }
+        DataKind::Cifar10 => {
+            let Some(dir) = &cli.data_dir else {
+                bail!(
+                    "--data cifar10 needs --data-dir DIR, a folder with CIFAR-10's binary \
+                     version (data_batch_1.bin … data_batch_5.bin, test_batch.bin; the \
+                     README says where to get it)"
+                );
+            };
+            let data = Dataset::load_cifar10(dir).with_context(|| "loading CIFAR-10")?;
+            Ok((data, dir.display().to_string()))
+        }
+        DataKind::Synthetic => {
+            if cli.data_dir.is_some() {
+                bail!("--data synthetic makes its own images: it takes no --data-dir");
+            }
+            let (train, test) = SYNTHETIC_SAMPLES;
+            let data = Dataset::synthetic(train, test, cli.seed.unwrap_or(17))?;
+            Ok((data, "synthetic data".to_string()))
+        }
     }
 }
 
@@ -336,8 +400,7 @@ fn run() -> Result<()> {
     if let Some(path) = metrics_out {
         check_writable(path)?;
     }
-    let dir = data_dir(&cli);
-    let data = Dataset::load_dir(&dir).with_context(|| "loading the data set")?;
+    let (data, dir) = load_data(&cli)?;
     let started = Instant::now();
     let mut trainer = match &cli.resume {
         Some(path) => {
@@ -412,7 +475,7 @@ fn run() -> Result<()> {
     say!(
         "{} on {} ({} train / {} validation / {} test, {} classes), density {}, {} epochs, batch {}, lr {}, {} threads, backend {}, strategy {}, dense momentum {}",
         cfg.model,
-        dir.display(),
+        dir,
         d.len(Split::Train),
         d.len(Split::Validation),
         d.len(Split::Test),

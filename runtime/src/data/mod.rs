@@ -1,5 +1,7 @@
-//! Data sets in the IDX format (MNIST and its drop-ins), the reference's split and
-//! normalisation, and cheap batch gathering into the feature-major input buffer.
+//! Data sets in the IDX format (MNIST and its drop-ins), CIFAR-10's binary version and
+//! CIFAR-shaped synthetic data (`cifar`), the reference's split and normalisation, cheap
+//! batch gathering into the feature-major input buffer, and the reference's CIFAR-10
+//! augmentation ([`Augmentation`]).
 //!
 //! A data directory holds `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
 //! `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte`, each raw or gzip-compressed (`.gz`;
@@ -26,6 +28,42 @@ use sparse_ir::limits::{bytes_of, MemoryBudget};
 
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{Matrix, Shape};
+
+mod augment;
+mod cifar;
+
+pub use augment::{step_key, Augmentation};
+pub use cifar::{
+    CIFAR10_CLASSES, CIFAR10_RECORD, CIFAR10_SHAPE, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES,
+};
+
+/// Where a [`Dataset`]'s samples came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataSource {
+    /// MNIST's IDX files (recognised by their pixel statistics).
+    Mnist,
+    /// Other IDX files (Fashion-MNIST, …).
+    Idx,
+    /// CIFAR-10's binary version.
+    Cifar10,
+    /// CIFAR-shaped random data ([`Dataset::synthetic`]).
+    Synthetic,
+    /// Samples given in memory ([`Dataset::from_parts`]).
+    Memory,
+}
+
+impl DataSource {
+    /// A short name: `mnist`, `idx`, `cifar10`, `synthetic` or `memory`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataSource::Mnist => "mnist",
+            DataSource::Idx => "idx",
+            DataSource::Cifar10 => "cifar10",
+            DataSource::Synthetic => "synthetic",
+            DataSource::Memory => "memory",
+        }
+    }
+}
 
 /// MNIST's normalisation constants (mean and standard deviation of its training pixels).
 pub const MNIST_MEAN: f32 = 0.1307;
@@ -224,10 +262,11 @@ pub struct Dataset {
     test_images: Vec<u8>,
     test_labels: Vec<u8>,
     split_at: usize,
-    mean: f32,
-    std: f32,
-    is_mnist: bool,
-    lut: [f32; 256],
+    source: DataSource,
+    /// `(mean, std)` of each channel, applied after scaling bytes to `[0, 1]`.
+    norm: Vec<(f32, f32)>,
+    /// Each channel's byte → normalised value table.
+    luts: Vec<[f32; 256]>,
     /// Nonzero pixels of each sample (training file, then test file), when most pixels are
     /// zero: gathering writes the background value and scatters these.
     nonzeros: Option<Nonzeros>,
@@ -412,24 +451,63 @@ impl Dataset {
             mnist = is_mnist,
             "data loaded"
         );
-        let mut ds = Dataset {
-            dir: dir.to_path_buf(),
+        Ok(Dataset::assemble(
+            dir.to_path_buf(),
+            if is_mnist {
+                DataSource::Mnist
+            } else {
+                DataSource::Idx
+            },
             shape,
             classes,
-            train_images: train_i.data,
-            train_labels: train_l.data,
-            test_images: test_i.data,
-            test_labels: test_l.data,
-            split_at,
-            mean,
-            std,
-            is_mnist,
-            lut: [0.0; 256],
-            nonzeros: None,
+            (train_i.data, train_l.data, split_at),
+            (test_i.data, test_l.data),
+            vec![(mean, std)],
+        ))
+    }
+
+    /// Builds the set and its lookup tables; the parts are consistent (checked by the
+    /// callers).
+    pub(crate) fn assemble(
+        dir: PathBuf,
+        source: DataSource,
+        shape: Shape,
+        classes: usize,
+        (train_images, train_labels, split_at): (Vec<u8>, Vec<u8>, usize),
+        (test_images, test_labels): (Vec<u8>, Vec<u8>),
+        norm: Vec<(f32, f32)>,
+    ) -> Dataset {
+        debug_assert_eq!(norm.len(), shape.channels);
+        let luts = norm
+            .iter()
+            .map(|&(mean, std)| {
+                let mut lut = [0.0; 256];
+                for (i, v) in lut.iter_mut().enumerate() {
+                    *v = (i as f32 / 255.0 - mean) / std;
+                }
+                lut
+            })
+            .collect();
+        // The sparse gather serves single-channel sets of mostly-zero pixels (MNIST).
+        let nonzeros = if shape.channels == 1 {
+            Nonzeros::build(&train_images, &test_images, shape.features())
+        } else {
+            None
         };
-        ds.set_normalization(mean, std);
-        ds.nonzeros = Nonzeros::build(&ds.train_images, &ds.test_images, shape.features());
-        Ok(ds)
+        Dataset {
+            dir,
+            shape,
+            classes,
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            split_at,
+            source,
+            norm,
+            luts,
+            nonzeros,
+        }
     }
 
     /// A data set from memory (sample-major bytes), for tests and users; the first
@@ -465,32 +543,15 @@ impl Dataset {
         {
             return Err(bad(format!("a label is not below {classes}")));
         }
-        let mut ds = Dataset {
-            dir: PathBuf::new(),
+        Ok(Dataset::assemble(
+            PathBuf::new(),
+            DataSource::Memory,
             shape,
             classes,
-            train_images,
-            train_labels,
-            test_images,
-            test_labels,
-            split_at: train_count,
-            mean,
-            std,
-            is_mnist: false,
-            lut: [0.0; 256],
-            nonzeros: None,
-        };
-        ds.set_normalization(mean, std);
-        ds.nonzeros = Nonzeros::build(&ds.train_images, &ds.test_images, shape.features());
-        Ok(ds)
-    }
-
-    fn set_normalization(&mut self, mean: f32, std: f32) {
-        self.mean = mean;
-        self.std = std;
-        for (i, v) in self.lut.iter_mut().enumerate() {
-            *v = (i as f32 / 255.0 - mean) / std;
-        }
+            (train_images, train_labels, train_count),
+            (test_images, test_labels),
+            vec![(mean, std); shape.channels],
+        ))
     }
 
     /// Keeps only the first `train` training and `eval` validation and test samples (for
@@ -535,14 +596,25 @@ impl Dataset {
         self.classes
     }
 
-    /// The normalisation `(mean, std)` applied after scaling pixels to `[0, 1]`.
+    /// The normalisation `(mean, std)` of the first channel (the only one of MNIST),
+    /// applied after scaling pixels to `[0, 1]`.
     pub fn normalization(&self) -> (f32, f32) {
-        (self.mean, self.std)
+        self.norm[0]
+    }
+
+    /// The normalisation `(mean, std)` of every channel.
+    pub fn channel_normalization(&self) -> &[(f32, f32)] {
+        &self.norm
     }
 
     /// Whether this is MNIST (recognised by its pixel statistics).
     pub fn is_mnist(&self) -> bool {
-        self.is_mnist
+        self.source == DataSource::Mnist
+    }
+
+    /// Where the samples came from.
+    pub fn source(&self) -> DataSource {
+        self.source
     }
 
     /// Number of samples in a split.
@@ -636,7 +708,9 @@ impl Dataset {
                 std::hint::black_box(touch);
                 // Background everywhere (and zero padding, in the same pass), then the
                 // nonzero pixels of each sample.
-                let background = self.lut[0];
+                // (Built for single-channel sets only.)
+                let lut = &self.luts[0];
+                let background = lut[0];
                 for row in out.chunks_exact_mut(ld) {
                     row[..n].fill(background);
                     row[n..].fill(0.0);
@@ -645,7 +719,7 @@ impl Dataset {
                     let s = base + i as usize;
                     let r = ptr[s] as usize..ptr[s + 1] as usize;
                     for (&feat, &v) in nz.feature[r.clone()].iter().zip(&nz.value[r]) {
-                        out[feat as usize * ld + b] = self.lut[v as usize];
+                        out[feat as usize * ld + b] = lut[v as usize];
                     }
                 }
             }
@@ -661,6 +735,7 @@ impl Dataset {
                 }
                 std::hint::black_box(touch);
                 // Blocks of 16 samples: each feature row gets 16 contiguous values.
+                let plane = self.shape.height * self.shape.width;
                 const BLOCK: usize = 16;
                 for (blk, idx) in indices.chunks(BLOCK).enumerate() {
                     let b0 = blk * BLOCK;
@@ -670,8 +745,9 @@ impl Dataset {
                     }
                     let rows = &rows[..idx.len()];
                     for (feat, dst) in out.chunks_exact_mut(ld).enumerate() {
+                        let lut = &self.luts[feat / plane];
                         for (d, r) in dst[b0..b0 + rows.len()].iter_mut().zip(rows) {
-                            *d = self.lut[r[feat] as usize];
+                            *d = lut[r[feat] as usize];
                         }
                     }
                 }
