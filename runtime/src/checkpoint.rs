@@ -3,7 +3,10 @@
 //!
 //! `model.safetensors` holds, per masked layer, `NAME.weight` (dense f32, zeros where masked,
 //! in the PyTorch shape `[out, in]` or `[out, in, kh, kw]`), `NAME.mask` (u8, same shape),
-//! `NAME.bias`, `NAME.momentum` (dense f32, masked entries included) and `NAME.bias_momentum`.
+//! `NAME.bias`, `NAME.momentum` (dense f32, masked entries included) and `NAME.bias_momentum`;
+//! per batch-norm layer `NAME.weight`, `NAME.bias`, `NAME.running_mean`, `NAME.running_var`
+//! (PyTorch's `state_dict` names) and the momenta `NAME.weight_momentum`,
+//! `NAME.bias_momentum`.
 //! `state.json` ([`TrainState`]) holds the format version, the model, the epoch and step, the
 //! schedules, the masking state (correction term and the whole shortfall history, its random
 //! stream), the shuffle stream, the plan (every layer's strategy per op) and the metrics
@@ -159,23 +162,45 @@ pub fn model_tensors(model: &Model) -> Result<Vec<u8>> {
             shape.clone(),
             w.mask().to_vec(),
         ));
-        owned.push((
-            format!("{name}.bias"),
-            Dtype::F32,
-            vec![w.rows()],
-            f32_bytes(w.bias()),
-        ));
+        if w.has_bias() {
+            owned.push((
+                format!("{name}.bias"),
+                Dtype::F32,
+                vec![w.rows()],
+                f32_bytes(w.bias()),
+            ));
+        }
         owned.push((
             format!("{name}.momentum"),
             Dtype::F32,
             shape,
             f32_bytes(w.dense_momentum()),
         ));
+        if w.has_bias() {
+            owned.push((
+                format!("{name}.bias_momentum"),
+                Dtype::F32,
+                vec![w.rows()],
+                f32_bytes(w.bias_momentum()),
+            ));
+        }
+    }
+    for p in model.dense_params() {
+        let n = p.value.len();
+        owned.push((p.name.clone(), Dtype::F32, vec![n], f32_bytes(&p.value)));
         owned.push((
-            format!("{name}.bias_momentum"),
+            dense_momentum_name(&p.name),
             Dtype::F32,
-            vec![w.rows()],
-            f32_bytes(w.bias_momentum()),
+            vec![n],
+            f32_bytes(&p.momentum),
+        ));
+    }
+    for b in model.stats() {
+        owned.push((
+            b.name.clone(),
+            Dtype::F32,
+            vec![b.value.len()],
+            f32_bytes(&b.value),
         ));
     }
     let views = owned
@@ -194,6 +219,35 @@ pub fn model_tensors(model: &Model) -> Result<Vec<u8>> {
     );
     safetensors::serialize(views, Some(meta))
         .map_err(|e| RuntimeError::Config(format!("serialising the model: {e}")))
+}
+
+/// The checkpoint name of a dense parameter's momentum: `bn1.weight` → `bn1.weight_momentum`.
+fn dense_momentum_name(param: &str) -> String {
+    format!("{param}_momentum")
+}
+
+/// Reads a dense 1-D tensor of `len` finite values into `dst`; `None` when the file lacks it.
+fn read_dense(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    name: &str,
+    len: usize,
+) -> Result<Option<Vec<f32>>> {
+    let Some(t) = read_tensor(st, path, name)? else {
+        return Ok(None);
+    };
+    if t.shape != [len] {
+        return Err(ck_err(
+            path,
+            format!(
+                "tensor {name} has shape {:?}, the model needs [{len}]",
+                t.shape
+            ),
+        ));
+    }
+    let v = f32_tensor(path, name, t)?;
+    finite(path, name, &v)?;
+    Ok(Some(v))
 }
 
 /// A tensor read from a safetensors file, as f32 or u8 values.
@@ -345,7 +399,15 @@ fn load_into_model(model: &mut Model, path: &Path, bytes: &[u8], mode: LoadMode)
             }
             None => w.mask().to_vec(),
         };
+        let has_bias = w.has_bias();
         let bias = match read_tensor(&st, path, &format!("{name}.bias"))? {
+            Some(_) if !has_bias => {
+                return Err(ck_err(
+                    path,
+                    format!("tensor {name}.bias for layer {name}, which has no bias"),
+                ))
+            }
+            None if !has_bias => None,
             Some(t) => {
                 expect_shape(path, &format!("{name}.bias"), &t.shape, &[rows], rows, 1)?;
                 Some(f32_tensor(path, &format!("{name}.bias"), t)?)
@@ -371,21 +433,26 @@ fn load_into_model(model: &mut Model, path: &Path, bytes: &[u8], mode: LoadMode)
                 rows,
                 cols,
             )?;
-            let bm = need(
-                read_tensor(&st, path, &format!("{name}.bias_momentum"))?,
-                "bias_momentum",
-            )?;
-            expect_shape(
-                path,
-                &format!("{name}.bias_momentum"),
-                &bm.shape,
-                &[rows],
-                rows,
-                1,
-            )?;
+            let bias_momentum = if has_bias {
+                let bm = need(
+                    read_tensor(&st, path, &format!("{name}.bias_momentum"))?,
+                    "bias_momentum",
+                )?;
+                expect_shape(
+                    path,
+                    &format!("{name}.bias_momentum"),
+                    &bm.shape,
+                    &[rows],
+                    rows,
+                    1,
+                )?;
+                f32_tensor(path, &format!("{name}.bias_momentum"), bm)?
+            } else {
+                vec![0.0; rows]
+            };
             Some((
                 f32_tensor(path, &format!("{name}.momentum"), m)?,
-                f32_tensor(path, &format!("{name}.bias_momentum"), bm)?,
+                bias_momentum,
             ))
         } else {
             None
@@ -406,6 +473,32 @@ fn load_into_model(model: &mut Model, path: &Path, bytes: &[u8], mode: LoadMode)
             momentum.as_ref().map(|(m, b)| (&m[..], &b[..])),
         )
         .map_err(|e| ck_err(path, e.to_string()))?;
+    }
+    // Dense parameters and statistics: all of them in a checkpoint; in a user's weights,
+    // values where given (momentum starts at zero).
+    let checkpoint = mode == LoadMode::Checkpoint;
+    for p in model.dense_params_mut() {
+        let n = p.value.len();
+        match read_dense(&st, path, &p.name, n)? {
+            Some(v) => p.value = v,
+            None if checkpoint => {
+                return Err(ck_err(path, format!("no tensor {}", p.name)));
+            }
+            None => {}
+        }
+        let m_name = dense_momentum_name(&p.name);
+        match read_dense(&st, path, &m_name, n)? {
+            Some(m) if checkpoint => p.momentum = m,
+            None if checkpoint => return Err(ck_err(path, format!("no tensor {m_name}"))),
+            _ => p.momentum.fill(0.0),
+        }
+    }
+    for b in model.stats_mut() {
+        match read_dense(&st, path, &b.name, b.value.len())? {
+            Some(v) => b.value = v,
+            None if checkpoint => return Err(ck_err(path, format!("no tensor {}", b.name))),
+            None => {}
+        }
     }
     Ok(())
 }

@@ -55,13 +55,17 @@ pub struct GradientBuffer {
 impl GradientBuffer {
     /// Scales every gradient of `model` by `scale` into the buffer: per layer, the nonzero
     /// weights' gradient (or, if `dense`, the dense weight gradient, which holds it) and the
-    /// bias gradient. Returns the payload in bytes.
+    /// bias gradient; then every dense parameter's gradient (batch normalisation's).
+    /// Returns the payload in bytes.
     pub fn pack(&mut self, model: &Model, scale: f32, dense: bool) -> usize {
         self.buf.clear();
         for w in model.sparse_layers() {
             let weights = if dense { w.dense_grad() } else { w.grad() };
             self.buf.extend(weights.iter().map(|g| g * scale));
             self.buf.extend(w.bias_grad().iter().map(|g| g * scale));
+        }
+        for p in model.dense_params() {
+            self.buf.extend(p.grad.iter().map(|g| g * scale));
         }
         self.buf.len() * std::mem::size_of::<f32>()
     }
@@ -93,6 +97,9 @@ impl GradientBuffer {
             if dense {
                 w.active_grad_from_dense();
             }
+        }
+        for p in model.dense_params_mut() {
+            take(&mut p.grad)?;
         }
         Ok(())
     }

@@ -52,7 +52,7 @@ pub use error::{Result, RuntimeError};
 pub use exec::{BackendKind, DeviceStats, ExecOptions, Executor, Kernel};
 pub use layers::{Layer, Shape};
 pub use metrics::{EpochMetrics, LayerMetrics};
-pub use model::{CompileReport, Model, ModelBuilder, Sgd};
+pub use model::{CompileReport, Model, ModelBuilder, Sgd, Source};
 pub use models::ModelKind;
 pub use tensor::{padded_ld, Matrix};
 pub use train::{DenseMomentum, EpochEnd, Evaluation, StepInfo, TrainConfig, Trainer};

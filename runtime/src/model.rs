@@ -1,6 +1,11 @@
-//! [`Model`]: a sequence of layers with preallocated activations, and [`ModelBuilder`], the
-//! small API to describe one (LeNet-300-100 and LeNet-5 are built with it in
-//! [`crate::models`]).
+//! [`Model`]: a graph of layers with preallocated activations, and [`ModelBuilder`], the
+//! small API to describe one (LeNet-300-100, LeNet-5, VGG-D and the wide residual networks
+//! are built with it in [`crate::models`]).
+//!
+//! The graph is a chain in which a layer may also read an earlier layer's output (or the
+//! model's input) instead of its predecessor's, and may add an earlier output to its own (a
+//! residual connection, fused into the layer's output pass). A value read by several layers
+//! gets the sum of their gradients.
 //!
 //! ```
 //! use runtime::{ModelBuilder, Shape, Executor, ExecOptions, WeightGradMode, Sgd, SgdConfig};
@@ -28,7 +33,10 @@ use sparse_ir::limits::{bytes_of, MemoryBudget};
 
 use crate::error::{Result, RuntimeError};
 use crate::exec::Executor;
-use crate::layers::{Conv2d, Layer, Linear, MaxPool2d, Relu, Shape};
+use crate::layers::{
+    BatchNorm, Conv2d, DenseParam, Dropout, GlobalAvgPool, Layer, Linear, MaxPool2d, Relu, Shape,
+    StatBuffer,
+};
 use crate::loss::LogSoftmaxNll;
 use crate::tensor::{padded_ld, Matrix};
 use crate::weights::{SgdConfig, SparseWeights, WeightGradMode};
@@ -42,6 +50,15 @@ pub struct CompileReport {
     pub total: Duration,
 }
 
+/// Where a layer reads from: the model's input, or an earlier layer's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The model's input.
+    Input,
+    /// The output of layer `i`.
+    Layer(usize),
+}
+
 /// A feed-forward network ending in log-softmax + NLL, with every buffer preallocated for
 /// one batch size: a training step allocates nothing.
 pub struct Model {
@@ -52,8 +69,19 @@ pub struct Model {
     input: Matrix,
     labels: Vec<u32>,
     layers: Vec<Box<dyn Layer>>,
+    /// What each layer reads.
+    inputs: Vec<Source>,
+    /// What each layer adds to its output, if anything.
+    residuals: Vec<Option<Source>>,
     acts: Vec<Matrix>,
     grads: Vec<Matrix>,
+    /// For a layer output read by several layers: where a reader's input gradient goes when
+    /// another reader's is there already.
+    scratch: Vec<Option<Matrix>>,
+    /// Which gradients the running backward pass has written (the others are stale).
+    grad_written: Vec<bool>,
+    /// The valid samples of the passes (set on the layers when it changes).
+    valid: usize,
     loss: LogSoftmaxNll,
 }
 
@@ -70,23 +98,82 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    /// Builds a model from layers (each one's input shape must be the previous one's
-    /// output), for batch `batch`. The last layer's outputs are the class logits.
-    pub fn from_layers(name: &str, mut layers: Vec<Box<dyn Layer>>, batch: usize) -> Result<Self> {
+    /// Builds a chain of layers (each one's input shape must be the previous one's output),
+    /// for batch `batch`. The last layer's outputs are the class logits.
+    pub fn from_layers(name: &str, layers: Vec<Box<dyn Layer>>, batch: usize) -> Result<Self> {
+        let n = layers.len();
+        let inputs = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    Source::Input
+                } else {
+                    Source::Layer(i - 1)
+                }
+            })
+            .collect();
+        Self::from_graph(name, layers, inputs, vec![None; n], batch)
+    }
+
+    /// Builds a graph of layers: layer `i` reads `inputs[i]` and adds `residuals[i]` to its
+    /// output, both the model's input or layers before `i`. The last layer's outputs are the
+    /// class logits.
+    pub fn from_graph(
+        name: &str,
+        mut layers: Vec<Box<dyn Layer>>,
+        inputs: Vec<Source>,
+        residuals: Vec<Option<Source>>,
+        batch: usize,
+    ) -> Result<Self> {
         if layers.is_empty() || batch == 0 {
             return Err(RuntimeError::Config(format!(
                 "model {name}: needs at least one layer and a batch of at least 1"
             )));
         }
-        for pair in layers.windows(2) {
-            if pair[0].output_shape().features() != pair[1].input_shape().features() {
+        if inputs.len() != layers.len() || residuals.len() != layers.len() {
+            return Err(RuntimeError::Config(format!(
+                "model {name}: {} layers with {} inputs and {} residuals",
+                layers.len(),
+                inputs.len(),
+                residuals.len()
+            )));
+        }
+        let shape_of = |src: Source| match src {
+            Source::Input => layers[0].input_shape(),
+            Source::Layer(j) => layers[j].output_shape(),
+        };
+        for (i, (&input, residual)) in inputs.iter().zip(&residuals).enumerate() {
+            for src in std::iter::once(input).chain(*residual) {
+                if let Source::Layer(j) = src {
+                    if j >= i {
+                        return Err(RuntimeError::Config(format!(
+                            "model {name}: layer {} reads layer {}, which comes after it",
+                            layers[i].name(),
+                            layers[j].name()
+                        )));
+                    }
+                }
+            }
+            let given = shape_of(input);
+            if given.features() != layers[i].input_shape().features() {
+                let from = match input {
+                    Source::Input => "the input".to_string(),
+                    Source::Layer(j) => format!("layer {}", layers[j].name()),
+                };
                 return Err(RuntimeError::Shape(format!(
-                    "model {name}: layer {} gives {} features, layer {} takes {}",
-                    pair[0].name(),
-                    pair[0].output_shape(),
-                    pair[1].name(),
-                    pair[1].input_shape()
+                    "model {name}: {from} gives {given} features, layer {} takes {}",
+                    layers[i].name(),
+                    layers[i].input_shape()
                 )));
+            }
+            if let Some(r) = *residual {
+                let added = shape_of(r);
+                if added.features() != layers[i].output_shape().features() {
+                    return Err(RuntimeError::Shape(format!(
+                        "model {name}: layer {} adds {added} features to its {} outputs",
+                        layers[i].name(),
+                        layers[i].output_shape()
+                    )));
+                }
             }
         }
         let mut seen = std::collections::HashSet::new();
@@ -100,10 +187,21 @@ impl Model {
         }
         check_batch_memory(name, &layers, batch, &MemoryBudget::machine())?;
         let ld = padded_ld(batch);
-        for (i, layer) in layers.iter_mut().enumerate() {
-            layer.set_needs_input_grad(i > 0);
+        for (layer, &input) in layers.iter_mut().zip(&inputs) {
+            layer.set_needs_input_grad(input != Source::Input);
             layer.set_batch(batch, ld)?;
         }
+        let mut readers = vec![0usize; layers.len()];
+        for src in inputs.iter().chain(residuals.iter().flatten()) {
+            if let Source::Layer(j) = *src {
+                readers[j] += 1;
+            }
+        }
+        let scratch = readers
+            .iter()
+            .zip(&layers)
+            .map(|(&r, l)| (r > 1).then(|| Matrix::zeros(l.output_shape().features(), batch)))
+            .collect();
         let input_shape = layers[0].input_shape();
         let acts: Vec<Matrix> = layers
             .iter()
@@ -118,9 +216,14 @@ impl Model {
             ld,
             input: Matrix::zeros(input_shape.features(), batch),
             labels: vec![0; batch],
+            grad_written: vec![false; layers.len()],
             layers,
+            inputs,
+            residuals,
             acts,
             grads,
+            scratch,
+            valid: batch,
             loss: LogSoftmaxNll::new(classes, ld),
         })
     }
@@ -227,17 +330,91 @@ impl Model {
     /// Runs the forward pass on the input buffer; returns the logits.
     pub fn forward(&mut self) -> Result<&Matrix> {
         for i in 0..self.layers.len() {
-            let (before, after) = self.acts.split_at_mut(i);
-            let x = if i == 0 { &self.input } else { &before[i - 1] };
-            self.layers[i].forward(x, &mut after[0])?;
+            self.forward_layer(i)?;
         }
         Ok(self.logits())
+    }
+
+    /// Layer `i`'s forward pass, with its residual added.
+    fn forward_layer(&mut self, i: usize) -> Result<()> {
+        let (before, after) = self.acts.split_at_mut(i);
+        let value = |src: Source| match src {
+            Source::Input => &self.input,
+            Source::Layer(j) => &before[j],
+        };
+        let y = &mut after[0];
+        self.layers[i].forward(value(self.inputs[i]), y)?;
+        if let Some(r) = self.residuals[i] {
+            let (r, batch, ld) = (value(r).as_slice(), self.batch, self.ld);
+            for (yr, rr) in y
+                .as_mut_slice()
+                .chunks_exact_mut(ld)
+                .zip(r.chunks_exact(ld))
+            {
+                for (o, &a) in yr[..batch].iter_mut().zip(&rr[..batch]) {
+                    *o += a;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the number of valid samples of the next passes on every layer (only layers that
+    /// mix samples, batch normalisation, use it).
+    pub fn set_valid(&mut self, n: usize) {
+        let n = n.min(self.batch);
+        if n != self.valid {
+            self.valid = n;
+            for l in &mut self.layers {
+                l.set_valid(n);
+            }
+        }
+    }
+
+    /// Training mode (batch statistics, dropout) or evaluation mode, on every layer.
+    pub fn set_training(&mut self, training: bool) {
+        for l in &mut self.layers {
+            l.set_training(training);
+        }
+    }
+
+    /// The key of the next training step's random draws (dropout), on every layer.
+    pub fn set_step_key(&mut self, key: u64) {
+        for l in &mut self.layers {
+            l.set_step_key(key);
+        }
+    }
+
+    /// Every layer's dense parameters (batch normalisation's), in layer order.
+    pub fn dense_params(&self) -> impl Iterator<Item = &DenseParam> {
+        self.layers.iter().flat_map(|l| l.params())
+    }
+
+    /// Every layer's dense parameters, mutable.
+    pub fn dense_params_mut(&mut self) -> impl Iterator<Item = &mut DenseParam> {
+        self.layers.iter_mut().flat_map(|l| l.params_mut())
+    }
+
+    /// Every layer's saved statistics (batch normalisation's running mean and variance).
+    pub fn stats(&self) -> impl Iterator<Item = &StatBuffer> {
+        self.layers.iter().flat_map(|l| l.stats())
+    }
+
+    /// Every layer's saved statistics, mutable.
+    pub fn stats_mut(&mut self) -> impl Iterator<Item = &mut StatBuffer> {
+        self.layers.iter_mut().flat_map(|l| l.stats_mut())
+    }
+
+    /// What layer `i` reads, and what it adds to its output.
+    pub fn sources(&self, i: usize) -> (Source, Option<Source>) {
+        (self.inputs[i], self.residuals[i])
     }
 
     /// Forward pass, loss on the first `n` columns (labels from the label buffer), and the
     /// backward pass computing every parameter's gradient (weights by `mode`). Returns the
     /// mean loss.
     pub fn forward_backward(&mut self, n: usize, mode: WeightGradMode) -> Result<f64> {
+        self.set_valid(n);
         self.forward()?;
         let last = self.layers.len() - 1;
         let loss =
@@ -250,17 +427,47 @@ impl Model {
     /// The backward pass from the gradient already in the last layer's gradient buffer
     /// (see [`last_grad_mut`](Self::last_grad_mut)), for users with their own loss.
     pub fn backward(&mut self, mode: WeightGradMode) -> Result<()> {
+        self.grad_written.fill(false);
         for i in (0..self.layers.len()).rev() {
-            let (gb, ga) = self.grads.split_at_mut(i);
-            let dx = if i == 0 { None } else { Some(&mut gb[i - 1]) };
-            let x = if i == 0 {
-                &self.input
-            } else {
-                &self.acts[i - 1]
-            };
-            self.layers[i].backward(x, &self.acts[i], &mut ga[0], dx, mode)?;
+            self.backward_layer(i, mode)?;
         }
         Ok(())
+    }
+
+    /// Layer `i`'s backward pass: its output gradient goes to its residual's source and
+    /// through the layer to its input's; a gradient that already holds another reader's is
+    /// added to.
+    fn backward_layer(&mut self, i: usize, mode: WeightGradMode) -> Result<()> {
+        let (batch, ld) = (self.batch, self.ld);
+        let (gb, ga) = self.grads.split_at_mut(i);
+        let dy = &mut ga[0];
+        if let Some(Source::Layer(j)) = self.residuals[i] {
+            // Before the layer's pass, which may overwrite dy.
+            if std::mem::replace(&mut self.grad_written[j], true) {
+                add_into(&mut gb[j], dy, batch, ld);
+            } else {
+                gb[j].as_mut_slice().copy_from_slice(dy.as_slice());
+            }
+        }
+        let x = match self.inputs[i] {
+            Source::Input => &self.input,
+            Source::Layer(j) => &self.acts[j],
+        };
+        match self.inputs[i] {
+            Source::Input => self.layers[i].backward(x, &self.acts[i], dy, None, mode),
+            Source::Layer(j) if !self.grad_written[j] => {
+                self.grad_written[j] = true;
+                self.layers[i].backward(x, &self.acts[i], dy, Some(&mut gb[j]), mode)
+            }
+            Source::Layer(j) => {
+                let scratch = self.scratch[j].as_mut().ok_or_else(|| {
+                    RuntimeError::Config(format!("layer {j} has one reader but two gradients"))
+                })?;
+                self.layers[i].backward(x, &self.acts[i], dy, Some(scratch), mode)?;
+                add_into(&mut gb[j], scratch, batch, ld);
+                Ok(())
+            }
+        }
     }
 
     /// The gradient buffer of the logits, `[classes × ld]`.
@@ -271,6 +478,7 @@ impl Model {
     /// Forward pass and, over the first `n` columns, the summed loss and the number of
     /// correct predictions.
     pub fn evaluate_batch(&mut self, n: usize) -> Result<(f64, usize)> {
+        self.set_valid(n);
         self.forward()?;
         self.score_logits(n)
     }
@@ -313,12 +521,10 @@ impl Model {
         let n = self.layers.len();
         let (mut fwd, mut bwd) = (vec![Vec::new(); n], vec![Vec::new(); n]);
         for _ in 0..reps {
-            for i in 0..n {
+            for (i, times) in fwd.iter_mut().enumerate() {
                 let t = std::time::Instant::now();
-                let (before, after) = self.acts.split_at_mut(i);
-                let x = if i == 0 { &self.input } else { &before[i - 1] };
-                self.layers[i].forward(x, &mut after[0])?;
-                fwd[i].push(t.elapsed().as_secs_f64() * 1e6);
+                self.forward_layer(i)?;
+                times.push(t.elapsed().as_secs_f64() * 1e6);
             }
             let last = n - 1;
             self.loss.loss_and_grad(
@@ -327,16 +533,10 @@ impl Model {
                 self.batch,
                 &mut self.grads[last],
             )?;
+            self.grad_written.fill(false);
             for i in (0..n).rev() {
                 let t = std::time::Instant::now();
-                let (gb, ga) = self.grads.split_at_mut(i);
-                let dx = if i == 0 { None } else { Some(&mut gb[i - 1]) };
-                let x = if i == 0 {
-                    &self.input
-                } else {
-                    &self.acts[i - 1]
-                };
-                self.layers[i].backward(x, &self.acts[i], &mut ga[0], dx, mode)?;
+                self.backward_layer(i, mode)?;
                 bwd[i].push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -377,10 +577,27 @@ impl Sgd {
         Sgd { config }
     }
 
-    /// One step with learning rate `lr` on every layer (masked entries stay zero).
+    /// One step with learning rate `lr` on every layer (masked entries stay zero) and every
+    /// dense parameter.
     pub fn step(&self, model: &mut Model, lr: f32) {
         for w in model.sparse_layers_mut() {
             w.sgd_step(&self.config, lr);
+        }
+        for p in model.dense_params_mut() {
+            p.sgd_step(&self.config, lr);
+        }
+    }
+}
+
+/// `dst += src` over the first `batch` columns of every row.
+fn add_into(dst: &mut Matrix, src: &Matrix, batch: usize, ld: usize) {
+    for (d, s) in dst
+        .as_mut_slice()
+        .chunks_exact_mut(ld)
+        .zip(src.as_slice().chunks_exact(ld))
+    {
+        for (o, &a) in d[..batch].iter_mut().zip(&s[..batch]) {
+            *o += a;
         }
     }
 }
@@ -397,11 +614,37 @@ enum LayerDesc {
         k: usize,
         stride: usize,
         padding: usize,
+        bias: bool,
     },
-    Relu,
+    Relu {
+        name: String,
+    },
     MaxPool {
+        name: String,
         k: usize,
     },
+    BatchNorm {
+        name: String,
+    },
+    Dropout {
+        name: String,
+        p: f32,
+    },
+    GlobalAvgPool {
+        name: String,
+    },
+}
+
+/// One layer of a [`ModelBuilder`]'s graph.
+#[derive(Debug, Clone)]
+struct NodeDesc {
+    desc: LayerDesc,
+    input: Source,
+    residual: Option<Source>,
+    /// A ReLU fused into the layer.
+    relu: bool,
+    /// Its output is read by a layer other than the next (so nothing may fuse into it).
+    tapped: bool,
 }
 
 /// Checks, before any buffer sized by the batch is allocated, that the model's input, the
@@ -432,14 +675,40 @@ fn check_batch_memory(
     Ok(())
 }
 
-/// Describes a feed-forward model layer by layer; [`build`](Self::build) creates it with
-/// Kaiming-uniform weights and full masks. A `relu()` right after a linear or conv layer is
-/// fused into its forward kernel.
+/// Describes a model layer by layer; [`build`](Self::build) creates it with Kaiming-uniform
+/// weights and full masks. Each layer reads the previous one's output, unless
+/// [`from`](Self::from) says otherwise, and [`add_residual`](Self::add_residual) adds an earlier output to the
+/// last layer's (a residual connection). A `relu()` right after a linear, conv or batch-norm
+/// layer is fused into it.
+///
+/// ```
+/// use runtime::{ModelBuilder, Shape};
+/// // A pre-activation residual block: y = x + conv2(relu(bn2(conv1(relu(bn1(x)))))).
+/// let mut b = ModelBuilder::new("block", Shape::image(4, 8, 8))
+///     .conv2d_with("stem", 8, 3, 1, 1);
+/// let x = b.tap();
+/// let b = b
+///     .batch_norm("bn1").relu()
+///     .conv2d_with("conv1", 8, 3, 1, 1)
+///     .batch_norm("bn2").relu()
+///     .conv2d_with("conv2", 8, 3, 1, 1)
+///     .add_residual(x)
+///     .global_avg_pool()
+///     .linear("fc", 10);
+/// let model = b.build(2, &mut rand::rng())?;
+/// assert_eq!(model.layers().len(), 7);
+/// # Ok::<(), runtime::RuntimeError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct ModelBuilder {
     name: String,
     input: Shape,
-    layers: Vec<LayerDesc>,
+    nodes: Vec<NodeDesc>,
+    cursor: Source,
+    /// Calls so far (names unnamed layers: `relu3`, `pool5`).
+    calls: usize,
+    /// The first misuse, reported by `build`.
+    error: Option<String>,
 }
 
 impl ModelBuilder {
@@ -448,17 +717,74 @@ impl ModelBuilder {
         ModelBuilder {
             name: name.to_string(),
             input,
-            layers: Vec::new(),
+            nodes: Vec::new(),
+            cursor: Source::Input,
+            calls: 0,
+            error: None,
         }
     }
 
+    fn push(mut self, desc: LayerDesc) -> Self {
+        self.nodes.push(NodeDesc {
+            desc,
+            input: self.cursor,
+            residual: None,
+            relu: false,
+            tapped: false,
+        });
+        self.cursor = Source::Layer(self.nodes.len() - 1);
+        self.calls += 1;
+        self
+    }
+
+    /// The last layer's output (or the input, before any layer), for a later
+    /// [`from`](Self::from) or [`add_residual`](Self::add_residual).
+    pub fn tap(&mut self) -> Source {
+        if let Source::Layer(j) = self.cursor {
+            self.nodes[j].tapped = true;
+        }
+        self.cursor
+    }
+
+    /// The next layer reads `source` (from [`tap`](Self::tap)) instead of the last layer's
+    /// output.
+    pub fn from(mut self, source: Source) -> Self {
+        self.cursor = source;
+        self
+    }
+
+    /// Adds `source`'s output (from [`tap`](Self::tap)) to the last layer's: a residual
+    /// connection, fused into that layer's output pass. The last layer must not end in a
+    /// fused ReLU or add another residual already.
+    pub fn add_residual(mut self, source: Source) -> Self {
+        self.calls += 1;
+        let ok = match self.cursor {
+            Source::Layer(j) if j + 1 == self.nodes.len() => {
+                let n = &mut self.nodes[j];
+                let free = !n.relu && !n.tapped && n.residual.is_none();
+                if free {
+                    n.residual = Some(source);
+                }
+                free
+            }
+            _ => false,
+        };
+        if !ok && self.error.is_none() {
+            self.error = Some(
+                "a residual is added to the layer just described, which must not end in a \
+                 ReLU, be read elsewhere or add another residual"
+                    .into(),
+            );
+        }
+        self
+    }
+
     /// A sparse fully connected layer with `out` outputs (the input is flattened).
-    pub fn linear(mut self, name: &str, out: usize) -> Self {
-        self.layers.push(LayerDesc::Linear {
+    pub fn linear(self, name: &str, out: usize) -> Self {
+        self.push(LayerDesc::Linear {
             name: name.to_string(),
             out,
-        });
-        self
+        })
     }
 
     /// A sparse `k × k` convolution with `out` channels, stride 1, no padding.
@@ -468,48 +794,117 @@ impl ModelBuilder {
 
     /// A sparse `k × k` convolution with stride and zero padding.
     pub fn conv2d_with(
-        mut self,
+        self,
         name: &str,
         out: usize,
         k: usize,
         stride: usize,
         padding: usize,
     ) -> Self {
-        self.layers.push(LayerDesc::Conv {
+        self.push(LayerDesc::Conv {
             name: name.to_string(),
             out,
             k,
             stride,
             padding,
-        });
-        self
+            bias: true,
+        })
     }
 
-    /// A ReLU (fused into a directly preceding linear or conv layer).
+    /// [`conv2d_with`](Self::conv2d_with) without a bias (PyTorch's `bias=False`).
+    pub fn conv2d_without_bias(
+        self,
+        name: &str,
+        out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
+        self.push(LayerDesc::Conv {
+            name: name.to_string(),
+            out,
+            k,
+            stride,
+            padding,
+            bias: false,
+        })
+    }
+
+    /// A ReLU (fused into a directly preceding linear, conv or batch-norm layer).
     pub fn relu(mut self) -> Self {
-        self.layers.push(LayerDesc::Relu);
-        self
+        let fusable = match self.cursor {
+            Source::Layer(j) if j + 1 == self.nodes.len() => {
+                let n = &self.nodes[j];
+                !n.relu
+                    && !n.tapped
+                    && n.residual.is_none()
+                    && matches!(
+                        n.desc,
+                        LayerDesc::Linear { .. }
+                            | LayerDesc::Conv { .. }
+                            | LayerDesc::BatchNorm { .. }
+                    )
+            }
+            _ => false,
+        };
+        if fusable {
+            let j = self.nodes.len() - 1;
+            self.nodes[j].relu = true;
+            self.calls += 1;
+            self
+        } else {
+            let name = format!("relu{}", self.calls);
+            self.push(LayerDesc::Relu { name })
+        }
     }
 
     /// Max pooling with window and stride `k`.
-    pub fn max_pool(mut self, k: usize) -> Self {
-        self.layers.push(LayerDesc::MaxPool { k });
-        self
+    pub fn max_pool(self, k: usize) -> Self {
+        let name = format!("pool{}", self.calls);
+        self.push(LayerDesc::MaxPool { name, k })
+    }
+
+    /// Batch normalisation of each channel (of each feature, after a linear layer), with
+    /// PyTorch's defaults; its tensors are `NAME.weight`, `NAME.bias`, `NAME.running_mean`
+    /// and `NAME.running_var`.
+    pub fn batch_norm(self, name: &str) -> Self {
+        self.push(LayerDesc::BatchNorm {
+            name: name.to_string(),
+        })
+    }
+
+    /// Dropout with probability `p` (in training only).
+    pub fn dropout(self, name: &str, p: f32) -> Self {
+        self.push(LayerDesc::Dropout {
+            name: name.to_string(),
+            p,
+        })
+    }
+
+    /// Global average pooling: each channel's mean.
+    pub fn global_avg_pool(self) -> Self {
+        let name = format!("avgpool{}", self.calls);
+        self.push(LayerDesc::GlobalAvgPool { name })
     }
 
     /// Creates the model for batch `batch`, drawing every weight and bias from `rng`
     /// (layer by layer, weights before bias). Masks start full; see [`crate::masking`] for
     /// drawing sparse ones.
     pub fn build<R: Rng>(self, batch: usize, rng: &mut R) -> Result<Model> {
+        if let Some(e) = self.error {
+            return Err(RuntimeError::Config(format!("model {}: {e}", self.name)));
+        }
         let mut layers: Vec<Box<dyn Layer>> = Vec::new();
-        let mut shape = self.input;
-        for (i, desc) in self.layers.iter().enumerate() {
-            match desc {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let shape = match node.input {
+                Source::Input => self.input,
+                Source::Layer(j) => layers[j].output_shape(),
+            };
+            let mut layer: Box<dyn Layer> = match &node.desc {
                 LayerDesc::Linear { name, out } => {
                     let mut l = Linear::new(name, shape, *out)?;
                     l.init(rng)?;
-                    shape = l.output_shape();
-                    layers.push(Box::new(l));
+                    Box::new(l)
                 }
                 LayerDesc::Conv {
                     name,
@@ -517,38 +912,49 @@ impl ModelBuilder {
                     k,
                     stride,
                     padding,
+                    bias,
                 } => {
                     let mut l = Conv2d::new(name, shape, *out, *k, *stride, *padding)?;
-                    l.init(rng)?;
-                    shape = l.output_shape();
-                    layers.push(Box::new(l));
-                }
-                LayerDesc::Relu => {
-                    let fused = layers.last_mut().is_some_and(|l| l.fuse_relu());
-                    if !fused {
-                        layers.push(Box::new(Relu::new(&format!("relu{i}"), shape)));
+                    if !bias {
+                        l = l.without_bias();
                     }
+                    l.init(rng)?;
+                    Box::new(l)
                 }
-                LayerDesc::MaxPool { k } => {
-                    let mut l = MaxPool2d::new(&format!("pool{i}"), shape, *k)?;
-                    shape = l.output_shape();
+                LayerDesc::Relu { name } => Box::new(Relu::new(name, shape)),
+                LayerDesc::MaxPool { name, k } => {
+                    let mut l = MaxPool2d::new(name, shape, *k)?;
                     // After a fused ReLU the pool, which reads its input in the backward pass
                     // anyway, applies the ReLU's mask there, and the layer before only sums
                     // the gradient for its bias (one pass over it instead of two and a write).
-                    if let Some(w) = layers
-                        .last_mut()
-                        .and_then(|l| l.weights_mut())
-                        .filter(|w| w.relu())
-                    {
-                        if l.mask_relu_input_grad() {
-                            w.set_relu_grad_masked(true);
+                    if let Source::Layer(j) = node.input {
+                        let before = &self.nodes[j];
+                        if j + 1 == i && before.relu && !before.tapped {
+                            if let Some(w) = layers[j].weights_mut() {
+                                if l.mask_relu_input_grad() {
+                                    w.set_relu_grad_masked(true);
+                                }
+                            }
                         }
                     }
-                    layers.push(Box::new(l));
+                    Box::new(l)
                 }
+                LayerDesc::BatchNorm { name } => Box::new(BatchNorm::new(name, shape)),
+                LayerDesc::Dropout { name, p } => Box::new(Dropout::new(name, shape, *p)?),
+                LayerDesc::GlobalAvgPool { name } => Box::new(GlobalAvgPool::new(name, shape)),
+            };
+            if node.relu && !layer.fuse_relu() {
+                return Err(RuntimeError::Config(format!(
+                    "model {}: layer {} cannot fuse a ReLU",
+                    self.name,
+                    layer.name()
+                )));
             }
+            layers.push(layer);
         }
-        Model::from_layers(&self.name, layers, batch)
+        let inputs = self.nodes.iter().map(|n| n.input).collect();
+        let residuals = self.nodes.iter().map(|n| n.residual).collect();
+        Model::from_graph(&self.name, layers, inputs, residuals, batch)
     }
 }
 

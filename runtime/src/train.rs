@@ -775,6 +775,9 @@ impl Trainer {
             }
             None => self.data.gather(Split::Train, indices, input, labels)?,
         };
+        // Dropout's draws (a key of their own, so that they do not repeat the crops').
+        self.model
+            .set_step_key(step_key(self.config.seed ^ 0xd50f_0000, self.step));
         let mode = self.grad_mode();
         let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
         let loss = self.step_on_backend(n, mode, lr, weight, stop)?;
@@ -1043,11 +1046,35 @@ impl Trainer {
     /// Accuracy and mean loss on a split (batches of the training batch size).
     pub fn evaluate(&mut self, split: Split) -> Result<Evaluation> {
         let n = self.data.len(split);
-        let batch = self.config.batch_size;
+        // Batch normalisation by its running statistics, no dropout.
+        self.model.set_training(false);
+        let result = self.evaluate_batches(split);
+        self.model.set_training(true);
+        let (mut loss, mut correct) = result?;
+        if let Some(c) = &self.comm {
+            let mut sums = [loss, correct as f64];
+            c.all_reduce_sum_f64(&mut sums)?;
+            loss = sums[0];
+            correct = sums[1] as usize;
+        }
+        Ok(Evaluation {
+            loss: if n == 0 { 0.0 } else { loss / n as f64 },
+            accuracy: if n == 0 {
+                0.0
+            } else {
+                correct as f64 / n as f64
+            },
+            samples: n,
+        })
+    }
+
+    /// This rank's summed loss and correct predictions over a split.
+    fn evaluate_batches(&mut self, split: Split) -> Result<(f64, usize)> {
+        let n = self.data.len(split);
         let (mut loss, mut correct) = (0.0, 0usize);
         // A data-parallel run evaluates every size-th batch on each rank and sums.
         let (rank, size) = self.rank();
-        let batch = self.model.batch().min(batch);
+        let batch = self.model.batch().min(self.config.batch_size);
         let mut start = 0;
         let mut index = 0;
         while start < n {
@@ -1064,21 +1091,7 @@ impl Trainer {
             start = end;
             index += 1;
         }
-        if let Some(c) = &self.comm {
-            let mut sums = [loss, correct as f64];
-            c.all_reduce_sum_f64(&mut sums)?;
-            loss = sums[0];
-            correct = sums[1] as usize;
-        }
-        Ok(Evaluation {
-            loss: if n == 0 { 0.0 } else { loss / n as f64 },
-            accuracy: if n == 0 {
-                0.0
-            } else {
-                correct as f64 / n as f64
-            },
-            samples: n,
-        })
+        Ok((loss, correct))
     }
 
     /// The summed loss and correct predictions of the first `n` columns of the batch in the

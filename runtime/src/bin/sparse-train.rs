@@ -26,7 +26,8 @@ use sparse_ir::Strategy;
 #[derive(Debug, Parser)]
 #[command(name = "sparse-train", version)]
 struct Cli {
-    /// The model: lenet300-100 or lenet5 [default: lenet300-100].
+    /// The model: lenet300-100, lenet5, vgg-d, wrn-16-2, wrn-16-8, wrn-16-10 or wrn-28-2
+    /// [default: lenet300-100].
     #[arg(long)]
     model: Option<ModelKind>,
     /// The data: mnist (IDX files: MNIST or a drop-in such as Fashion-MNIST), cifar10

@@ -61,7 +61,18 @@ impl Conv2d {
 
     /// Kaiming-uniform initialisation (PyTorch's default for `Conv2d`, fan-in `in·k·k`).
     pub fn init<R: Rng>(&mut self, rng: &mut R) -> Result<()> {
-        self.w.init_kaiming_uniform(rng)
+        let bias = self.w.has_bias();
+        self.w.init_kaiming_uniform(rng)?;
+        if !bias {
+            self.w.remove_bias();
+        }
+        Ok(())
+    }
+
+    /// Without a bias (PyTorch's `bias=False`).
+    pub fn without_bias(mut self) -> Self {
+        self.w.remove_bias();
+        self
     }
 }
 

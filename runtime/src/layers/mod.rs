@@ -4,6 +4,8 @@
 //! - [`Conv2d`]: a direct sparse convolution (one `spmm` on the weights unrolled over the
 //!   output positions), the mask over `[out, in·kh·kw]`;
 //! - [`Relu`], [`MaxPool2d`]: elementwise and pooling layers;
+//! - [`BatchNorm`] (dense parameters and running statistics, ReLU fused), [`Dropout`] and
+//!   [`GlobalAvgPool`], for the conv nets;
 //! - the loss, log-softmax + negative log-likelihood, is in [`crate::loss`].
 //!
 //! Every layer runs on a fixed batch `B` with row stride `ld` (set by
@@ -11,13 +13,21 @@
 //! kernels' outputs, unspecified), and no layer lets them influence columns `0..B` or a
 //! gradient.
 
+mod batch_norm;
 mod conv;
+mod dropout;
+mod global_pool;
 mod linear;
+mod params;
 mod pool;
 mod relu;
 
+pub use batch_norm::BatchNorm;
 pub use conv::Conv2d;
+pub use dropout::Dropout;
+pub use global_pool::GlobalAvgPool;
 pub use linear::Linear;
+pub use params::{DenseParam, StatBuffer};
 pub use pool::MaxPool2d;
 pub use relu::Relu;
 
@@ -66,6 +76,38 @@ pub trait Layer {
     /// The masked weights, mutable.
     fn weights_mut(&mut self) -> Option<&mut SparseWeights> {
         None
+    }
+
+    /// The number of valid samples (columns) of the next passes, `≤ B`; layers that mix
+    /// samples (batch normalisation) use only these. `B` until set.
+    fn set_valid(&mut self, _n: usize) {}
+
+    /// Training (batch statistics, dropout) or evaluation mode; training until set.
+    fn set_training(&mut self, _training: bool) {}
+
+    /// The key of the next training step's random draws (dropout), the same on every rank
+    /// and after a resume.
+    fn set_step_key(&mut self, _key: u64) {}
+
+    /// Dense trainable parameters (batch normalisation's scale and shift).
+    fn params(&self) -> &[DenseParam] {
+        &[]
+    }
+
+    /// Dense trainable parameters, mutable.
+    fn params_mut(&mut self) -> &mut [DenseParam] {
+        &mut []
+    }
+
+    /// Saved statistics that are not trained (batch normalisation's running mean and
+    /// variance).
+    fn stats(&self) -> &[StatBuffer] {
+        &[]
+    }
+
+    /// Saved statistics, mutable.
+    fn stats_mut(&mut self) -> &mut [StatBuffer] {
+        &mut []
     }
 
     /// Absorbs a following ReLU into the forward kernel's epilogue; returns whether it did.

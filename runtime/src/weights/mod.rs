@@ -65,6 +65,8 @@ pub struct SparseWeights {
     params: WeightParams,
     sgd: SgdState<Vec<f32>>,
     kernels: LayerKernels,
+    /// Whether the bias is a parameter (otherwise it stays zero, as PyTorch's `bias=False`).
+    has_bias: bool,
 }
 
 impl std::fmt::Debug for SparseWeights {
@@ -101,6 +103,7 @@ impl SparseWeights {
                 decay: Default::default(),
             },
             kernels: LayerKernels::new(),
+            has_bias: true,
         };
         w.rebuild_from_dense()?;
         Ok(w)
@@ -118,6 +121,19 @@ impl SparseWeights {
             *b = rng.random_range(-bound..bound);
         }
         self.rebuild_from_dense().map(|_| ())
+    }
+
+    /// Makes the bias no parameter (PyTorch's `bias=False`): zero, never trained and not
+    /// saved in checkpoints.
+    pub fn remove_bias(&mut self) {
+        self.has_bias = false;
+        self.params.bias.fill(0.0);
+        self.sgd.bias_momentum.fill(0.0);
+    }
+
+    /// Whether the bias is a parameter (see [`remove_bias`](Self::remove_bias)).
+    pub fn has_bias(&self) -> bool {
+        self.has_bias
     }
 
     /// The layer name.
@@ -424,6 +440,10 @@ impl SparseWeights {
     /// `w = w − lr·(g' + μ·buf)` (Nesterov) or `w = w − lr·buf`.
     pub fn sgd_step(&mut self, cfg: &SgdConfig, lr: f32) {
         let host = HostSgd { config: cfg, lr };
+        if !self.has_bias {
+            // A zero bias with a zero gradient stays zero.
+            self.sgd.bias_grad.fill(0.0);
+        }
         let p = &mut self.params;
         let Ok(()) = self
             .sgd
