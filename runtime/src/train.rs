@@ -833,6 +833,52 @@ impl Trainer {
         Ok(loss)
     }
 
+    /// For benchmarks: compiles what is missing, then runs `steps` training steps whose
+    /// weight gradient is `mode` (whatever the schedule says), on consecutive batches of the
+    /// shuffled training set; returns each step's milliseconds (batch gathering included, as
+    /// in an epoch's `step_ms`).
+    pub fn bench_steps(&mut self, steps: usize, mode: WeightGradMode) -> Result<Vec<f64>> {
+        self.compile_all_unrecorded()?;
+        let n_train = self.data.len(Split::Train);
+        let batch = self.config.batch_size;
+        if self.order.len() != n_train {
+            self.order.clear();
+            self.order.extend(0..n_train as u32);
+            self.order.shuffle(&mut self.shuffle_rng);
+        }
+        let stop = AtomicBool::new(false);
+        let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
+        let per_epoch = n_train / batch;
+        let mut times = Vec::with_capacity(steps);
+        for i in 0..steps {
+            let t0 = Instant::now();
+            let lo = (i % per_epoch.max(1)) * batch;
+            let (input, labels) = self.model.batch_buffers_mut();
+            let indices = &self.order[lo..(lo + batch).min(n_train)];
+            let n = match &self.config.augmentation {
+                Some(a) => {
+                    let key = step_key(self.config.seed, self.step);
+                    self.data
+                        .gather_augmented(Split::Train, indices, input, labels, a, key)?
+                }
+                None => self.data.gather(Split::Train, indices, input, labels)?,
+            };
+            self.model
+                .set_step_key(step_key(self.config.seed ^ 0xd50f_0000, self.step));
+            self.step_on_backend(n, mode, lr, 1.0, &stop)?;
+            self.step += 1;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(times)
+    }
+
+    /// For benchmarks: one mask update at the current prune rate and the recompilation of
+    /// the layers whose pattern changed; the update's and the compilation's milliseconds.
+    pub fn bench_mask_update(&mut self) -> Result<(f64, f64)> {
+        self.compile_all_unrecorded()?;
+        self.mask_update(false)
+    }
+
     /// Whether the run stops now: the stop flag, or in a data-parallel run what the ranks
     /// agreed at the last step (so that they all stop after the same step).
     fn stopping(&self, stop: &AtomicBool) -> bool {
