@@ -378,6 +378,13 @@ impl Model {
         }
     }
 
+    /// The most threads the layers' own loops (batch normalisation) may use.
+    pub fn set_threads(&mut self, threads: usize) {
+        for l in &mut self.layers {
+            l.set_threads(threads);
+        }
+    }
+
     /// The key of the next training step's random draws (dropout), on every layer.
     pub fn set_step_key(&mut self, key: u64) {
         for l in &mut self.layers {
@@ -643,6 +650,8 @@ struct NodeDesc {
     residual: Option<Source>,
     /// A ReLU fused into the layer.
     relu: bool,
+    /// A dropout fused after the ReLU (batch normalisation only): its name and probability.
+    dropout: Option<(String, f32)>,
     /// Its output is read by a layer other than the next (so nothing may fuse into it).
     tapped: bool,
 }
@@ -730,6 +739,7 @@ impl ModelBuilder {
             input: self.cursor,
             residual: None,
             relu: false,
+            dropout: None,
             tapped: false,
         });
         self.cursor = Source::Layer(self.nodes.len() - 1);
@@ -873,8 +883,24 @@ impl ModelBuilder {
         })
     }
 
-    /// Dropout with probability `p` (in training only).
-    pub fn dropout(self, name: &str, p: f32) -> Self {
+    /// Dropout with probability `p` (in training only); fused into a directly preceding
+    /// batch normalisation with a fused ReLU.
+    pub fn dropout(mut self, name: &str, p: f32) -> Self {
+        let last = self.nodes.len();
+        if let Source::Layer(j) = self.cursor {
+            let n = &mut self.nodes[j];
+            if j + 1 == last
+                && matches!(n.desc, LayerDesc::BatchNorm { .. })
+                && n.relu
+                && n.dropout.is_none()
+                && !n.tapped
+                && n.residual.is_none()
+            {
+                n.dropout = Some((name.to_string(), p));
+                self.calls += 1;
+                return self;
+            }
+        }
         self.push(LayerDesc::Dropout {
             name: name.to_string(),
             p,
@@ -939,11 +965,21 @@ impl ModelBuilder {
                     }
                     Box::new(l)
                 }
-                LayerDesc::BatchNorm { name } => Box::new(BatchNorm::new(name, shape)),
+                LayerDesc::BatchNorm { name } => {
+                    let mut l = BatchNorm::new(name, shape);
+                    if node.relu {
+                        l.fuse_relu();
+                    }
+                    if let Some((d, p)) = &node.dropout {
+                        l.fuse_dropout(d, *p)?;
+                    }
+                    Box::new(l)
+                }
                 LayerDesc::Dropout { name, p } => Box::new(Dropout::new(name, shape, *p)?),
                 LayerDesc::GlobalAvgPool { name } => Box::new(GlobalAvgPool::new(name, shape)),
             };
-            if node.relu && !layer.fuse_relu() {
+            let fused_already = matches!(node.desc, LayerDesc::BatchNorm { .. });
+            if node.relu && !fused_already && !layer.fuse_relu() {
                 return Err(RuntimeError::Config(format!(
                     "model {}: layer {} cannot fuse a ReLU",
                     self.name,

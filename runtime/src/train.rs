@@ -490,10 +490,11 @@ impl Trainer {
             rank_batch(config.batch_size, c.size())
         });
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let model = config
+        let mut model = config
             .model
             .builder(data.shape(), data.classes())
             .build(model_batch, &mut init_rng)?;
+        model.set_threads(config.threads);
         let specs = model
             .sparse_layers()
             .map(|w| LayerSpec::new(w.name(), w.shape()))

@@ -314,6 +314,14 @@ fn batch_norm_gradients() {
         .value
         .copy_from_slice(&[0.3, -0.2, 0.1, 0.0]);
     check_layer_with(Box::new(bn), 5, 18, "batch-norm 1-d + relu", 1e-3);
+    // With a fused ReLU and dropout, over 2 threads (channels split between them).
+    let mut bn = BatchNorm::new("bn", Shape::image(3, 2, 3));
+    assert!(bn.fuse_relu());
+    bn.fuse_dropout("drop", 0.4).unwrap();
+    assert!(bn.fuse_dropout("drop", 0.4).is_err(), "one dropout");
+    bn.set_threads(2);
+    bn.set_step_key(5);
+    check_layer_with(Box::new(bn), 6, 22, "batch-norm + relu + dropout", 1e-3);
     // Evaluation mode: an affine map by the running statistics.
     let mut bn = BatchNorm::new("bn", Shape::image(2, 2, 2));
     bn.stats_mut()[0].value.copy_from_slice(&[0.5, -1.0]);
@@ -406,6 +414,38 @@ fn dropout_gradients_and_rate() {
     d.set_training(false);
     assert_eq!(run(&mut d, 1).as_slice(), x.as_slice());
     assert!(Dropout::new("drop", Shape::flat(3), 1.0).is_err());
+}
+
+/// Batch normalisation with a fused ReLU and dropout gives what the three layers give one
+/// after the other, the same entries dropped, on 1 and 3 threads.
+#[test]
+fn fused_dropout_matches_the_separate_layers() {
+    let mut rng = ChaCha8Rng::seed_from_u64(40);
+    let (shape, batch) = (Shape::image(5, 3, 3), 7);
+    let ld = runtime::padded_ld(batch);
+    let x = random_matrix(&mut rng, 45, batch);
+    let mut plain = BatchNorm::new("bn", shape);
+    plain.fuse_relu();
+    let mut drop = Dropout::new("drop", shape, 0.3).unwrap();
+    for l in [&mut plain as &mut dyn Layer, &mut drop] {
+        l.set_batch(batch, ld).unwrap();
+        l.set_step_key(11);
+    }
+    let (mut h, mut want) = (Matrix::zeros(45, batch), Matrix::zeros(45, batch));
+    plain.forward(&x, &mut h).unwrap();
+    drop.forward(&h, &mut want).unwrap();
+    assert!(want.as_slice().iter().filter(|&&v| v == 0.0).count() > want.as_slice().len() / 2);
+    for threads in [1, 3] {
+        let mut fused = BatchNorm::new("bn", shape);
+        fused.fuse_relu();
+        fused.fuse_dropout("drop", 0.3).unwrap();
+        fused.set_threads(threads);
+        fused.set_batch(batch, ld).unwrap();
+        fused.set_step_key(11);
+        let mut got = Matrix::zeros(45, batch);
+        fused.forward(&x, &mut got).unwrap();
+        assert_eq!(got.as_slice(), want.as_slice(), "{threads} threads");
+    }
 }
 
 #[test]

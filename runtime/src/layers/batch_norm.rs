@@ -1,7 +1,8 @@
 //! [`BatchNorm`]: batch normalisation over each channel (2-D: a channel's plane of positions
 //! × the batch; 1-D: a flat feature × the batch), PyTorch's `BatchNorm2d`/`BatchNorm1d`, with
-//! an optional fused ReLU.
+//! a fused ReLU and, after it, a fused dropout.
 
+use super::dropout::{check_probability, DropDraw};
 use super::params::{DenseParam, StatBuffer};
 use super::{batch_of, check_matrix, Layer, Shape};
 use crate::error::{Result, RuntimeError};
@@ -19,8 +20,11 @@ const MOMENTUM: f32 = 0.1;
 /// parameters (`NAME.weight`, `NAME.bias`), the statistics `NAME.running_mean` and
 /// `NAME.running_var`.
 ///
-/// A following ReLU fuses into it (`y = max(0, …)`, and the backward pass masks the gradient
-/// by `y > 0`): one pass over the activation instead of two.
+/// A following ReLU fuses into it (`y = max(0, …)`), and a dropout after that too (in
+/// training, `y = keep·max(0, …)/(1 − p)`): one pass over the activation instead of three.
+/// The backward pass then needs no mask of its own: the gradient passes where `y > 0`. Work is
+/// split over the channels on up to [`Layer::set_threads`] threads, each channel's plane read
+/// from memory once and reused from the cache.
 #[derive(Debug)]
 pub struct BatchNorm {
     name: String,
@@ -28,12 +32,109 @@ pub struct BatchNorm {
     params: [DenseParam; 2],
     stats: [StatBuffer; 2],
     relu: bool,
+    dropout: Option<DropDraw>,
+    key: u64,
     training: bool,
+    threads: usize,
     valid: Option<usize>,
     dims: Option<(usize, usize)>,
     /// Per channel, the mean and 1/√(var + ε) of the last training forward pass.
     mean: Vec<f32>,
     inv_std: Vec<f32>,
+    /// Per channel, the batch variance (unbiased) of the last training forward pass.
+    var: Vec<f32>,
+    /// Per channel, Σ dy and Σ dy·x̂ of the last backward pass.
+    sums: Vec<(f32, f32)>,
+}
+
+/// What one channel's pass reads.
+#[derive(Clone, Copy)]
+struct Pass {
+    n: usize,
+    ld: usize,
+    relu: bool,
+    dropout: Option<(DropDraw, u64)>,
+}
+
+/// Runs `f(channel, xs, ys)` for every channel, over contiguous groups of channels on up to
+/// `threads` threads; `x` and `y` hold `channels` blocks of `block` floats each, and `out`
+/// one result per channel.
+fn per_channel<T: Send>(
+    threads: usize,
+    block: usize,
+    x: &[f32],
+    y: &mut [f32],
+    out: &mut [T],
+    f: impl Fn(usize, &[f32], &mut [f32], &mut T) + Sync,
+) {
+    let channels = out.len();
+    let groups = threads.clamp(1, channels.max(1));
+    let per = channels.div_ceil(groups);
+    std::thread::scope(|s| {
+        let mut rest_y = y;
+        let mut rest_out = out;
+        let mut c0 = 0;
+        let mut handles = Vec::new();
+        while c0 < channels {
+            let c1 = (c0 + per).min(channels);
+            let (ys, ry) = rest_y.split_at_mut((c1 - c0) * block);
+            let (os, ro) = rest_out.split_at_mut(c1 - c0);
+            rest_y = ry;
+            rest_out = ro;
+            let xs = &x[c0 * block..c1 * block];
+            let f = &f;
+            let mut work = move || {
+                for (i, ((xc, yc), o)) in xs
+                    .chunks_exact(block)
+                    .zip(ys.chunks_exact_mut(block))
+                    .zip(os.iter_mut())
+                    .enumerate()
+                {
+                    f(c0 + i, xc, yc, o);
+                }
+            };
+            if c1 == channels {
+                work();
+            } else {
+                handles.push(s.spawn(work));
+            }
+            c0 = c1;
+        }
+        for h in handles {
+            h.join().expect("a batch-norm thread panicked");
+        }
+    });
+}
+
+/// Σ over the valid columns of every row of a channel, as f64 (f32 within a row).
+fn channel_sum(xs: &[f32], p: Pass, f: impl Fn(f32) -> f32) -> f64 {
+    xs.chunks_exact(p.ld)
+        .map(|r| f64::from(r[..p.n].iter().map(|&v| f(v)).sum::<f32>()))
+        .sum()
+}
+
+/// Writes `y = epilogue(x·scale + shift)` for one channel: ReLU and dropout as fused.
+fn write_channel(c_rows: usize, xs: &[f32], ys: &mut [f32], scale: f32, shift: f32, p: Pass) {
+    for (r, (xr, yr)) in xs
+        .chunks_exact(p.ld)
+        .zip(ys.chunks_exact_mut(p.ld))
+        .enumerate()
+    {
+        let (xv, yv) = (&xr[..p.n], &mut yr[..p.n]);
+        if p.relu {
+            for (o, &i) in yv.iter_mut().zip(xv) {
+                *o = (i * scale + shift).max(0.0);
+            }
+        } else {
+            for (o, &i) in yv.iter_mut().zip(xv) {
+                *o = i * scale + shift;
+            }
+        }
+        if let Some((draw, key)) = p.dropout {
+            draw.apply_in_place(key, c_rows + r, yv);
+        }
+        yr[p.n..].fill(0.0);
+    }
 }
 
 impl BatchNorm {
@@ -51,12 +152,33 @@ impl BatchNorm {
             params: [p("weight", 1.0), p("bias", 0.0)],
             stats: [b("running_mean", 0.0), b("running_var", 1.0)],
             relu: false,
+            dropout: None,
+            key: 0,
             training: true,
+            threads: 1,
             valid: None,
             dims: None,
             mean: vec![0.0; c],
             inv_std: vec![1.0; c],
+            var: vec![1.0; c],
+            sums: vec![(0.0, 0.0); c],
         }
+    }
+
+    /// Fuses a dropout with probability `p` (named `name`, which salts its draws) after the
+    /// fused ReLU; an error without a fused ReLU or with a dropout fused already.
+    pub fn fuse_dropout(&mut self, name: &str, p: f32) -> Result<()> {
+        check_probability(name, p)?;
+        if !self.relu || self.dropout.is_some() {
+            return Err(RuntimeError::Config(format!(
+                "layer {}: a dropout fuses only after a fused ReLU, once",
+                self.name
+            )));
+        }
+        if p > 0.0 {
+            self.dropout = Some(DropDraw::new(name, p));
+        }
+        Ok(())
     }
 
     /// Positions per channel.
@@ -64,14 +186,16 @@ impl BatchNorm {
         self.shape.height * self.shape.width
     }
 
-    /// Each channel's `(scale, shift)` of the evaluation mode.
-    fn eval_affine(&self, c: usize) -> (f32, f32) {
-        let inv = 1.0 / (self.stats[1].value[c] + EPS).sqrt();
-        let scale = self.params[0].value[c] * inv;
-        (
-            scale,
-            self.params[1].value[c] - self.stats[0].value[c] * scale,
-        )
+    fn pass(&self, n: usize, ld: usize) -> Pass {
+        Pass {
+            n,
+            ld,
+            relu: self.relu,
+            dropout: self
+                .dropout
+                .filter(|_| self.training)
+                .map(|d| (d, self.key)),
+        }
     }
 }
 
@@ -99,6 +223,14 @@ impl Layer for BatchNorm {
 
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    fn set_step_key(&mut self, key: u64) {
+        self.key = key;
     }
 
     fn fuse_relu(&mut self) -> bool {
@@ -136,54 +268,47 @@ impl Layer for BatchNorm {
                 self.name
             )));
         }
-        let relu = self.relu;
-        for (c, (xs, ys)) in x
-            .as_slice()
-            .chunks_exact(plane * ld)
-            .zip(y.as_mut_slice().chunks_exact_mut(plane * ld))
-            .enumerate()
-        {
-            let (scale, shift) = if self.training {
-                // Two passes (mean, then squared deviations) in f64: no cancellation.
-                let sum: f64 = xs
-                    .chunks_exact(ld)
-                    .map(|r| r[..n].iter().map(|&v| f64::from(v)).sum::<f64>())
-                    .sum();
-                let mean = sum / count as f64;
-                let sq: f64 = xs
-                    .chunks_exact(ld)
-                    .map(|r| {
-                        r[..n]
-                            .iter()
-                            .map(|&v| (f64::from(v) - mean).powi(2))
-                            .sum::<f64>()
-                    })
-                    .sum();
-                let var = sq / count as f64;
-                let inv = 1.0 / (var + f64::from(EPS)).sqrt();
-                self.mean[c] = mean as f32;
-                self.inv_std[c] = inv as f32;
-                let rm = &mut self.stats[0].value[c];
-                *rm = (1.0 - MOMENTUM) * *rm + MOMENTUM * mean as f32;
-                let rv = &mut self.stats[1].value[c];
-                let unbiased = sq / (count - 1) as f64;
-                *rv = (1.0 - MOMENTUM) * *rv + MOMENTUM * unbiased as f32;
-                let scale = self.params[0].value[c] * inv as f32;
-                (scale, self.params[1].value[c] - mean as f32 * scale)
-            } else {
-                self.eval_affine(c)
-            };
-            for (xr, yr) in xs.chunks_exact(ld).zip(ys.chunks_exact_mut(ld)) {
-                if relu {
-                    for (o, &i) in yr[..n].iter_mut().zip(&xr[..n]) {
-                        *o = (i * scale + shift).max(0.0);
-                    }
+        let pass = self.pass(n, ld);
+        let (gamma, beta) = (&self.params[0].value, &self.params[1].value);
+        let (rm, rv) = (&self.stats[0].value, &self.stats[1].value);
+        let training = self.training;
+        // Per channel: (mean, 1/σ, unbiased variance) of the batch in training.
+        let mut moments = vec![(0f32, 0f32, 0f32); self.shape.channels];
+        per_channel(
+            self.threads,
+            plane * ld,
+            x.as_slice(),
+            y.as_mut_slice(),
+            &mut moments,
+            |c, xs, ys, m| {
+                let (scale, shift) = if training {
+                    // Two passes (mean, then squared deviations; the plane is in the cache
+                    // for the second): no cancellation.
+                    let mean = channel_sum(xs, pass, |v| v) / count as f64;
+                    let mf = mean as f32;
+                    let sq = channel_sum(xs, pass, |v| (v - mf) * (v - mf));
+                    let var = sq / count as f64;
+                    let inv = (1.0 / (var + f64::from(EPS)).sqrt()) as f32;
+                    *m = (mf, inv, (sq / (count - 1) as f64) as f32);
+                    let scale = gamma[c] * inv;
+                    (scale, beta[c] - mf * scale)
                 } else {
-                    for (o, &i) in yr[..n].iter_mut().zip(&xr[..n]) {
-                        *o = i * scale + shift;
-                    }
-                }
-                yr[n..].fill(0.0);
+                    let inv = 1.0 / (rv[c] + EPS).sqrt();
+                    let scale = gamma[c] * inv;
+                    (scale, beta[c] - rm[c] * scale)
+                };
+                write_channel(c * plane, xs, ys, scale, shift, pass);
+            },
+        );
+        if training {
+            for (c, &(mean, inv, unbiased)) in moments.iter().enumerate() {
+                self.mean[c] = mean;
+                self.inv_std[c] = inv;
+                self.var[c] = unbiased;
+                let rm = &mut self.stats[0].value[c];
+                *rm = (1.0 - MOMENTUM) * *rm + MOMENTUM * mean;
+                let rv = &mut self.stats[1].value[c];
+                *rv = (1.0 - MOMENTUM) * *rv + MOMENTUM * unbiased;
             }
         }
         Ok(())
@@ -202,76 +327,99 @@ impl Layer for BatchNorm {
         check_matrix(&self.name, "input", x, f, batch, ld)?;
         check_matrix(&self.name, "output", y, f, batch, ld)?;
         check_matrix(&self.name, "output gradient", dy, f, batch, ld)?;
-        let n = self.valid.unwrap_or(batch).min(batch);
-        let plane = self.plane();
-        let count = (n * plane) as f32;
-        if self.relu {
-            for (yr, dr) in y
-                .as_slice()
-                .chunks_exact(ld)
-                .zip(dy.as_mut_slice().chunks_exact_mut(ld))
-            {
-                for (d, &o) in dr[..n].iter_mut().zip(&yr[..n]) {
-                    if o <= 0.0 {
-                        *d = 0.0;
-                    }
-                }
-            }
-        }
-        let mut dx = dx;
         if let Some(dx) = &dx {
             check_matrix(&self.name, "input gradient", dx, f, batch, ld)?;
         }
-        for c in 0..self.shape.channels {
-            let rows = c * plane * ld..(c + 1) * plane * ld;
-            let (xs, ds) = (&x.as_slice()[rows.clone()], &dy.as_slice()[rows.clone()]);
-            let (mean, inv) = if self.training {
-                (self.mean[c], self.inv_std[c])
+        let n = self.valid.unwrap_or(batch).min(batch);
+        let plane = self.plane();
+        let block = plane * ld;
+        let count = (n * plane) as f32;
+        let (relu, training) = (self.relu, self.training);
+        // A fused dropout scales what passes: the gradient is dy·scale where y > 0.
+        let drop_scale = self.dropout.filter(|_| training).map_or(1.0, |d| d.scale());
+        let (ys, dys) = (y.as_slice(), dy.as_slice());
+        let gamma = &self.params[0].value;
+        let (mean, inv_std) = (&self.mean, &self.inv_std);
+        let (rm, rv) = (&self.stats[0].value, &self.stats[1].value);
+        let stat = |c: usize| {
+            if training {
+                (mean[c], inv_std[c])
             } else {
-                (
-                    self.stats[0].value[c],
-                    1.0 / (self.stats[1].value[c] + EPS).sqrt(),
-                )
-            };
-            // dβ = Σ dy, dγ = Σ dy·x̂.
-            let (mut db, mut dg) = (0f64, 0f64);
-            for (xr, dr) in xs.chunks_exact(ld).zip(ds.chunks_exact(ld)) {
-                for (&xv, &d) in xr[..n].iter().zip(&dr[..n]) {
-                    db += f64::from(d);
-                    dg += f64::from(d) * f64::from((xv - mean) * inv);
-                }
+                (rm[c], 1.0 / (rv[c] + EPS).sqrt())
             }
-            self.params[0].grad[c] = dg as f32;
-            self.params[1].grad[c] = db as f32;
-            let Some(dx) = dx.as_deref_mut() else {
-                continue;
-            };
-            let gamma = self.params[0].value[c];
-            let dxs = &mut dx.as_mut_slice()[rows];
-            if self.training {
-                // dx = γ/σ · (dy − dβ/N − x̂·dγ/N).
-                let (db, dg) = (db as f32 / count, dg as f32 / count);
-                let k = gamma * inv;
-                for ((xr, dr), or) in xs
-                    .chunks_exact(ld)
-                    .zip(ds.chunks_exact(ld))
-                    .zip(dxs.chunks_exact_mut(ld))
-                {
-                    for ((o, &xv), &d) in or[..n].iter_mut().zip(&xr[..n]).zip(&dr[..n]) {
-                        *o = k * (d - db - (xv - mean) * inv * dg);
-                    }
-                    or[n..].fill(0.0);
-                }
+        };
+        // The gradient of the normalised value at (row, column).
+        let grad = move |yv: f32, d: f32| {
+            if relu && yv <= 0.0 {
+                0.0
             } else {
-                let k = gamma * inv;
-                for (dr, or) in ds.chunks_exact(ld).zip(dxs.chunks_exact_mut(ld)) {
-                    for (o, &d) in or[..n].iter_mut().zip(&dr[..n]) {
-                        *o = k * d;
-                    }
-                    or[n..].fill(0.0);
+                d * drop_scale
+            }
+        };
+        let channel = |c: usize, xs: &[f32], dxs: Option<&mut [f32]>, out: &mut (f32, f32)| {
+            let rows = c * block..(c + 1) * block;
+            let (yc, dc) = (&ys[rows.clone()], &dys[rows]);
+            let (m, inv) = stat(c);
+            // dβ = Σ g, dγ = Σ g·x̂.
+            let (mut db, mut dg) = (0f64, 0f64);
+            for ((xr, yr), dr) in xs
+                .chunks_exact(ld)
+                .zip(yc.chunks_exact(ld))
+                .zip(dc.chunks_exact(ld))
+            {
+                let (mut b, mut g) = (0f32, 0f32);
+                for ((&xv, &yv), &d) in xr[..n].iter().zip(&yr[..n]).zip(&dr[..n]) {
+                    let d = grad(yv, d);
+                    b += d;
+                    g += d * (xv - m) * inv;
+                }
+                db += f64::from(b);
+                dg += f64::from(g);
+            }
+            *out = (db as f32, dg as f32);
+            let Some(dxs) = dxs else { return };
+            let k = gamma[c] * inv;
+            // Training: dx = γ/σ · (g − dβ/N − x̂·dγ/N); evaluation: dx = γ/σ · g.
+            let (mb, mg) = if training {
+                (db as f32 / count, dg as f32 / count)
+            } else {
+                (0.0, 0.0)
+            };
+            for (((xr, yr), dr), or) in xs
+                .chunks_exact(ld)
+                .zip(yc.chunks_exact(ld))
+                .zip(dc.chunks_exact(ld))
+                .zip(dxs.chunks_exact_mut(ld))
+            {
+                for (((o, &xv), &yv), &d) in
+                    or[..n].iter_mut().zip(&xr[..n]).zip(&yr[..n]).zip(&dr[..n])
+                {
+                    *o = k * (grad(yv, d) - mb - (xv - m) * inv * mg);
+                }
+                or[n..].fill(0.0);
+            }
+        };
+        let mut sums = std::mem::take(&mut self.sums);
+        match dx {
+            Some(dx) => per_channel(
+                self.threads,
+                block,
+                x.as_slice(),
+                dx.as_mut_slice(),
+                &mut sums,
+                |c, xs, dxs, out| channel(c, xs, Some(dxs), out),
+            ),
+            None => {
+                for (c, (xs, out)) in x.as_slice().chunks_exact(block).zip(&mut sums).enumerate() {
+                    channel(c, xs, None, out);
                 }
             }
         }
+        for (c, &(db, dg)) in sums.iter().enumerate() {
+            self.params[0].grad[c] = dg;
+            self.params[1].grad[c] = db;
+        }
+        self.sums = sums;
         Ok(())
     }
 }

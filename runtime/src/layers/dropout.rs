@@ -8,15 +8,14 @@ use crate::weights::WeightGradMode;
 
 /// Inverted dropout. Which entries drop depends only on the step's key (see
 /// [`Layer::set_step_key`]), the layer and the entry, so nothing is stored between the
-/// forward and the backward pass, and a resumed run drops the same entries.
+/// forward and the backward pass, and a resumed run drops the same entries. A dropout right
+/// after a batch normalisation with a fused ReLU is fused into it instead.
 #[derive(Debug)]
 pub struct Dropout {
     name: String,
     shape: Shape,
     p: f32,
-    /// A keep decision is `hash < threshold` (of 2^32).
-    threshold: u64,
-    salt: u64,
+    draw: DropDraw,
     key: u64,
     training: bool,
     dims: Option<(usize, usize)>,
@@ -25,21 +24,12 @@ pub struct Dropout {
 impl Dropout {
     /// Dropout with probability `p` in `[0, 1)`.
     pub fn new(name: &str, shape: Shape, p: f32) -> Result<Self> {
-        if !(0.0..1.0).contains(&p) {
-            return Err(RuntimeError::Config(format!(
-                "layer {name}: dropout probability {p} is not in [0, 1)"
-            )));
-        }
-        // The layer's name salts its draws: two dropout layers differ.
-        let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        check_probability(name, p)?;
         Ok(Dropout {
             name: name.to_string(),
             shape,
             p,
-            threshold: ((1.0 - f64::from(p)) * 4_294_967_296.0) as u64,
-            salt,
+            draw: DropDraw::new(name, p),
             key: 0,
             training: true,
             dims: None,
@@ -49,20 +39,79 @@ impl Dropout {
     /// Applies the mask and scale of this step to `src` into `dst` (rows `ld` apart, `n`
     /// valid columns; the rest zero).
     fn apply(&self, src: &[f32], dst: &mut [f32], n: usize, ld: usize) {
-        let scale = 1.0 / (1.0 - self.p);
-        let base = self.key ^ self.salt;
         for (r, (sr, dr)) in src
             .chunks_exact(ld)
             .zip(dst.chunks_exact_mut(ld))
             .enumerate()
         {
-            let row = mix(base ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            for (b, (o, &i)) in dr[..n].iter_mut().zip(&sr[..n]).enumerate() {
-                let keep = (mix(row ^ b as u64) >> 32) < self.threshold;
-                *o = if keep { i * scale } else { 0.0 };
-            }
+            self.draw.apply_row(self.key, r, &sr[..n], &mut dr[..n]);
             dr[n..].fill(0.0);
         }
+    }
+}
+
+/// An error unless `p` is a dropout probability, in `[0, 1)`.
+pub(crate) fn check_probability(name: &str, p: f32) -> Result<()> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(RuntimeError::Config(format!(
+            "layer {name}: dropout probability {p} is not in [0, 1)"
+        )))
+    }
+}
+
+/// The random keep-or-drop decisions of dropout with probability `p`: entry `(row, column)`
+/// of a step with key `key` is kept where 16 bits of a hash of (key, layer, row, group of
+/// four columns) fall below `(1 − p)·2^16`; kept entries are scaled by `1/(1 − p)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropDraw {
+    threshold: u32,
+    scale: f32,
+    salt: u64,
+}
+
+impl DropDraw {
+    /// The draws of the layer `name` (its name salts them: two layers drop differently).
+    pub(crate) fn new(name: &str, p: f32) -> Self {
+        let salt = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        DropDraw {
+            threshold: ((1.0 - f64::from(p)) * 65_536.0).round() as u32,
+            scale: 1.0 / (1.0 - p),
+            salt,
+        }
+    }
+
+    /// `dst = keep · src · scale` over one row.
+    pub(crate) fn apply_row(&self, key: u64, row: usize, src: &[f32], dst: &mut [f32]) {
+        let base = mix(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for (g, (d4, s4)) in dst.chunks_mut(4).zip(src.chunks(4)).enumerate() {
+            let h = mix(base ^ g as u64);
+            for (k, (d, &s)) in d4.iter_mut().zip(s4).enumerate() {
+                let keep = ((h >> (16 * k)) as u32 & 0xffff) < self.threshold;
+                *d = if keep { s * self.scale } else { 0.0 };
+            }
+        }
+    }
+
+    /// `values = keep · values · scale` over one row, in place (the same draws as
+    /// [`apply_row`](Self::apply_row)).
+    pub(crate) fn apply_in_place(&self, key: u64, row: usize, values: &mut [f32]) {
+        let base = mix(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for (g, v4) in values.chunks_mut(4).enumerate() {
+            let h = mix(base ^ g as u64);
+            for (k, v) in v4.iter_mut().enumerate() {
+                let keep = ((h >> (16 * k)) as u32 & 0xffff) < self.threshold;
+                *v = if keep { *v * self.scale } else { 0.0 };
+            }
+        }
+    }
+
+    /// The scale of kept entries, `1/(1 − p)`.
+    pub(crate) fn scale(&self) -> f32 {
+        self.scale
     }
 }
 

@@ -89,6 +89,9 @@ pub trait Layer {
     /// and after a resume.
     fn set_step_key(&mut self, _key: u64) {}
 
+    /// The most threads the layer's own loops may use (the kernels have their plan's).
+    fn set_threads(&mut self, _threads: usize) {}
+
     /// Dense trainable parameters (batch normalisation's scale and shift).
     fn params(&self) -> &[DenseParam] {
         &[]
