@@ -193,6 +193,9 @@ pub const TIMING_MAX_ROUNDS: usize = 15;
 /// Rounds a decision takes even over its budget (as long as the budget allows at least
 /// three); the median of fewer is too noisy on a shared machine.
 pub const TIMING_MIN_ROUNDS: usize = 9;
+/// A kernel the cost model predicts to take at least this long on one thread (µs) runs on
+/// every thread without a race (see `decide_threads`).
+const LONG_KERNEL_US: f64 = 20_000.0;
 /// Decisions kept per backend before the oldest are forgotten (a training run makes a few
 /// per mask update).
 const DECISIONS_MAX: usize = 4096;
@@ -406,6 +409,21 @@ impl CpuBackend {
             PlanTiming::Off => return Ok(()),
             PlanTiming::On { budget } => budget,
         };
+        // A kernel this long on one thread gains from every thread, and racing the two
+        // counts would cost each recompilation seconds (a 128->128 3x3 convolution at 5 %,
+        // batch 128: 77.7 ms on one thread, 37.1 ms on two; racing WRN-16-8's kernels took
+        // 71 s a mask update).
+        let single = planner::predict_one(
+            &Features {
+                threads: 1,
+                ..features.clone()
+            },
+            plan.strategy,
+        );
+        if single >= LONG_KERNEL_US {
+            plan.set_threads(n);
+            return Ok(());
+        }
         let (mut key, size) = DecisionKey::of(features);
         key.strategy = plan.strategy;
         if let Some(measured) = recall(&self.thread_decisions, &key, size, THREADS_SAME_SIZE) {

@@ -106,14 +106,52 @@ fn per_channel<T: Send>(
     });
 }
 
+/// Lanes of the vectorised sums.
+const LANES: usize = 8;
+
+/// Σ f(v) over a row, in [`LANES`] partial sums (which the compiler vectorises; one running
+/// f32 sum would be a chain of dependent adds).
+#[inline(always)]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&a| f(a)).sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Σ over the valid columns of every row of a channel, as f64 (f32 within a row).
-fn channel_sum(xs: &[f32], p: Pass, f: impl Fn(f32) -> f32) -> f64 {
+fn channel_sum(xs: &[f32], p: Pass, f: impl Fn(f32) -> f32 + Copy) -> f64 {
     xs.chunks_exact(p.ld)
-        .map(|r| f64::from(r[..p.n].iter().map(|&v| f(v)).sum::<f32>()))
+        .map(|r| f64::from(lane_sum(&r[..p.n], f)))
         .sum()
 }
 
-/// Writes `y = epilogue(x·scale + shift)` for one channel: ReLU and dropout as fused.
+/// `(Σ g, Σ g·(x − m)·inv)` over a row, in [`LANES`] partial sums.
+#[inline(always)]
+fn grad_sums(x: &[f32], g: &[f32], m: f32, inv: f32) -> (f32, f32) {
+    let (mut bs, mut gs) = ([0f32; LANES], [0f32; LANES]);
+    let n = x.len() / LANES * LANES;
+    for (xc, gc) in x[..n].chunks_exact(LANES).zip(g[..n].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            bs[i] += gc[i];
+            gs[i] += gc[i] * ((xc[i] - m) * inv);
+        }
+    }
+    let (mut bt, mut gt) = (0f32, 0f32);
+    for (&xv, &gv) in x[n..].iter().zip(&g[n..]) {
+        bt += gv;
+        gt += gv * ((xv - m) * inv);
+    }
+    (bs.iter().sum::<f32>() + bt, gs.iter().sum::<f32>() + gt)
+}
+
+/// Writes `y = epilogue(x·scale + shift)` for one channel (its first row is `c_rows`): ReLU
+/// and dropout as fused.
 fn write_channel(c_rows: usize, xs: &[f32], ys: &mut [f32], scale: f32, shift: f32, p: Pass) {
     for (r, (xr, yr)) in xs
         .chunks_exact(p.ld)
@@ -337,7 +375,29 @@ impl Layer for BatchNorm {
         let (relu, training) = (self.relu, self.training);
         // A fused dropout scales what passes: the gradient is dy·scale where y > 0.
         let drop_scale = self.dropout.filter(|_| training).map_or(1.0, |d| d.scale());
-        let (ys, dys) = (y.as_slice(), dy.as_slice());
+        // First the gradient that reaches the normalised value, in place: g = dy·scale where
+        // it passes (y > 0 after a fused ReLU, everywhere without), 0 elsewhere.
+        if relu || drop_scale != 1.0 {
+            let thr = if relu { 0.0 } else { f32::NEG_INFINITY };
+            let mut unused = vec![(); self.shape.channels];
+            per_channel(
+                self.threads,
+                block,
+                y.as_slice(),
+                dy.as_mut_slice(),
+                &mut unused,
+                |_, yc, dc, _| {
+                    for (yr, dr) in yc.chunks_exact(ld).zip(dc.chunks_exact_mut(ld)) {
+                        for (d, &yv) in dr[..n].iter_mut().zip(&yr[..n]) {
+                            // Branch-free (half the entries pass, at random).
+                            let pass = f32::from(u8::from(yv > thr));
+                            *d *= pass * drop_scale;
+                        }
+                    }
+                },
+            );
+        }
+        let dys = dy.as_slice();
         let gamma = &self.params[0].value;
         let (mean, inv_std) = (&self.mean, &self.inv_std);
         let (rm, rv) = (&self.stats[0].value, &self.stats[1].value);
@@ -348,31 +408,13 @@ impl Layer for BatchNorm {
                 (rm[c], 1.0 / (rv[c] + EPS).sqrt())
             }
         };
-        // The gradient of the normalised value at (row, column).
-        let grad = move |yv: f32, d: f32| {
-            if relu && yv <= 0.0 {
-                0.0
-            } else {
-                d * drop_scale
-            }
-        };
         let channel = |c: usize, xs: &[f32], dxs: Option<&mut [f32]>, out: &mut (f32, f32)| {
-            let rows = c * block..(c + 1) * block;
-            let (yc, dc) = (&ys[rows.clone()], &dys[rows]);
+            let dc = &dys[c * block..(c + 1) * block];
             let (m, inv) = stat(c);
             // dβ = Σ g, dγ = Σ g·x̂.
             let (mut db, mut dg) = (0f64, 0f64);
-            for ((xr, yr), dr) in xs
-                .chunks_exact(ld)
-                .zip(yc.chunks_exact(ld))
-                .zip(dc.chunks_exact(ld))
-            {
-                let (mut b, mut g) = (0f32, 0f32);
-                for ((&xv, &yv), &d) in xr[..n].iter().zip(&yr[..n]).zip(&dr[..n]) {
-                    let d = grad(yv, d);
-                    b += d;
-                    g += d * (xv - m) * inv;
-                }
+            for (xr, dr) in xs.chunks_exact(ld).zip(dc.chunks_exact(ld)) {
+                let (b, g) = grad_sums(&xr[..n], &dr[..n], m, inv);
                 db += f64::from(b);
                 dg += f64::from(g);
             }
@@ -385,16 +427,15 @@ impl Layer for BatchNorm {
             } else {
                 (0.0, 0.0)
             };
-            for (((xr, yr), dr), or) in xs
+            for ((xr, dr), or) in xs
                 .chunks_exact(ld)
-                .zip(yc.chunks_exact(ld))
                 .zip(dc.chunks_exact(ld))
                 .zip(dxs.chunks_exact_mut(ld))
             {
-                for (((o, &xv), &yv), &d) in
-                    or[..n].iter_mut().zip(&xr[..n]).zip(&yr[..n]).zip(&dr[..n])
-                {
-                    *o = k * (grad(yv, d) - mb - (xv - m) * inv * mg);
+                // k·(g − mb − (x − m)·inv·mg) = k·g + c0 + c1·x.
+                let (c0, c1) = (k * (-mb + m * inv * mg), -k * inv * mg);
+                for ((o, &xv), &g) in or[..n].iter_mut().zip(&xr[..n]).zip(&dr[..n]) {
+                    *o = k * g + c0 + c1 * xv;
                 }
                 or[n..].fill(0.0);
             }

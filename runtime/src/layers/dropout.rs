@@ -88,10 +88,9 @@ impl DropDraw {
     pub(crate) fn apply_row(&self, key: u64, row: usize, src: &[f32], dst: &mut [f32]) {
         let base = mix(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for (g, (d4, s4)) in dst.chunks_mut(4).zip(src.chunks(4)).enumerate() {
-            let h = mix(base ^ g as u64);
+            let h = group_bits(base, g);
             for (k, (d, &s)) in d4.iter_mut().zip(s4).enumerate() {
-                let keep = ((h >> (16 * k)) as u32 & 0xffff) < self.threshold;
-                *d = if keep { s * self.scale } else { 0.0 };
+                *d = f32::from_bits((s * self.scale).to_bits() & self.keep_mask(h, k));
             }
         }
     }
@@ -101,18 +100,33 @@ impl DropDraw {
     pub(crate) fn apply_in_place(&self, key: u64, row: usize, values: &mut [f32]) {
         let base = mix(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for (g, v4) in values.chunks_mut(4).enumerate() {
-            let h = mix(base ^ g as u64);
+            let h = group_bits(base, g);
             for (k, v) in v4.iter_mut().enumerate() {
-                let keep = ((h >> (16 * k)) as u32 & 0xffff) < self.threshold;
-                *v = if keep { *v * self.scale } else { 0.0 };
+                *v = f32::from_bits((*v * self.scale).to_bits() & self.keep_mask(h, k));
             }
         }
+    }
+
+    /// All ones where entry `k` (0–3) of a group with bits `h` is kept, else 0: integer
+    /// arithmetic, no branch (the decisions are random, a branch would mispredict half).
+    #[inline(always)]
+    fn keep_mask(&self, h: u64, k: usize) -> u32 {
+        let bits = ((h >> (16 * k)) & 0xffff) as i32;
+        ((bits - self.threshold as i32) >> 31) as u32
     }
 
     /// The scale of kept entries, `1/(1 − p)`.
     pub(crate) fn scale(&self) -> f32 {
         self.scale
     }
+}
+
+/// 64 random bits for group `g` of a row whose draws start from `base`: wyrand's output
+/// function on the `g`-th step of its counter (one 64×64→128-bit multiply).
+fn group_bits(base: u64, g: usize) -> u64 {
+    let s = base.wrapping_add((g as u64).wrapping_mul(0xa076_1d64_78bd_642f));
+    let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+    ((t >> 64) as u64) ^ (t as u64)
 }
 
 /// A 64-bit mix (SplitMix64's finaliser).
