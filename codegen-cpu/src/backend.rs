@@ -195,7 +195,7 @@ pub const TIMING_MAX_ROUNDS: usize = 15;
 pub const TIMING_MIN_ROUNDS: usize = 9;
 /// A kernel the cost model predicts to take at least this long on one thread (µs) runs on
 /// every thread without a race (see `decide_threads`).
-const LONG_KERNEL_US: f64 = 20_000.0;
+const LONG_KERNEL_US: f64 = 5_000.0;
 /// Decisions kept per backend before the oldest are forgotten (a training run makes a few
 /// per mask update).
 const DECISIONS_MAX: usize = 4096;
