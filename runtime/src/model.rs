@@ -811,13 +811,25 @@ impl ModelBuilder {
         stride: usize,
         padding: usize,
     ) -> Self {
+        self.conv(name, out, k, stride, padding, true)
+    }
+
+    fn conv(
+        self,
+        name: &str,
+        out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Self {
         self.push(LayerDesc::Conv {
             name: name.to_string(),
             out,
             k,
             stride,
             padding,
-            bias: true,
+            bias,
         })
     }
 
@@ -830,14 +842,7 @@ impl ModelBuilder {
         stride: usize,
         padding: usize,
     ) -> Self {
-        self.push(LayerDesc::Conv {
-            name: name.to_string(),
-            out,
-            k,
-            stride,
-            padding,
-            bias: false,
-        })
+        self.conv(name, out, k, stride, padding, false)
     }
 
     /// A ReLU (fused into a directly preceding linear, conv or batch-norm layer).

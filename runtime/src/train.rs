@@ -747,6 +747,26 @@ impl Trainer {
             )
     }
 
+    /// Gathers the samples `order[range]` into the model's buffers for the next step
+    /// (augmented when the run augments, drawn from the seed and the step) and gives the
+    /// model the step's key for its dropout; the number of samples.
+    fn gather_step(&mut self, range: std::ops::Range<usize>) -> Result<usize> {
+        let (input, labels) = self.model.batch_buffers_mut();
+        let indices = &self.order[range];
+        let n = match &self.config.augmentation {
+            Some(a) => {
+                let key = step_key(self.config.seed, self.step);
+                self.data
+                    .gather_augmented(Split::Train, indices, input, labels, a, key)?
+            }
+            None => self.data.gather(Split::Train, indices, input, labels)?,
+        };
+        // Dropout's draws (a key of their own, so that they do not repeat the crops').
+        self.model
+            .set_step_key(step_key(self.config.seed ^ 0xd50f_0000, self.step));
+        Ok(n)
+    }
+
     /// One training step on the samples `order[lo..hi]`; returns the loss and whether the
     /// dense gradient was computed.
     fn train_step(&mut self, lo: usize, hi: usize, stop: &AtomicBool) -> Result<(f64, bool)> {
@@ -766,19 +786,7 @@ impl Trainer {
             }
             None => (lo, hi, 1.0),
         };
-        let (input, labels) = self.model.batch_buffers_mut();
-        let indices = &self.order[lo_r..hi_r];
-        let n = match &self.config.augmentation {
-            Some(a) => {
-                let key = step_key(self.config.seed, self.step);
-                self.data
-                    .gather_augmented(Split::Train, indices, input, labels, a, key)?
-            }
-            None => self.data.gather(Split::Train, indices, input, labels)?,
-        };
-        // Dropout's draws (a key of their own, so that they do not repeat the crops').
-        self.model
-            .set_step_key(step_key(self.config.seed ^ 0xd50f_0000, self.step));
+        let n = self.gather_step(lo_r..hi_r)?;
         let mode = self.grad_mode();
         let lr = self.lr_schedule.lr_at(self.step + 1) as f32;
         let loss = self.step_on_backend(n, mode, lr, weight, stop)?;
@@ -854,18 +862,7 @@ impl Trainer {
         for i in 0..steps {
             let t0 = Instant::now();
             let lo = (i % per_epoch.max(1)) * batch;
-            let (input, labels) = self.model.batch_buffers_mut();
-            let indices = &self.order[lo..(lo + batch).min(n_train)];
-            let n = match &self.config.augmentation {
-                Some(a) => {
-                    let key = step_key(self.config.seed, self.step);
-                    self.data
-                        .gather_augmented(Split::Train, indices, input, labels, a, key)?
-                }
-                None => self.data.gather(Split::Train, indices, input, labels)?,
-            };
-            self.model
-                .set_step_key(step_key(self.config.seed ^ 0xd50f_0000, self.step));
+            let n = self.gather_step(lo..(lo + batch).min(n_train))?;
             self.step_on_backend(n, mode, lr, 1.0, &stop)?;
             self.step += 1;
             times.push(t0.elapsed().as_secs_f64() * 1e3);

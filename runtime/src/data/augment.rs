@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Dataset, Split};
-use crate::error::{Result, RuntimeError};
+use crate::error::Result;
 use crate::tensor::Matrix;
 
 /// Random crops and flips (see the module doc).
@@ -66,24 +66,7 @@ impl Dataset {
         let shape = self.shape;
         let f = shape.features();
         let n = indices.len();
-        let (images, labs) = self.parts(split);
-        if input.rows() != f || n > input.batch() || labels.len() < n {
-            return Err(RuntimeError::Shape(format!(
-                "gather: {n} samples of {f} features into a {}x{} input with {} labels",
-                input.rows(),
-                input.batch(),
-                labels.len()
-            )));
-        }
-        if let Some(&i) = indices.iter().find(|&&i| i as usize >= labs.len()) {
-            return Err(RuntimeError::Shape(format!(
-                "gather: sample {i} is outside the {} samples of the split",
-                labs.len()
-            )));
-        }
-        for (l, &i) in labels.iter_mut().zip(indices) {
-            *l = u32::from(labs[i as usize]);
-        }
+        let images = self.gather_labels(split, indices, input, labels)?;
         let (h, w, pad) = (shape.height, shape.width, augmentation.padding);
         let plane = h * w;
         let ld = input.ld();

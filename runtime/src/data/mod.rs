@@ -651,16 +651,15 @@ impl Dataset {
         self.parts(split).1[i] as u32
     }
 
-    /// Gathers the samples `indices` (positions in `split`) into columns `0..n` of the
-    /// feature-major `input` (normalised) and their labels into `labels`; columns `n..ld` are
-    /// set to zero. Allocates nothing.
-    pub fn gather(
+    /// Checks a gather's arguments (the input's shape, room for the labels, every index
+    /// inside the split), writes the labels, and returns the split's images.
+    fn gather_labels(
         &self,
         split: Split,
         indices: &[u32],
-        input: &mut Matrix,
+        input: &Matrix,
         labels: &mut [u32],
-    ) -> Result<usize> {
+    ) -> Result<&[u8]> {
         let f = self.shape.features();
         let n = indices.len();
         let (images, labs) = self.parts(split);
@@ -679,8 +678,24 @@ impl Dataset {
             )));
         }
         for (l, &i) in labels.iter_mut().zip(indices) {
-            *l = labs[i as usize] as u32;
+            *l = u32::from(labs[i as usize]);
         }
+        Ok(images)
+    }
+
+    /// Gathers the samples `indices` (positions in `split`) into columns `0..n` of the
+    /// feature-major `input` (normalised) and their labels into `labels`; columns `n..ld` are
+    /// set to zero. Allocates nothing.
+    pub fn gather(
+        &self,
+        split: Split,
+        indices: &[u32],
+        input: &mut Matrix,
+        labels: &mut [u32],
+    ) -> Result<usize> {
+        let f = self.shape.features();
+        let n = indices.len();
+        let images = self.gather_labels(split, indices, input, labels)?;
         let ld = input.ld();
         let out = input.as_mut_slice();
         match &self.nonzeros {
