@@ -640,3 +640,46 @@ fn an_interrupted_device_epoch_finishes_bit_for_bit() {
         straight.history().last().unwrap().test_acc
     );
 }
+
+/// A wide residual network (batch norm, dropout, residual additions, stride-2 and 1×1
+/// convolutions) trains on the OpenCL backend: its sparse layers' kernels run on the device
+/// with per-kernel copies, the rest on the host; the step losses agree with the CPU's.
+#[test]
+fn a_wide_resnet_trains_on_opencl_like_on_the_cpu() {
+    if !have_platform() {
+        return;
+    }
+    let run = |backend: BackendKind| -> Vec<f64> {
+        let config = TrainConfig {
+            model: runtime::ModelKind::Wrn16x2,
+            density: 0.2,
+            epochs: 1,
+            batch_size: 8,
+            seed: 3,
+            threads: 1,
+            backend,
+            train_limit: Some(24),
+            eval_limit: Some(8),
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(config, Dataset::synthetic(40, 8, 9).unwrap()).unwrap();
+        assert!(!t.device_resident());
+        let stop = AtomicBool::new(false);
+        let mut losses = Vec::new();
+        t.run(&stop, &mut |s| losses.push(s.loss), &mut |_, _| Ok(()))
+            .unwrap();
+        if backend == BackendKind::OpenCl {
+            let stats = t.executor().device_stats().expect("device stats");
+            assert!(stats.launches > 0, "no kernel ran on the device");
+        }
+        losses
+    };
+    let (cpu, ocl) = (run(BackendKind::Cpu), run(BackendKind::OpenCl));
+    assert_eq!(cpu.len(), 3);
+    for (i, (a, b)) in cpu.iter().zip(&ocl).enumerate() {
+        assert!(
+            a.is_finite() && (a - b).abs() <= 1e-3 * a.abs(),
+            "step {i}: cpu loss {a}, opencl {b}"
+        );
+    }
+}
