@@ -2,12 +2,13 @@
 //! written by the test (no registry ships CIFAR-10), with class-dependent images that a
 //! model can learn; resume; and clear errors for missing or damaged files.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use common::{metrics, ok, s, sparse_train};
 use rand::{Rng, SeedableRng};
-use runtime::EpochMetrics;
 
 const TRAIN_FILES: [&str; 5] = [
     "data_batch_1.bin",
@@ -17,28 +18,6 @@ const TRAIN_FILES: [&str; 5] = [
     "data_batch_5.bin",
 ];
 
-fn sparse_train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sparse-train"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("sparse-train runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = sparse_train(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "sparse-train {args:?} failed:\n{text}"
-    );
-    text
-}
-
 fn err(args: &[&str]) -> String {
     let out = sparse_train(args);
     assert_eq!(
@@ -47,18 +26,6 @@ fn err(args: &[&str]) -> String {
         "sparse-train {args:?} should fail"
     );
     String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn metrics(path: &Path) -> Vec<EpochMetrics> {
-    fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// One record of class `label`: dim noise, with channel `label % 3`'s rows

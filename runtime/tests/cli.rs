@@ -2,50 +2,13 @@
 //! training run, bit-identical resume with `--deterministic`, a checkpoint killed mid-write,
 //! Ctrl-C, `--eval-only`, `--init-from`, `--plot`, and clear errors for bad data files.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use runtime::EpochMetrics;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn sparse_train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sparse-train"))
-        .args(args)
-        .current_dir(repo())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("sparse-train runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = sparse_train(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "sparse-train {args:?} failed:\n{text}"
-    );
-    text
-}
-
-fn metrics(path: &Path) -> Vec<EpochMetrics> {
-    fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
-        .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{metrics, ok, repo, s, sparse_train};
 
 /// A quick configuration: 600 training images (6 steps of 100), 300 validation and test.
 const SMALL: &[&str] = &[

@@ -42,8 +42,8 @@ pub fn step_key(seed: u64, step: u64) -> u64 {
     splitmix64(seed ^ splitmix64(step.wrapping_add(0x5eed)))
 }
 
-/// SplitMix64's output function: a bijective mix of 64 bits.
-fn splitmix64(x: u64) -> u64 {
+/// SplitMix64's output function: a bijective mix of 64 bits (also dropout's per-row mix).
+pub(crate) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -32,6 +32,7 @@ use crate::tensor::{Matrix, Shape};
 mod augment;
 mod cifar;
 
+pub(crate) use augment::splitmix64;
 pub use augment::{step_key, Augmentation};
 pub use cifar::{
     CIFAR10_CLASSES, CIFAR10_RECORD, CIFAR10_SHAPE, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES,

@@ -38,11 +38,9 @@ pub struct BatchNorm {
     threads: usize,
     valid: Option<usize>,
     dims: Option<(usize, usize)>,
-    /// Per channel, the mean and 1/√(var + ε) of the last training forward pass.
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
-    /// Per channel, the batch variance (unbiased) of the last training forward pass.
-    var: Vec<f32>,
+    /// Per channel, the mean, 1/√(var + ε) and unbiased variance of the last training
+    /// forward pass.
+    moments: Vec<(f32, f32, f32)>,
     /// Per channel, Σ dy and Σ dy·x̂ of the last backward pass.
     sums: Vec<(f32, f32)>,
 }
@@ -196,9 +194,7 @@ impl BatchNorm {
             threads: 1,
             valid: None,
             dims: None,
-            mean: vec![0.0; c],
-            inv_std: vec![1.0; c],
-            var: vec![1.0; c],
+            moments: vec![(0.0, 1.0, 1.0); c],
             sums: vec![(0.0, 0.0); c],
         }
     }
@@ -311,7 +307,7 @@ impl Layer for BatchNorm {
         let (rm, rv) = (&self.stats[0].value, &self.stats[1].value);
         let training = self.training;
         // Per channel: (mean, 1/σ, unbiased variance) of the batch in training.
-        let mut moments = vec![(0f32, 0f32, 0f32); self.shape.channels];
+        let mut moments = std::mem::take(&mut self.moments);
         per_channel(
             self.threads,
             plane * ld,
@@ -339,16 +335,14 @@ impl Layer for BatchNorm {
             },
         );
         if training {
-            for (c, &(mean, inv, unbiased)) in moments.iter().enumerate() {
-                self.mean[c] = mean;
-                self.inv_std[c] = inv;
-                self.var[c] = unbiased;
+            for (c, &(mean, _, unbiased)) in moments.iter().enumerate() {
                 let rm = &mut self.stats[0].value[c];
                 *rm = (1.0 - MOMENTUM) * *rm + MOMENTUM * mean;
                 let rv = &mut self.stats[1].value[c];
                 *rv = (1.0 - MOMENTUM) * *rv + MOMENTUM * unbiased;
             }
         }
+        self.moments = moments;
         Ok(())
     }
 
@@ -399,11 +393,11 @@ impl Layer for BatchNorm {
         }
         let dys = dy.as_slice();
         let gamma = &self.params[0].value;
-        let (mean, inv_std) = (&self.mean, &self.inv_std);
+        let moments = &self.moments;
         let (rm, rv) = (&self.stats[0].value, &self.stats[1].value);
         let stat = |c: usize| {
             if training {
-                (mean[c], inv_std[c])
+                (moments[c].0, moments[c].1)
             } else {
                 (rm[c], 1.0 / (rv[c] + EPS).sqrt())
             }

@@ -2,6 +2,7 @@
 //! by `1/(1 − p)` (PyTorch's inverted dropout); in evaluation, the identity.
 
 use super::{batch_of, check_matrix, Layer, Shape};
+use crate::data::splitmix64;
 use crate::error::{Result, RuntimeError};
 use crate::tensor::Matrix;
 use crate::weights::WeightGradMode;
@@ -86,7 +87,7 @@ impl DropDraw {
 
     /// `dst = keep · src · scale` over one row.
     pub(crate) fn apply_row(&self, key: u64, row: usize, src: &[f32], dst: &mut [f32]) {
-        let base = mix(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let base = splitmix64(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for (g, (d4, s4)) in dst.chunks_mut(4).zip(src.chunks(4)).enumerate() {
             let h = group_bits(base, g);
             for (k, (d, &s)) in d4.iter_mut().zip(s4).enumerate() {
@@ -98,7 +99,7 @@ impl DropDraw {
     /// `values = keep · values · scale` over one row, in place (the same draws as
     /// [`apply_row`](Self::apply_row)).
     pub(crate) fn apply_in_place(&self, key: u64, row: usize, values: &mut [f32]) {
-        let base = mix(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let base = splitmix64(key ^ self.salt ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for (g, v4) in values.chunks_mut(4).enumerate() {
             let h = group_bits(base, g);
             for (k, v) in v4.iter_mut().enumerate() {
@@ -127,14 +128,6 @@ fn group_bits(base: u64, g: usize) -> u64 {
     let s = base.wrapping_add((g as u64).wrapping_mul(0xa076_1d64_78bd_642f));
     let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
     ((t >> 64) as u64) ^ (t as u64)
-}
-
-/// A 64-bit mix (SplitMix64's finaliser).
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl Layer for Dropout {
