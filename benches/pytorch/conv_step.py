@@ -146,7 +146,7 @@ def main():
         print(json.dumps({
             "model": a.model, "framework": "pytorch", "density": 1.0, "batch": a.batch,
             "threads": a.threads, "steps": a.steps, "step_ms_mean": mean, "step_ms_median": med,
-            "peak_rss_mb": rss_mb, "torch": torch.__version__,
+            "peak_rss_mb": rss_mb, "flops_fraction": 1.0, "torch": torch.__version__,
         }))
     else:
         print(f"{a.model} batch {a.batch} threads {a.threads} torch {torch.__version__}: "

@@ -115,6 +115,7 @@ impl MaskUpdate {
             redistribution: redistribution.parse().map_err(value_error)?,
             init: init.parse::<InitMode>().map_err(value_error)?,
             seed,
+            flops_budget: None,
         };
         let specs = layers
             .iter()

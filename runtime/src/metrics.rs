@@ -58,6 +58,11 @@ pub struct EpochMetrics {
     pub compile_ms: f64,
     /// Active weights over all layers after the epoch.
     pub nnz_total: usize,
+    /// Forward multiply-adds of the masked layers after the epoch, relative to the dense
+    /// network's (`Σ nnz_l · c_l / Σ numel_l · c_l`, with `c_l` one weight's multiply-adds per
+    /// sample). Absent in metrics written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flops_fraction: Option<f64>,
     /// Per masked layer, in model order.
     pub layers: Vec<LayerMetrics>,
     /// Optimiser steps taken since the start of training.

@@ -293,6 +293,19 @@ impl Model {
         self.layers.iter().filter_map(|l| l.weights())
     }
 
+    /// The forward multiply-adds per sample of one weight of each masked layer, in the order
+    /// of [`sparse_layers`](Self::sparse_layers): its output positions (`oh · ow` for a
+    /// convolution, 1 for a linear layer).
+    pub fn sparse_layer_macs_per_weight(&self) -> impl Iterator<Item = u64> + '_ {
+        self.layers
+            .iter()
+            .filter(|l| l.weights().is_some())
+            .map(|l| {
+                let out = l.output_shape();
+                (out.height * out.width) as u64
+            })
+    }
+
     /// The layers with masked weights, mutable.
     pub fn sparse_layers_mut(&mut self) -> impl Iterator<Item = &mut SparseWeights> {
         self.layers.iter_mut().filter_map(|l| l.weights_mut())

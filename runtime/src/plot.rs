@@ -247,6 +247,7 @@ mod tests {
                 step_ms_median: 0.1,
                 compile_ms: 0.0,
                 nnz_total: 10,
+                flops_fraction: None,
                 layers: layers
                     .iter()
                     .map(|n| LayerMetrics {

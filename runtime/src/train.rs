@@ -156,6 +156,10 @@ pub struct TrainConfig {
     pub update_frequency: UpdateFrequency,
     /// Initial masks.
     pub init: InitMode,
+    /// `--flops-budget F`: the forward multiply-adds stay at or below `F` times the dense
+    /// network's (see [`MaskingConfig::flops_budget`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flops_budget: Option<f64>,
     /// Fixed plans within an epoch and bitwise-reproducible resumes.
     pub deterministic: bool,
     /// Hot swap: a recompiled layer whose plan is the JIT runs the generic kernel until a
@@ -198,6 +202,7 @@ impl Default for TrainConfig {
             decay_schedule: DecaySchedule::default(),
             update_frequency: UpdateFrequency::default(),
             init: InitMode::default(),
+            flops_budget: None,
             deterministic: false,
             hot_swap: false,
             train_limit: None,
@@ -231,6 +236,14 @@ impl TrainConfig {
         if self.lr_step == 0 {
             return bad("the learning-rate step must be at least 1".into());
         }
+        if let Some(f) = self.flops_budget {
+            if !(f > 0.0 && f <= 1.0) {
+                return bad(format!("--flops-budget {f} is not in (0, 1]"));
+            }
+            if self.density >= 1.0 {
+                return bad("--flops-budget needs a sparse run: --density must be below 1".into());
+            }
+        }
         Ok(())
     }
 
@@ -242,6 +255,7 @@ impl TrainConfig {
             redistribution: self.redistribution,
             init: self.init,
             seed: self.seed ^ 0x6d61_736b_696e_6721, // "masking!": a key of its own
+            flops_budget: self.flops_budget,
         }
     }
 }
@@ -497,7 +511,8 @@ impl Trainer {
         model.set_threads(config.threads);
         let specs = model
             .sparse_layers()
-            .map(|w| LayerSpec::new(w.name(), w.shape()))
+            .zip(model.sparse_layer_macs_per_weight())
+            .map(|(w, macs)| LayerSpec::new(w.name(), w.shape())?.with_macs_per_weight(macs))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let masking = Masking::new(config.masking_config(), specs)?;
         let mut shuffle_rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -1000,6 +1015,7 @@ impl Trainer {
             step_ms_median: median_ms(&mut self.step_ms),
             compile_ms,
             nnz_total: self.model.nnz(),
+            flops_fraction: Some(self.flops_fraction()?),
             layers,
             steps: self.step,
             val_loss: val.map(|v| v.loss),
@@ -1014,6 +1030,12 @@ impl Trainer {
         };
         self.history.push(metrics.clone());
         Ok(EpochEnd::Completed(Box::new(metrics)))
+    }
+
+    /// The forward multiply-adds of the masked layers relative to dense.
+    pub fn flops_fraction(&self) -> Result<f64> {
+        let nnz: Vec<usize> = self.model.sparse_layers().map(|w| w.nnz()).collect();
+        Ok(self.masking.flops_fraction(&nnz)?)
     }
 
     /// One mask update and the recompilation of the layers whose pattern changed; returns the

@@ -739,3 +739,72 @@ fn distributed_without_mpi_says_how_to_build_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--features mpi"), "{err}");
 }
+
+/// `--flops-budget`: the run keeps it and prints it, a checkpoint keeps it, and bad values
+/// are clear errors.
+#[test]
+fn flops_budget_is_kept_checkpointed_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_file = dir.path().join("m.jsonl");
+    let ck = dir.path().join("ck");
+    let common = [
+        "--model",
+        "lenet5",
+        "--train-limit",
+        "600",
+        "--eval-limit",
+        "100",
+        "--update-frequency",
+        "3",
+    ];
+    let mut args = common.to_vec();
+    args.extend([
+        "--epochs",
+        "2",
+        "--flops-budget",
+        "0.05",
+        "--metrics-out",
+        s(&metrics_file),
+        "--checkpoint-dir",
+        s(&ck),
+    ]);
+    let text = ok(&args);
+    assert!(text.contains("  flops "), "{text}");
+    let lines = metrics(&metrics_file);
+    assert_eq!(lines.len(), 2);
+    for m in &lines {
+        let f = m.flops_fraction.unwrap();
+        assert!(f > 0.0 && f <= 0.05, "{f}");
+    }
+    // `latest` is a file naming the newest checkpoint folder.
+    let latest = std::fs::read_to_string(ck.join("latest")).unwrap();
+    let state = std::fs::read_to_string(ck.join(latest.trim()).join("state.json")).unwrap();
+    assert!(state.contains("\"flops_budget\": 0.05"), "{state}");
+
+    let out = sparse_train(&["--resume", s(&ck), "--flops-budget", "0.1", "--eval-only"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--flops-budget 0.1 differs"), "{err}");
+
+    for (extra, says) in [
+        (
+            vec!["--flops-budget", "1.5"],
+            "--flops-budget 1.5 is not in (0, 1]",
+        ),
+        (
+            vec!["--flops-budget", "0"],
+            "--flops-budget 0 is not in (0, 1]",
+        ),
+        (
+            vec!["--flops-budget", "0.1", "--density", "1"],
+            "--flops-budget needs a sparse run",
+        ),
+    ] {
+        let mut args = common.to_vec();
+        args.extend(extra);
+        let out = sparse_train(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+}

@@ -367,3 +367,55 @@ fn window_update_agrees_with_exact() {
         );
     }
 }
+
+#[test]
+fn flops_fraction_is_reported_and_the_budget_holds() {
+    use runtime::ModelKind;
+    let lenet5 = |budget: Option<f64>| TrainConfig {
+        model: ModelKind::Lenet5,
+        density: 0.05,
+        update_frequency: "4".parse().unwrap(),
+        flops_budget: budget,
+        ..config(3)
+    };
+    let data = synthetic(400, 100, 100, 6);
+    // Each weight's multiply-adds per sample: conv1 24×24, conv2 8×8 output positions, 1 for
+    // the linear layers.
+    let cost = [576.0, 64.0, 1.0, 1.0];
+    let numel = [500.0, 25_000.0, 400_000.0, 2000.0]; // four classes
+    let dense: f64 = cost.iter().zip(&numel).map(|(c, n)| c * n).sum();
+    let (_, free) = run(lenet5(None), data.clone());
+    for m in &free {
+        let macs: f64 = m
+            .layers
+            .iter()
+            .zip(&cost)
+            .map(|(l, c)| l.nnz as f64 * c)
+            .sum();
+        let f = m.flops_fraction.unwrap();
+        assert!((f - macs / dense).abs() < 1e-12, "{f} vs {}", macs / dense);
+    }
+    let highest = free
+        .iter()
+        .map(|m| m.flops_fraction.unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        highest > 0.06,
+        "momentum moves weights into the convolutions: {highest}"
+    );
+
+    let (t, kept) = run(lenet5(Some(0.05)), data.clone());
+    for m in &kept {
+        assert!(m.flops_fraction.unwrap() <= 0.05 + 1e-12, "{m:?}");
+    }
+    assert_eq!(t.flops_fraction().unwrap(), kept[2].flops_fraction.unwrap());
+
+    let (_, dense_run) = run(
+        TrainConfig {
+            density: 1.0,
+            ..lenet5(None)
+        },
+        data,
+    );
+    assert_eq!(dense_run[0].flops_fraction, Some(1.0));
+}

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! step-bench --model wrn-16-8 --batch 128 --density 0.05,0.1,0.2,1 --threads 1,2 \
-//!     [--steps S] [--init uniform|erk] [--masks-from CHECKPOINT] [--pytorch PYTHON] --json FILE
+//!     [--steps S] [--init uniform|erk] [--masks-from CHECKPOINT] [--flops-budget F]
+//!     [--pytorch PYTHON] --json FILE
 //! ```
 //!
 //! An epoch is E = ⌈45,000 / batch⌉ steps (CIFAR-10's training split after the reference's
@@ -14,6 +15,10 @@
 //! one update, and reports `step_ms_mean = (ordinary·(E − K) + window·K + update) / E` with
 //! the means of each kind (default S: an epoch's worth, E − K and K). A dense run (density 1)
 //! has neither window steps nor updates. `step_ms_median` is the median ordinary step.
+//!
+//! With `--flops-budget F` the initial masks are drawn to cost at most `F` times the dense
+//! network's forward multiply-adds, and the update keeps them there. Every row reports its
+//! masks' `flops_fraction` (the timed steps' multiply-adds relative to dense).
 //!
 //! Each row also has a per-layer breakdown (median of 3 passes): the forward and backward
 //! pass of every layer; the sums over the layers with masked weights (`forward_ms`,
@@ -64,6 +69,10 @@ struct Cli {
     /// latest) instead of drawing them; --density then only labels the row.
     #[arg(long, value_name = "CHECKPOINT")]
     masks_from: Option<PathBuf>,
+    /// Compute budget of the sparse rows: the masks' forward multiply-adds at most F times the
+    /// dense network's (as sparse-train's --flops-budget).
+    #[arg(long, value_name = "F")]
+    flops_budget: Option<f64>,
     /// Also time PyTorch's dense step with this Python (see benches/pytorch/conv_step.py).
     #[arg(long, value_name = "PYTHON")]
     pytorch: Option<PathBuf>,
@@ -95,6 +104,12 @@ struct Row {
     batch: usize,
     threads: usize,
     steps: usize,
+    /// The compute budget the masks were drawn under, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    flops_budget: Option<f64>,
+    /// The timed masks' forward multiply-adds relative to dense.
+    #[serde(default)]
+    flops_fraction: f64,
     step_ms_mean: f64,
     step_ms_median: f64,
     peak_rss_mb: f64,
@@ -181,6 +196,7 @@ fn run_row(cli: &Cli, model: ModelKind, density: f64, threads: usize) -> Result<
         batch_size: batch,
         threads,
         init: cli.init,
+        flops_budget: if dense { None } else { cli.flops_budget },
         epochs: 1,
         ..TrainConfig::default()
     };
@@ -190,6 +206,7 @@ fn run_row(cli: &Cli, model: ModelKind, density: f64, threads: usize) -> Result<
         t.load_weights(&folder.join("model.safetensors"))
             .with_context(|| format!("masks from {}", folder.display()))?;
     }
+    let flops_fraction = t.flops_fraction()?;
     // Compilation and one step of each kind first, untimed.
     t.bench_steps(1, WeightGradMode::Active)?;
     if !dense {
@@ -232,6 +249,8 @@ fn run_row(cli: &Cli, model: ModelKind, density: f64, threads: usize) -> Result<
         batch,
         threads,
         steps: ordinary.len() + windowed.len(),
+        flops_budget: t.config().flops_budget,
+        flops_fraction,
         step_ms_mean,
         step_ms_median: median(&ordinary),
         peak_rss_mb: peak_rss_mb(),
@@ -268,6 +287,9 @@ fn child_row(cli: &Cli, model: ModelKind, density: f64, threads: usize) -> Resul
     }
     if let Some(m) = &cli.masks_from {
         cmd.arg("--masks-from").arg(m);
+    }
+    if let Some(f) = cli.flops_budget {
+        cmd.args(["--flops-budget", &f.to_string()]);
     }
     let out = cmd.output()?;
     if !out.status.success() {
@@ -318,6 +340,14 @@ fn run() -> Result<()> {
     if cli.batch == 0 || cli.threads.contains(&0) || cli.steps == Some(0) {
         bail!("--batch, --threads and --steps must be at least 1");
     }
+    if let Some(f) = cli.flops_budget {
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--flops-budget {f} is not in (0, 1]");
+        }
+        if cli.masks_from.is_some() {
+            bail!("--flops-budget draws the masks: it excludes --masks-from");
+        }
+    }
     if cli.child {
         let row = run_row(&cli, cli.model[0], cli.density[0], cli.threads[0])?;
         println!("{}", serde_json::to_string(&row)?);
@@ -325,10 +355,11 @@ fn run() -> Result<()> {
     }
     let mut results = Vec::new();
     println!(
-        "{:<10} {:>9} {:>7} {:>7} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9}",
+        "{:<10} {:>9} {:>7} {:>7} {:>7} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9}",
         "model",
         "framework",
         "density",
+        "flops",
         "threads",
         "mean ms",
         "median ms",
@@ -348,10 +379,11 @@ fn run() -> Result<()> {
             }
             for r in rows {
                 println!(
-                    "{:<10} {:>9} {:>7} {:>7} {:>12.1} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.0}",
+                    "{:<10} {:>9} {:>7} {:>7.4} {:>7} {:>12.1} {:>12.1} {:>10.1} {:>10.1} {:>10.1} {:>9.0}",
                     r.model,
                     r.framework,
                     r.density,
+                    r.flops_fraction,
                     r.threads,
                     r.step_ms_mean,
                     r.step_ms_median,

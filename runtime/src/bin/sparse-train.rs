@@ -96,6 +96,11 @@ struct Cli {
     /// Initial masks: uniform or erk [default: uniform].
     #[arg(long)]
     init: Option<InitMode>,
+    /// Compute budget: keep the forward multiply-adds of the masked layers at or below F
+    /// times the dense network's, in (0, 1] (growth is cut to fit; the metrics' flops_fraction
+    /// reports it) [default: no budget].
+    #[arg(long, value_name = "F")]
+    flops_budget: Option<f64>,
     /// Start from a user's weights (and masks) in a safetensors file: NAME.weight,
     /// optionally NAME.mask and NAME.bias per layer.
     #[arg(long, value_name = "FILE.safetensors")]
@@ -205,6 +210,7 @@ impl Cli {
             decay_schedule: self.decay_schedule.unwrap_or(d.decay_schedule),
             update_frequency: self.update_frequency.unwrap_or(d.update_frequency),
             init: self.init.unwrap_or(d.init),
+            flops_budget: self.flops_budget,
             deterministic: self.deterministic,
             hot_swap: self.hot_swap,
             train_limit: self.train_limit,
@@ -249,6 +255,15 @@ impl Cli {
             saved.update_frequency,
         )?;
         same("init", self.init, saved.init)?;
+        if self.flops_budget.is_some() && self.flops_budget != saved.flops_budget {
+            bail!(
+                "--flops-budget {} differs from the checkpoint's ({}); a resumed run keeps the configuration it was started with",
+                self.flops_budget.unwrap_or_default(),
+                saved
+                    .flops_budget
+                    .map_or_else(|| "no budget".to_string(), |f| f.to_string())
+            );
+        }
         if self.deterministic && !saved.deterministic {
             bail!("--deterministic was not set when the checkpoint's run started");
         }
@@ -317,13 +332,14 @@ fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
         .map(|l| format!("{} {:.1}%", l.name, l.density * 100.0))
         .collect();
     let mut line = format!(
-        "epoch {:>3}/{epochs}  loss {:.4}  val {}  lr {}  prune {:.4}  nnz {}  [{}]  {:.2} s  step {:.3} ms  compile {:.1} ms",
+        "epoch {:>3}/{epochs}  loss {:.4}  val {}  lr {}  prune {:.4}  nnz {}  flops {}  [{}]  {:.2} s  step {:.3} ms  compile {:.1} ms",
         m.epoch,
         m.train_loss,
         m.val_acc.map_or("-".into(), percent),
         m.lr,
         m.prune_rate,
         m.nnz_total,
+        m.flops_fraction.map_or("-".into(), percent),
         layers.join(", "),
         m.epoch_seconds,
         m.step_ms_median,
@@ -466,6 +482,16 @@ fn run() -> Result<()> {
                  (raise --density)",
                 w.name(),
                 cfg.density
+            );
+        }
+    }
+    if let Some(budget) = cfg.flops_budget {
+        let now = trainer.flops_fraction()?;
+        if now > budget * (1.0 + 1e-9) {
+            eprintln!(
+                "warning: the masks cost {} of the dense network's multiply-adds, above \
+                 --flops-budget {budget}: nothing grows back until pruning brings them within it",
+                percent(now)
             );
         }
     }

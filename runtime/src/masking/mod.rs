@@ -95,6 +95,29 @@
 //! holds for `--growth gradient` (zero gradient never grows). NaN scores never grow either.
 //! Whenever candidates suffice (every golden case) the result is the reference's.
 //!
+//! # The compute budget
+//!
+//! With [`MaskingConfig::flops_budget`] `= Some(F)` the forward multiply-adds of the sparse
+//! network, `Σ nnz_l · c_l` with `c_l` the multiply-adds of one weight per sample
+//! ([`LayerSpec::macs_per_weight`]: 1 for a linear layer, `oh · ow` for a convolution), stay at
+//! or below `F · Σ numel_l · c_l`. Momentum redistribution moves weights into the layers where
+//! they reduce the error most, and for convolutions those are the early layers, whose weights
+//! cost the most; the budget keeps the arithmetic at the share the user chose.
+//!
+//! * **Initial masks.** If the initial densities cost more than the budget, all of them are
+//!   scaled by one factor to cost exactly the budget, and `B` is scaled with them. Under a
+//!   budget each layer gets exactly `floor(d_l · numel_l)` entries drawn uniformly, so the
+//!   masks never exceed it (without a budget each entry is one coin flip, as the reference).
+//! * **Growth.** After pruning and the capping loop, layer `l` asks for `k_l = floor(g_l)`
+//!   entries. If they cost more than the room left (`F · dense − Σ kept_l · c_l`), the room is
+//!   split over the layers by their scores `s_l`, each layer's share capped at the cost of its
+//!   own `k_l`: with `λ` such that `Σ min(k_l · c_l, λ · s_l) = room`, layer `l` grows
+//!   `min(k_l, floor(λ · s_l / c_l))`. [`LayerReport::regrowth_withheld`] counts what the
+//!   budget held back.
+//! * **Correction.** What the budget withheld is taken out of the shortfall (`B − N −
+//!   withheld`), so the correction term does not chase weights the next update could not grow
+//!   either. When the budget does not bind, the update is exactly the unconstrained one.
+//!
 //! # Decisions where the spec leaves something open
 //!
 //! * **Ties** in |w| (pruning) or |momentum| (growth) go to the lower flat index.
@@ -123,6 +146,7 @@
 //! * **Randomness** (initial masks, `random` growth) comes from one ChaCha8 stream seeded by
 //!   [`MaskingConfig::seed`], saved in the state, so a resumed run draws the same numbers.
 
+mod budget;
 mod growth;
 mod init;
 pub mod options;
@@ -230,27 +254,54 @@ pub enum MaskingError {
     State(String),
 }
 
-/// A masked weight tensor: its name and its PyTorch weight shape.
+/// A masked weight tensor: its name, its PyTorch weight shape and what one of its weights
+/// costs in the forward pass.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSpec {
     /// The layer's name (`fc1`, `conv2`, …), as the views passed to [`Masking::update`] carry it.
     pub name: String,
     /// `[out, in]` for a linear layer, `[out, in, kh, kw]` for a convolution.
     pub shape: Vec<usize>,
+    /// Forward multiply-adds one active weight costs per sample: 1 for a linear layer, the
+    /// output positions `oh · ow` for a convolution. The compute budget
+    /// ([`MaskingConfig::flops_budget`]) and [`Masking::flops_fraction`] read it.
+    #[serde(default = "one_mac")]
+    pub macs_per_weight: u64,
+}
+
+/// The cost of a weight of a linear layer (and of specs saved before costs were recorded).
+fn one_mac() -> u64 {
+    1
 }
 
 impl LayerSpec {
-    /// A layer of the given shape; errors on an empty shape or a zero dimension.
+    /// A layer of the given shape, each weight costing one multiply-add per sample; errors on an
+    /// empty shape or a zero dimension.
     pub fn new(name: &str, shape: &[usize]) -> Result<Self, MaskingError> {
         let spec = LayerSpec {
             name: name.to_string(),
             shape: shape.to_vec(),
+            macs_per_weight: 1,
         };
         spec.validate()?;
         Ok(spec)
     }
 
+    /// The same layer with each weight costing `macs` forward multiply-adds per sample (a
+    /// convolution's output positions); errors on 0.
+    pub fn with_macs_per_weight(mut self, macs: u64) -> Result<Self, MaskingError> {
+        self.macs_per_weight = macs;
+        self.validate()?;
+        Ok(self)
+    }
+
     fn validate(&self) -> Result<(), MaskingError> {
+        if self.macs_per_weight == 0 {
+            return Err(MaskingError::BadLayer {
+                layer: self.name.clone(),
+                reason: "a weight must cost at least one multiply-add".to_string(),
+            });
+        }
         if self.shape.len() < 2 || self.shape.contains(&0) {
             return Err(MaskingError::BadLayer {
                 layer: self.name.clone(),
@@ -324,6 +375,11 @@ pub struct MaskingConfig {
     pub init: InitMode,
     /// Seed of the masking's random stream (initial masks, random growth).
     pub seed: u64,
+    /// `--flops-budget F`: the forward multiply-adds of the sparse network stay at or below
+    /// `F` times the dense network's, at initialisation and after every update (see
+    /// the [compute budget](self#the-compute-budget)). `None`: no budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flops_budget: Option<f64>,
 }
 
 impl MaskingConfig {
@@ -337,6 +393,7 @@ impl MaskingConfig {
             redistribution: RedistributionMode::default(),
             init: InitMode::default(),
             seed: 0,
+            flops_budget: None,
         }
     }
 
@@ -346,6 +403,14 @@ impl MaskingConfig {
                 option: "density",
                 reason: format!("{} is not in (0, 1]", self.density),
             });
+        }
+        if let Some(f) = self.flops_budget {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(MaskingError::InvalidOption {
+                    option: "flops-budget",
+                    reason: format!("{f} is not in (0, 1]"),
+                });
+            }
         }
         Ok(())
     }
@@ -453,8 +518,13 @@ pub struct LayerReport {
     pub regrowth_target_initial: f64,
     /// The target after the capping loop.
     pub regrowth_target_final: f64,
-    /// `floor(regrowth_target_final)` (0 if negative): the number growth was asked for.
+    /// The number growth was asked for: `floor(regrowth_target_final)` (0 if negative), less
+    /// what the compute budget withheld.
     pub regrowth_applied: usize,
+    /// Entries of `floor(regrowth_target_final)` the compute budget did not let grow (0
+    /// without a budget).
+    #[serde(default)]
+    pub regrowth_withheld: usize,
     /// Entries activated by growth (pruned-and-regrown included).
     pub num_regrown: usize,
     /// Entries pruned and grown back in this update (they keep their value).
@@ -503,8 +573,12 @@ pub struct UpdateReport {
     pub adjusted_growth_before: f64,
     /// `A` after the update.
     pub adjusted_growth: f64,
-    /// `B − N`, the entry appended to the history.
+    /// `B − N − regrowth_withheld`, the entry appended to the history (`B − N` without a
+    /// compute budget).
     pub shortfall: f64,
+    /// Entries the compute budget kept from growing, over all layers.
+    #[serde(default)]
+    pub regrowth_withheld: usize,
     /// Per layer, in model order.
     pub layers: Vec<LayerReport>,
 }
@@ -521,13 +595,37 @@ pub struct Masking {
     rng: ChaCha8Rng,
 }
 
-/// `B = Σ numel_l · d`, summed from 0 in layer order as the reference does.
-fn baseline_nonzero(layers: &[LayerSpec], density: f64) -> f64 {
+/// `B = Σ numel_l · d`, summed from 0 in layer order as the reference does; under a compute
+/// budget that the initial densities exceed, scaled with them.
+fn baseline_nonzero(layers: &[LayerSpec], config: &MaskingConfig) -> f64 {
     let mut b = 0.0;
     for l in layers {
-        b += l.numel() as f64 * density;
+        b += l.numel() as f64 * config.density;
     }
-    b
+    let scale = budget_scale(layers, config);
+    if scale < 1.0 {
+        b * scale
+    } else {
+        b
+    }
+}
+
+/// The initial densities of `config.init`, before any budget.
+fn unbudgeted_densities(layers: &[LayerSpec], config: &MaskingConfig) -> Vec<f64> {
+    match config.init {
+        InitMode::Uniform => vec![config.density; layers.len()],
+        InitMode::Erk => erk_densities(layers, config.density).expect("density validated"),
+    }
+}
+
+/// The factor the compute budget applies to the initial densities (1: none).
+fn budget_scale(layers: &[LayerSpec], config: &MaskingConfig) -> f64 {
+    match config.flops_budget {
+        Some(f) if config.density < 1.0 => {
+            budget::init_scale(layers, &unbudgeted_densities(layers, config), f)
+        }
+        _ => 1.0,
+    }
 }
 
 impl Masking {
@@ -536,7 +634,7 @@ impl Masking {
         config.validate()?;
         validate_layers(&layers)?;
         Ok(Masking {
-            baseline_nonzero: baseline_nonzero(&layers, config.density),
+            baseline_nonzero: baseline_nonzero(&layers, &config),
             config,
             layers,
             adjusted_growth: 0.0,
@@ -571,7 +669,7 @@ impl Masking {
         }
         state.config.validate()?;
         validate_layers(&state.layers)?;
-        let b = baseline_nonzero(&state.layers, state.config.density);
+        let b = baseline_nonzero(&state.layers, &state.config);
         if b.to_bits() != state.baseline_nonzero.to_bits() {
             return Err(MaskingError::State(format!(
                 "baseline_nonzero {} does not match density {} over the layers ({b})",
@@ -634,29 +732,62 @@ impl Masking {
         !self.is_static() && self.config.growth == GrowthMode::Gradient
     }
 
-    /// Each layer's initial density: `d` everywhere (`uniform`) or ERK's.
+    /// Each layer's initial density: `d` everywhere (`uniform`) or ERK's, all scaled down by
+    /// one factor where they would cost more than the compute budget.
     pub fn init_densities(&self) -> Vec<f64> {
-        match self.config.init {
-            InitMode::Uniform => vec![self.config.density; self.layers.len()],
-            InitMode::Erk => erk_densities(&self.layers, self.config.density)
-                .expect("density validated at construction"),
+        let densities = unbudgeted_densities(&self.layers, &self.config);
+        let scale = budget_scale(&self.layers, &self.config);
+        if scale < 1.0 {
+            densities.into_iter().map(|d| d * scale).collect()
+        } else {
+            densities
         }
     }
 
     /// Draws the initial masks (layer order, row-major `[rows × cols]`): every entry active
-    /// independently with its layer's initial density. Reproducible from the seed. Multiply the
-    /// weights by them with [`apply_mask`].
+    /// independently with its layer's initial density; under a compute budget, exactly
+    /// `floor(d_l · numel_l)` entries drawn uniformly per layer, so that the masks never cost
+    /// more than the budget. Reproducible from the seed. Multiply the weights by them with
+    /// [`apply_mask`].
     pub fn init_masks(&mut self) -> Vec<Vec<u8>> {
         let densities = self.init_densities();
+        let exact_counts = self.config.flops_budget.is_some();
         self.layers
             .iter()
             .zip(densities)
             .map(|(l, d)| {
                 let mut mask = vec![0u8; l.numel()];
-                init::draw_mask(&mut self.rng, d, &mut mask);
+                if exact_counts {
+                    let k = (d * l.numel() as f64).floor() as usize;
+                    for i in growth::random(&mask, k, &mut self.rng) {
+                        mask[i] = 1;
+                    }
+                } else {
+                    init::draw_mask(&mut self.rng, d, &mut mask);
+                }
                 mask
             })
             .collect()
+    }
+
+    /// The dense network's forward multiply-adds per sample, `Σ numel_l · c_l` (see
+    /// [`LayerSpec::macs_per_weight`]).
+    pub fn dense_macs(&self) -> f64 {
+        budget::dense_macs(&self.layers)
+    }
+
+    /// The forward multiply-adds of the network with `nonzeros[l]` active weights in layer `l`,
+    /// relative to the dense network's: the `flops_fraction` of the training metrics. Errors if
+    /// `nonzeros` does not have one count per layer.
+    pub fn flops_fraction(&self, nonzeros: &[usize]) -> Result<f64, MaskingError> {
+        if nonzeros.len() != self.layers.len() {
+            return Err(MaskingError::LayerCount {
+                expected: self.layers.len(),
+                got: nonzeros.len(),
+            });
+        }
+        let macs = budget::macs_of(&self.layers, nonzeros.iter().map(|&n| n as f64));
+        Ok(macs / self.dense_macs())
     }
 
     /// Checks that `views` match the layers, lengths and mask values.
@@ -763,6 +894,7 @@ impl Masking {
                     regrowth_target_initial: 0.0,
                     regrowth_target_final: 0.0,
                     regrowth_applied: 0,
+                    regrowth_withheld: 0,
                     num_regrown: 0,
                     num_pruned_then_regrown: 0,
                     nonzeros_after: nnz,
@@ -787,6 +919,7 @@ impl Masking {
             adjusted_growth_before: self.adjusted_growth,
             adjusted_growth: self.adjusted_growth,
             shortfall: 0.0,
+            regrowth_withheld: 0,
             layers,
         }
     }

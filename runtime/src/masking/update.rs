@@ -3,6 +3,7 @@
 
 use std::cmp::Ordering;
 
+use super::budget;
 use super::growth;
 use super::reduce::{numpy_mean, torch_mean_f32};
 use super::{
@@ -253,12 +254,35 @@ pub(crate) fn run(
         );
     }
 
+    // The entries each layer asks for, and what the compute budget lets it grow.
+    let asked: Vec<usize> = target
+        .iter()
+        .map(|t| {
+            let k = t.floor();
+            if k > 0.0 {
+                k as usize
+            } else {
+                0
+            }
+        })
+        .collect();
+    let allowed = match config.flops_budget {
+        Some(f) => {
+            let layers = masking.layers();
+            let kept = (0..l_count).map(|l| (nnz[l] - pruned[l].len()) as f64);
+            let room = f * budget::dense_macs(layers) - budget::macs_of(layers, kept);
+            let cost: Vec<u64> = layers.iter().map(|s| s.macs_per_weight).collect();
+            budget::fit_regrowth(&asked, &score, &cost, room)
+        }
+        None => asked.clone(),
+    };
+    let withheld: usize = asked.iter().zip(&allowed).map(|(a, g)| a - g).sum();
+
     // 5. Growth, 6. apply.
     let mut reports = Vec::with_capacity(l_count);
     let mut total_after = 0usize;
     for (l, v) in views.iter_mut().enumerate() {
-        let k = target[l].floor();
-        let k = if k > 0.0 { k as usize } else { 0 };
+        let k = allowed[l];
         let grown = match config.growth {
             GrowthMode::Momentum => growth::top_k_by_score(v.mask, v.momentum, k),
             GrowthMode::Gradient => {
@@ -307,6 +331,7 @@ pub(crate) fn run(
             regrowth_target_initial: initial[l],
             regrowth_target_final: target[l],
             regrowth_applied: k,
+            regrowth_withheld: asked[l] - k,
             num_regrown: grown.len(),
             num_pruned_then_regrown: common,
             nonzeros_after,
@@ -316,8 +341,8 @@ pub(crate) fn run(
         });
     }
 
-    // 7. Correction.
-    let shortfall = b - total_after as f64;
+    // 7. Correction (without what the compute budget withheld).
+    let shortfall = b - total_after as f64 - withheld as f64;
     masking.adjustments.push(shortfall);
     let before = masking.adjusted_growth;
     masking.adjusted_growth =
@@ -338,6 +363,7 @@ pub(crate) fn run(
         adjusted_growth_before: before,
         adjusted_growth: masking.adjusted_growth,
         shortfall,
+        regrowth_withheld: withheld,
         layers: reports,
     })
 }
