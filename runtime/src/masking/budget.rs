@@ -10,8 +10,10 @@
 //!
 //! * **Initial masks.** If the initial densities `d_l` cost more than the budget, every `d_l`
 //!   is scaled by the same factor so that they cost exactly the budget, and the weight budget
-//!   `B` is scaled with them. Each layer then gets exactly `floor(d_l · numel_l)` entries drawn
-//!   uniformly (not one coin per entry), so the drawn masks never exceed the budget.
+//!   `B` is scaled with them. The masks are drawn as without a budget (one coin per entry);
+//!   where the coins leave them over the budget, random active entries of the most expensive
+//!   layers are removed until they fit ([`trim_to_budget`]). Masks within the budget are
+//!   exactly the unconstrained run's.
 //! * **Growth.** After pruning, the room left is `F · dense − Σ kept_l · c_l`. If the
 //!   regrowth that redistribution asks for (`k_l` entries per layer) costs more than the room,
 //!   the room's multiply-adds are split over the layers by the same redistribution scores
@@ -19,6 +21,9 @@
 //!   `Σ min(k_l · c_l, λ · s_l) = room`, then grow `min(k_l, floor(λ · s_l / c_l))`). What
 //!   the budget withholds is not a shortfall the correction term chases: the next update would
 //!   meet the same budget.
+
+use rand::seq::index::sample;
+use rand_chacha::ChaCha8Rng;
 
 use super::LayerSpec;
 
@@ -58,6 +63,34 @@ pub(crate) fn init_scale(layers: &[LayerSpec], densities: &[f64], budget: f64) -
         1.0
     } else {
         limit / cost
+    }
+}
+
+/// Deactivates random active entries of the most expensive layers (most multiply-adds per
+/// weight first; ties: the earlier layer) until `masks` cost at most `budget · dense`. Masks
+/// already within the budget are left as they are.
+pub(crate) fn trim_to_budget(
+    layers: &[LayerSpec],
+    masks: &mut [Vec<u8>],
+    budget: f64,
+    rng: &mut ChaCha8Rng,
+) {
+    let limit = budget * dense_macs(layers);
+    let active = |m: &[u8]| m.iter().filter(|&&v| v == 1).count() as f64;
+    let mut cost = macs_of(layers, masks.iter().map(|m| active(m)));
+    let mut order: Vec<usize> = (0..layers.len()).collect();
+    order.sort_by_key(|&l| (std::cmp::Reverse(layers[l].macs_per_weight), l));
+    for l in order {
+        if cost <= limit {
+            break;
+        }
+        let c = layers[l].macs_per_weight as f64;
+        let on: Vec<usize> = (0..masks[l].len()).filter(|&i| masks[l][i] == 1).collect();
+        let n = (((cost - limit) / c).ceil() as usize).min(on.len());
+        for j in sample(rng, on.len(), n) {
+            masks[l][on[j]] = 0;
+        }
+        cost -= n as f64 * c;
     }
 }
 

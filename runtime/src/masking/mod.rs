@@ -105,9 +105,9 @@
 //! cost the most; the budget keeps the arithmetic at the share the user chose.
 //!
 //! * **Initial masks.** If the initial densities cost more than the budget, all of them are
-//!   scaled by one factor to cost exactly the budget, and `B` is scaled with them. Under a
-//!   budget each layer gets exactly `floor(d_l · numel_l)` entries drawn uniformly, so the
-//!   masks never exceed it (without a budget each entry is one coin flip, as the reference).
+//!   scaled by one factor to cost exactly the budget, and `B` is scaled with them. The masks
+//!   are drawn as without a budget (one coin per entry); if the coins leave them over it,
+//!   random active entries of the most expensive layers are removed until they fit.
 //! * **Growth.** After pruning and the capping loop, layer `l` asks for `k_l = floor(g_l)`
 //!   entries. If they cost more than the room left (`F · dense − Σ kept_l · c_l`), the room is
 //!   split over the layers by their scores `s_l`, each layer's share capped at the cost of its
@@ -745,29 +745,26 @@ impl Masking {
     }
 
     /// Draws the initial masks (layer order, row-major `[rows × cols]`): every entry active
-    /// independently with its layer's initial density; under a compute budget, exactly
-    /// `floor(d_l · numel_l)` entries drawn uniformly per layer, so that the masks never cost
-    /// more than the budget. Reproducible from the seed. Multiply the weights by them with
-    /// [`apply_mask`].
+    /// independently with its layer's initial density. Under a compute budget, random active
+    /// entries of the most expensive layers are then removed until the masks fit it (masks
+    /// within it are left as drawn). Reproducible from the seed. Multiply the weights by them
+    /// with [`apply_mask`].
     pub fn init_masks(&mut self) -> Vec<Vec<u8>> {
         let densities = self.init_densities();
-        let exact_counts = self.config.flops_budget.is_some();
-        self.layers
+        let mut masks: Vec<Vec<u8>> = self
+            .layers
             .iter()
             .zip(densities)
             .map(|(l, d)| {
                 let mut mask = vec![0u8; l.numel()];
-                if exact_counts {
-                    let k = (d * l.numel() as f64).floor() as usize;
-                    for i in growth::random(&mask, k, &mut self.rng) {
-                        mask[i] = 1;
-                    }
-                } else {
-                    init::draw_mask(&mut self.rng, d, &mut mask);
-                }
+                init::draw_mask(&mut self.rng, d, &mut mask);
                 mask
             })
-            .collect()
+            .collect();
+        if let Some(f) = self.config.flops_budget {
+            budget::trim_to_budget(&self.layers, &mut masks, f, &mut self.rng);
+        }
+        masks
     }
 
     /// The dense network's forward multiply-adds per sample, `Σ numel_l · c_l` (see
