@@ -29,7 +29,11 @@ fn report(phase: &str) {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let model: ModelKind = args.get(1).map_or("wrn-16-2", String::as_str).parse()?;
+    let model: ModelKind = args
+        .get(1)
+        .map_or("wrn-16-2", String::as_str)
+        .parse()
+        .map_err(anyhow::Error::msg)?;
     let batch: usize = args.get(2).map_or(Ok(128), |s| s.parse())?;
     let density: f64 = args.get(3).map_or(Ok(0.05), |s| s.parse())?;
     report("start");
