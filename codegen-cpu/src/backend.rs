@@ -450,7 +450,7 @@ impl CpuBackend {
         let launch = Launch::new(features.batch, features.ld);
         let mut operands: Vec<TimingOperands> = kernels
             .iter()
-            .map(|_| TimingOperands::new(spec, launch, 0x5eed))
+            .map(|_| TimingOperands::new(spec, launch, 0x5eed, true))
             .collect();
         // The inputs' write is timed with the kernel: a split kernel makes its producer pay
         // for taking the lines back from the other cores, as the step's gather or the
@@ -508,18 +508,16 @@ impl CpuBackend {
                 self.kernel(spec, fixed, Arc::clone(c))
             })
             .collect();
-        let mut operands: Vec<TimingOperands> = kernels
-            .iter()
-            .enumerate()
-            .map(|(i, _)| TimingOperands::new(spec, launch, 0x5eed + i as u64))
-            .collect();
+        // One set of operands for every candidate: they run one after the other, and a
+        // convolution's operands at a training batch are tens of megabytes each.
+        let operands = std::cell::RefCell::new(TimingOperands::new(spec, launch, 0x5eed, false));
         let mut runs: Vec<RaceRun<'_>> = kernels
             .iter()
-            .zip(operands.iter_mut())
-            .map(|(k, ops)| {
+            .map(|k| {
                 let wait = delay(k.strategy());
+                let ops = &operands;
                 Box::new(move || {
-                    let r = ops.run(k, launch);
+                    let r = ops.borrow_mut().run(k, launch);
                     if !wait.is_zero() {
                         kernel_timing::spin(wait);
                     }
@@ -673,20 +671,25 @@ fn race(
 
 /// Random operands of one spec at one launch shape, for timing: 64-byte aligned, as the
 /// runtime's matrices are (a misaligned `X` runs slower and would decide the race; see
-/// docs/MEASUREMENTS.md).
+/// docs/MEASUREMENTS.md). Only the inputs the op reads are allocated (a convolution's at
+/// batch 128 can take 84 MB each), and their copies for
+/// [`refresh_inputs`](TimingOperands::refresh_inputs) only where asked for.
 struct TimingOperands {
     values: AlignedVec,
     x: AlignedVec,
     dy: AlignedVec,
     bias: Option<AlignedVec>,
     out: AlignedVec,
-    /// What [`TimingOperands::refresh_inputs`] writes into `x` and `dy`.
+    /// What [`TimingOperands::refresh_inputs`] writes into `x` and `dy` (empty unless asked
+    /// for).
     x_source: AlignedVec,
     dy_source: AlignedVec,
 }
 
 impl TimingOperands {
-    fn new(spec: &KernelSpec, launch: Launch, seed: u64) -> TimingOperands {
+    /// Operands for `spec`'s op; `refresh`: keep copies of the inputs for
+    /// [`refresh_inputs`](Self::refresh_inputs).
+    fn new(spec: &KernelSpec, launch: Launch, seed: u64, refresh: bool) -> TimingOperands {
         let p = spec.pattern();
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut random = |n: usize| -> AlignedVec {
@@ -709,14 +712,22 @@ impl TimingOperands {
             Role::WeightGrad => p.nnz(),
             Role::DenseGrad => p.rows() * p.cols(),
         };
-        let x = random(x_len);
-        let dy = random(y_len);
+        let role = spec.op().role();
+        let x = random(if role == Role::BackwardData { 0 } else { x_len });
+        let dy = random(if role == Role::Forward { 0 } else { y_len });
+        let copy = |v: &AlignedVec| {
+            if refresh {
+                v.clone()
+            } else {
+                AlignedVec::zeros(0)
+            }
+        };
         TimingOperands {
             values: random(p.nnz()),
             bias: spec.op().has_bias().then(|| random(p.rows())),
             out: AlignedVec::zeros(out_len),
-            x_source: x.clone(),
-            dy_source: dy.clone(),
+            x_source: copy(&x),
+            dy_source: copy(&dy),
             x,
             dy,
         }
@@ -1564,7 +1575,7 @@ mod tests {
             unreachable!()
         };
         let launch = Launch::new(batch, ld);
-        let mut ops = TimingOperands::new(&spec, launch, 3);
+        let mut ops = TimingOperands::new(&spec, launch, 3, false);
         ops.run(k, launch).unwrap();
         let args: Args<'_, [f32]> = match spec.op().role() {
             Role::Forward => Args::Spmm {

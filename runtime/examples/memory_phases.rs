@@ -2,7 +2,7 @@
 //! of a training run on synthetic CIFAR-shaped data.
 //!
 //! ```text
-//! cargo run --release -p runtime --example memory_phases -- wrn-16-10 128 0.05
+//! cargo run --release -p runtime --example memory_phases -- wrn-16-10 128 0.05 [deterministic]
 //! ```
 
 use anyhow::Result;
@@ -36,6 +36,8 @@ fn main() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let batch: usize = args.get(2).map_or(Ok(128), |s| s.parse())?;
     let density: f64 = args.get(3).map_or(Ok(0.05), |s| s.parse())?;
+    // `deterministic`: plans without timing (the planner times no candidates).
+    let deterministic = args.get(4).is_some_and(|a| a == "deterministic");
     report("start");
     let data = Dataset::synthetic(2 * batch + batch / 4 + 1, 1, 17)?;
     report("data");
@@ -44,6 +46,7 @@ fn main() -> Result<()> {
         density,
         batch_size: batch,
         epochs: 1,
+        deterministic,
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(config, data)?;

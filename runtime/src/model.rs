@@ -74,7 +74,13 @@ pub struct Model {
     /// What each layer adds to its output, if anything.
     residuals: Vec<Option<Source>>,
     acts: Vec<Matrix>,
-    grads: Vec<Matrix>,
+    /// The output-gradient buffers, each shared by layers whose gradients are never live at
+    /// the same time in the backward pass (see [`gradient_slots`]).
+    grad_pool: Vec<Matrix>,
+    /// The buffer of each layer's output gradient.
+    grad_slot: Vec<usize>,
+    /// The layer each buffer was last handed to.
+    grad_owner: Vec<usize>,
     /// For a layer output read by several layers: where a reader's input gradient goes when
     /// another reader's is there already.
     scratch: Vec<Option<Matrix>>,
@@ -207,7 +213,10 @@ impl Model {
             .iter()
             .map(|l| Matrix::zeros(l.output_shape().features(), batch))
             .collect();
-        let grads = acts.clone();
+        let features: Vec<usize> = layers.iter().map(|l| l.output_shape().features()).collect();
+        let (grad_slot, slot_rows) = gradient_slots(&inputs, &residuals, &features);
+        let grad_pool = slot_rows.iter().map(|&r| Matrix::zeros(r, batch)).collect();
+        let grad_owner = vec![usize::MAX; slot_rows.len()];
         let classes = layers.last().expect("non-empty").output_shape().features();
         Ok(Model {
             name: name.to_string(),
@@ -221,7 +230,9 @@ impl Model {
             inputs,
             residuals,
             acts,
-            grads,
+            grad_pool,
+            grad_slot,
+            grad_owner,
             scratch,
             valid: batch,
             loss: LogSoftmaxNll::new(classes, ld),
@@ -437,9 +448,13 @@ impl Model {
         self.set_valid(n);
         self.forward()?;
         let last = self.layers.len() - 1;
-        let loss =
-            self.loss
-                .loss_and_grad(&self.acts[last], &self.labels, n, &mut self.grads[last])?;
+        self.claim_grad(last);
+        let loss = self.loss.loss_and_grad(
+            &self.acts[last],
+            &self.labels,
+            n,
+            &mut self.grad_pool[self.grad_slot[last]],
+        )?;
         self.backward(mode)?;
         Ok(loss)
     }
@@ -459,40 +474,82 @@ impl Model {
     /// added to.
     fn backward_layer(&mut self, i: usize, mode: WeightGradMode) -> Result<()> {
         let (batch, ld) = (self.batch, self.ld);
-        let (gb, ga) = self.grads.split_at_mut(i);
-        let dy = &mut ga[0];
-        if let Some(Source::Layer(j)) = self.residuals[i] {
+        let residual = match self.residuals[i] {
+            Some(Source::Layer(j)) => Some(j),
+            _ => None,
+        };
+        let input = match self.inputs[i] {
+            Source::Layer(j) => Some(j),
+            Source::Input => None,
+        };
+        self.claim_grad(i);
+        for j in residual.into_iter().chain(input) {
+            self.claim_grad(j);
+        }
+        let slots = &self.grad_slot;
+        // Distinct by construction: layer j's gradient is live while layer i's is read.
+        fn pair<'a>(
+            pool: &'a mut [Matrix],
+            slots: &[usize],
+            i: usize,
+            j: usize,
+        ) -> Result<[&'a mut Matrix; 2]> {
+            pool.get_disjoint_mut([slots[i], slots[j]]).map_err(|_| {
+                RuntimeError::Config(format!("layers {i} and {j} share a gradient buffer"))
+            })
+        }
+        if let Some(j) = residual {
             // Before the layer's pass, which may overwrite dy.
+            let [dy, g] = pair(&mut self.grad_pool, slots, i, j)?;
             if std::mem::replace(&mut self.grad_written[j], true) {
-                add_into(&mut gb[j], dy, batch, ld);
+                add_into(g, dy, batch, ld);
             } else {
-                gb[j].as_mut_slice().copy_from_slice(dy.as_slice());
+                g.as_mut_slice().copy_from_slice(dy.as_slice());
             }
         }
         let x = match self.inputs[i] {
             Source::Input => &self.input,
             Source::Layer(j) => &self.acts[j],
         };
-        match self.inputs[i] {
-            Source::Input => self.layers[i].backward(x, &self.acts[i], dy, None, mode),
-            Source::Layer(j) if !self.grad_written[j] => {
-                self.grad_written[j] = true;
-                self.layers[i].backward(x, &self.acts[i], dy, Some(&mut gb[j]), mode)
+        match input {
+            None => {
+                let dy = &mut self.grad_pool[slots[i]];
+                self.layers[i].backward(x, &self.acts[i], dy, None, mode)
             }
-            Source::Layer(j) => {
+            Some(j) if !self.grad_written[j] => {
+                self.grad_written[j] = true;
+                let [dy, g] = pair(&mut self.grad_pool, slots, i, j)?;
+                self.layers[i].backward(x, &self.acts[i], dy, Some(g), mode)
+            }
+            Some(j) => {
                 let scratch = self.scratch[j].as_mut().ok_or_else(|| {
                     RuntimeError::Config(format!("layer {j} has one reader but two gradients"))
                 })?;
+                let [dy, g] = pair(&mut self.grad_pool, slots, i, j)?;
                 self.layers[i].backward(x, &self.acts[i], dy, Some(scratch), mode)?;
-                add_into(&mut gb[j], scratch, batch, ld);
+                add_into(g, scratch, batch, ld);
                 Ok(())
             }
         }
     }
 
+    /// Hands layer `i`'s gradient buffer to it: the shared buffer takes the layer's rows and,
+    /// if it held another layer's gradient, zeroes its padding columns.
+    fn claim_grad(&mut self, i: usize) {
+        let slot = self.grad_slot[i];
+        if self.grad_owner[slot] != i {
+            let g = &mut self.grad_pool[slot];
+            g.set_rows(self.acts[i].rows());
+            g.zero_columns_from(self.batch);
+            self.grad_owner[slot] = i;
+        }
+    }
+
     /// The gradient buffer of the logits, `[classes × ld]`.
     pub fn last_grad_mut(&mut self) -> &mut Matrix {
-        self.grads.last_mut().expect("non-empty")
+        let last = self.layers.len() - 1;
+        self.claim_grad(last);
+        &mut self.grad_pool[self.grad_slot[last]]
     }
 
     /// Forward pass and, over the first `n` columns, the summed loss and the number of
@@ -547,11 +604,12 @@ impl Model {
                 times.push(t.elapsed().as_secs_f64() * 1e6);
             }
             let last = n - 1;
+            self.claim_grad(last);
             self.loss.loss_and_grad(
                 &self.acts[last],
                 &self.labels,
                 self.batch,
-                &mut self.grads[last],
+                &mut self.grad_pool[self.grad_slot[last]],
             )?;
             self.grad_written.fill(false);
             for i in (0..n).rev() {
@@ -607,6 +665,53 @@ impl Sgd {
             p.sgd_step(&self.config, lr);
         }
     }
+}
+
+/// Shares output-gradient buffers between layers by liveness: layer `i`'s gradient is live in
+/// the backward pass from the pass of its last reader (the loss, for the last layer) down to
+/// its own, so two layers may share a buffer when those spans do not meet. Returns each
+/// layer's buffer and each buffer's rows (the most of the layers sharing it). Greedy interval
+/// colouring in the backward pass's order, preferring the largest free buffer.
+fn gradient_slots(
+    inputs: &[Source],
+    residuals: &[Option<Source>],
+    features: &[usize],
+) -> (Vec<usize>, Vec<usize>) {
+    let n = features.len();
+    // The last reader of each layer's output; the loss reads the last layer's.
+    let mut last_reader: Vec<usize> = (0..n).collect();
+    last_reader[n - 1] = n;
+    for (r, src) in inputs.iter().enumerate().chain(
+        residuals
+            .iter()
+            .enumerate()
+            .filter_map(|(r, s)| s.as_ref().map(|s| (r, s))),
+    ) {
+        if let Source::Layer(j) = *src {
+            last_reader[j] = last_reader[j].max(r);
+        }
+    }
+    // Live from step last_reader[i] down to step i: take them by start, latest first.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(last_reader[i]), std::cmp::Reverse(i)));
+    let mut slot = vec![0; n];
+    // Per buffer: its rows, and the step at which its current layer's span ends.
+    let mut rows: Vec<usize> = Vec::new();
+    let mut free_from: Vec<usize> = Vec::new();
+    for i in order {
+        let free = (0..rows.len())
+            .filter(|&s| free_from[s] > last_reader[i])
+            .max_by_key(|&s| (rows[s], std::cmp::Reverse(s)));
+        let s = free.unwrap_or_else(|| {
+            rows.push(0);
+            free_from.push(usize::MAX);
+            rows.len() - 1
+        });
+        rows[s] = rows[s].max(features[i]);
+        free_from[s] = i;
+        slot[i] = s;
+    }
+    (slot, rows)
 }
 
 /// `dst += src` over the first `batch` columns of every row.
@@ -1043,5 +1148,91 @@ mod tests {
             .to_string();
         assert!(e.contains("more than 2^64 bytes"), "{e}");
         assert_eq!(builder.build(100, &mut rng).unwrap().batch(), 100);
+    }
+
+    /// Every pair of layers whose gradients are live at the same step has its own buffer, and
+    /// every buffer holds its layers' rows.
+    fn check_slots(inputs: &[Source], residuals: &[Option<Source>], features: &[usize]) -> usize {
+        let (slot, rows) = gradient_slots(inputs, residuals, features);
+        let n = features.len();
+        let mut last = vec![0; n];
+        for (i, l) in last.iter_mut().enumerate() {
+            *l = if i == n - 1 { n } else { i };
+        }
+        for r in 0..n {
+            for src in std::iter::once(inputs[r]).chain(residuals[r]) {
+                if let Source::Layer(j) = src {
+                    last[j] = last[j].max(r);
+                }
+            }
+        }
+        for a in 0..n {
+            assert!(rows[slot[a]] >= features[a]);
+            for b in a + 1..n {
+                // Spans [a, last[a]] and [b, last[b]] meet.
+                if b <= last[a] {
+                    assert_ne!(slot[a], slot[b], "layers {a} and {b}");
+                }
+            }
+        }
+        rows.len()
+    }
+
+    #[test]
+    fn a_chain_needs_two_gradient_buffers() {
+        let n = 9;
+        let inputs: Vec<Source> = (0..n)
+            .map(|i| {
+                if i == 0 {
+                    Source::Input
+                } else {
+                    Source::Layer(i - 1)
+                }
+            })
+            .collect();
+        let features: Vec<usize> = (0..n).map(|i| 10 + i).collect();
+        assert_eq!(check_slots(&inputs, &vec![None; n], &features), 2);
+    }
+
+    #[test]
+    fn residual_graphs_share_buffers_only_between_disjoint_spans() {
+        use rand::Rng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for _ in 0..500 {
+            let n = rng.random_range(1..30);
+            let pick = |rng: &mut rand_chacha::ChaCha8Rng, i: usize| {
+                if i == 0 || rng.random_bool(0.1) {
+                    Source::Input
+                } else {
+                    Source::Layer(rng.random_range(i.saturating_sub(4)..i))
+                }
+            };
+            let inputs: Vec<Source> = (0..n).map(|i| pick(&mut rng, i)).collect();
+            let residuals: Vec<Option<Source>> = (0..n)
+                .map(|i| rng.random_bool(0.3).then(|| pick(&mut rng, i)))
+                .collect();
+            let features: Vec<usize> = (0..n).map(|_| rng.random_range(1..100)).collect();
+            let buffers = check_slots(&inputs, &residuals, &features);
+            assert!(buffers <= n);
+        }
+    }
+
+    #[test]
+    fn a_wide_resnet_keeps_few_gradient_buffers() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let model = crate::models::ModelKind::Wrn16x2
+            .builder(Shape::image(3, 32, 32), 10)
+            .build(2, &mut rng)
+            .unwrap();
+        let layers = model.layers.len();
+        assert!(layers > 20, "{layers}");
+        assert!(
+            model.grad_pool.len() <= 4,
+            "{} buffers",
+            model.grad_pool.len()
+        );
+        let pooled: usize = model.grad_pool.iter().map(Matrix::row_capacity).sum();
+        let own: usize = model.acts.iter().map(Matrix::rows).sum();
+        assert!(pooled * 4 < own, "{pooled} of {own} rows");
     }
 }

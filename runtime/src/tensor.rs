@@ -74,6 +74,22 @@ impl Matrix {
         m
     }
 
+    /// The most rows [`set_rows`](Self::set_rows) accepts.
+    pub fn row_capacity(&self) -> usize {
+        if self.ld == 0 {
+            0
+        } else {
+            self.buf.capacity() / self.ld
+        }
+    }
+
+    /// Reuses the buffer for `rows` feature rows (at most [`row_capacity`](Self::row_capacity);
+    /// panics beyond it), without allocating: the elements keep whatever they held.
+    pub fn set_rows(&mut self, rows: usize) {
+        self.buf.set_len(rows * self.ld);
+        self.rows = rows;
+    }
+
     /// Number of feature rows.
     pub fn rows(&self) -> usize {
         self.rows

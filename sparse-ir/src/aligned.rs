@@ -65,6 +65,23 @@ impl AlignedVec {
     pub fn to_vec(&self) -> Vec<f32> {
         self.as_slice().to_vec()
     }
+
+    /// The most elements [`set_len`](Self::set_len) accepts (at least the length it was
+    /// created with).
+    pub fn capacity(&self) -> usize {
+        self.buf.len() - self.offset
+    }
+
+    /// Shortens or lengthens the buffer within its [`capacity`](Self::capacity), without
+    /// allocating; the elements keep whatever they held. Panics beyond the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.capacity(),
+            "length {len} beyond the capacity {}",
+            self.capacity()
+        );
+        self.len = len;
+    }
 }
 
 impl Deref for AlignedVec {
@@ -129,6 +146,21 @@ mod tests {
 
     fn aligned(v: &AlignedVec) -> bool {
         (v.as_ptr() as usize).is_multiple_of(ALIGN_BYTES)
+    }
+
+    #[test]
+    fn set_len_stays_within_the_allocation() {
+        let mut v = AlignedVec::filled(40, 2.0);
+        assert!(v.capacity() >= 40);
+        v.set_len(10);
+        assert_eq!(v.len(), 10);
+        v[9] = 7.0;
+        v.set_len(40);
+        assert_eq!(v.len(), 40);
+        assert_eq!((v[9], v[39]), (7.0, 2.0));
+        assert!(aligned(&v));
+        let cap = v.capacity();
+        assert!(std::panic::catch_unwind(move || v.set_len(cap + 1)).is_err());
     }
 
     #[test]
