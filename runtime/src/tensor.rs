@@ -76,11 +76,7 @@ impl Matrix {
 
     /// The most rows [`set_rows`](Self::set_rows) accepts.
     pub fn row_capacity(&self) -> usize {
-        if self.ld == 0 {
-            0
-        } else {
-            self.buf.capacity() / self.ld
-        }
+        self.buf.capacity().checked_div(self.ld).unwrap_or(0)
     }
 
     /// Reuses the buffer for `rows` feature rows (at most [`row_capacity`](Self::row_capacity);
