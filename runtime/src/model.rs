@@ -533,14 +533,13 @@ impl Model {
         }
     }
 
-    /// Hands layer `i`'s gradient buffer to it: the shared buffer takes the layer's rows and,
-    /// if it held another layer's gradient, zeroes its padding columns.
+    /// Hands layer `i`'s gradient buffer to it: the shared buffer takes the layer's rows. Its
+    /// padding columns (`batch..ld`), the same places whatever the rows, are zero from the
+    /// start and no layer writes them (a test checks it), so nothing needs clearing.
     fn claim_grad(&mut self, i: usize) {
         let slot = self.grad_slot[i];
         if self.grad_owner[slot] != i {
-            let g = &mut self.grad_pool[slot];
-            g.set_rows(self.acts[i].rows());
-            g.zero_columns_from(self.batch);
+            self.grad_pool[slot].set_rows(self.acts[i].rows());
             self.grad_owner[slot] = i;
         }
     }
@@ -1234,5 +1233,43 @@ mod tests {
         let pooled: usize = model.grad_pool.iter().map(Matrix::row_capacity).sum();
         let own: usize = model.acts.iter().map(Matrix::rows).sum();
         assert!(pooled * 4 < own, "{pooled} of {own} rows");
+    }
+
+    /// The shared gradient buffers' padding columns (`batch..ld`) stay zero through training
+    /// steps: no layer writes them, so a buffer can pass from one layer to another as it is.
+    #[test]
+    fn gradient_padding_columns_stay_zero() {
+        use rand::Rng;
+        let exec = crate::exec::Executor::new(crate::exec::ExecOptions::default()).unwrap();
+        for kind in [
+            crate::models::ModelKind::Lenet5,
+            crate::models::ModelKind::Wrn16x2,
+        ] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+            let mut model = kind
+                .builder(Shape::image(1, 28, 28), 10)
+                .build(5, &mut rng)
+                .unwrap();
+            model.compile(&exec).unwrap();
+            let (batch, ld) = (model.batch, model.ld);
+            assert!(ld > batch);
+            for step in 0..3 {
+                for v in model.input_mut().as_mut_slice().chunks_exact_mut(ld) {
+                    for x in &mut v[..batch] {
+                        *x = rng.random_range(-1.0..1.0);
+                    }
+                }
+                for (i, l) in model.labels.iter_mut().enumerate() {
+                    *l = ((i + step) % 10) as u32;
+                }
+                let n = if step == 1 { batch - 2 } else { batch };
+                model.forward_backward(n, WeightGradMode::Dense).unwrap();
+                for (b, g) in model.grad_pool.iter().enumerate() {
+                    for row in g.as_slice().chunks_exact(ld) {
+                        assert!(row[batch..].iter().all(|&x| x == 0.0), "{kind}: buffer {b}");
+                    }
+                }
+            }
+        }
     }
 }
