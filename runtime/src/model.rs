@@ -108,16 +108,7 @@ impl Model {
     /// for batch `batch`. The last layer's outputs are the class logits.
     pub fn from_layers(name: &str, layers: Vec<Box<dyn Layer>>, batch: usize) -> Result<Self> {
         let n = layers.len();
-        let inputs = (0..n)
-            .map(|i| {
-                if i == 0 {
-                    Source::Input
-                } else {
-                    Source::Layer(i - 1)
-                }
-            })
-            .collect();
-        Self::from_graph(name, layers, inputs, vec![None; n], batch)
+        Self::from_graph(name, layers, chain_inputs(n), vec![None; n], batch)
     }
 
     /// Builds a graph of layers: layer `i` reads `inputs[i]` and adds `residuals[i]` to its
@@ -666,6 +657,19 @@ impl Sgd {
     }
 }
 
+/// What the layers of a chain of `n` read: the input, then each its predecessor's output.
+fn chain_inputs(n: usize) -> Vec<Source> {
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                Source::Input
+            } else {
+                Source::Layer(i - 1)
+            }
+        })
+        .collect()
+}
+
 /// Shares output-gradient buffers between layers by liveness: layer `i`'s gradient is live in
 /// the backward pass from the pass of its last reader (the loss, for the last layer) down to
 /// its own, so two layers may share a buffer when those spans do not meet. Returns each
@@ -1180,15 +1184,7 @@ mod tests {
     #[test]
     fn a_chain_needs_two_gradient_buffers() {
         let n = 9;
-        let inputs: Vec<Source> = (0..n)
-            .map(|i| {
-                if i == 0 {
-                    Source::Input
-                } else {
-                    Source::Layer(i - 1)
-                }
-            })
-            .collect();
+        let inputs = chain_inputs(n);
         let features: Vec<usize> = (0..n).map(|i| 10 + i).collect();
         assert_eq!(check_slots(&inputs, &vec![None; n], &features), 2);
     }
