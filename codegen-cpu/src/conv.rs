@@ -466,15 +466,22 @@ fn forced_block() -> Option<usize> {
 }
 
 /// Whether a gather at `lanes` floats per position runs the table's plane blocks: when the
-/// input under a two-position tile's taps, for every plane, passes 512 KiB (half of a 1 MiB
-/// L2), the whole input does not fit in 1 MiB anyway (a 2×2 input of 512 planes ran
-/// 1.3–1.8× slower in blocks), and rows average at least 8 entries per block.
+/// input under a two-position tile's taps, for every plane, passes half of the core's L2
+/// (the input under one tile of 128 planes, 768 KiB, ran faster in blocks with Zen 4's
+/// 1 MiB and slower with Sapphire Rapids' 2 MiB), the whole input does not fit in the L2
+/// anyway (a 2×2 input of 512 planes ran 1.3–1.8× slower in blocks), and rows average at
+/// least 8 entries per block.
 fn use_blocks(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize) -> bool {
     if forced_block().is_some() {
         return table.block > 0;
     }
-    const TILE_INPUT_MAX: usize = 512 << 10;
-    const INPUT_IN_L2: usize = 1 << 20;
+    blocks_pay(table, kernel, in_plane, lanes, crate::cache::l2_bytes())
+}
+
+/// [`use_blocks`] for a core with `l2` bytes of L2.
+fn blocks_pay(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize, l2: usize) -> bool {
+    let tile_input_max = l2 / 2;
+    let input_in_l2 = l2;
     // A row's sums are stored and reloaded once per block: worth it where a row has a few
     // entries in each block (at 1 % density, 128 planes: 3, and the blocks lost 1.26×).
     const ENTRIES_PER_ROW_BLOCK_MIN: usize = 8;
@@ -482,8 +489,8 @@ fn use_blocks(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize) ->
     let tile_input = table.planes * window.min(in_plane / lanes.max(1)) * lanes * 4;
     let row_blocks = table.rows * table.blocks();
     table.block > 0
-        && tile_input > TILE_INPUT_MAX
-        && table.planes * in_plane * 4 > INPUT_IN_L2
+        && tile_input > tile_input_max
+        && table.planes * in_plane * 4 > input_in_l2
         && table.len() >= ENTRIES_PER_ROW_BLOCK_MIN * row_blocks
 }
 
@@ -958,5 +965,43 @@ unsafe fn grad_piece<S: Simd, const NV: usize, const MASKED: bool>(
                 S::store(pp, S::add(S::load(pp), S::add(a0, a1)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward table of a random 3×3 `planes → planes` layer at 5 %, with its blocks.
+    fn table(planes: usize) -> TapTable {
+        let g = ConvGeometry {
+            in_channels: planes,
+            height: 8,
+            width: 8,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let p = Pattern::random(planes, planes * 9, 0.05, 3).unwrap();
+        TapTable::forward(&p, &g).with_blocks(plane_block(planes))
+    }
+
+    #[test]
+    fn blocks_follow_the_l2_size() {
+        const MIB: usize = 1 << 20;
+        let (t128, t256, t512) = (table(128), table(256), table(512));
+        // 128 planes of 32×32 at batch 128: 768 KiB under a tile's taps, blocks only with a
+        // 1 MiB L2.
+        assert!(blocks_pay(&t128, 3, 1024 * 128, 128, MIB));
+        assert!(!blocks_pay(&t128, 3, 1024 * 128, 128, 2 * MIB));
+        // 256 planes of 16×16 (1.5 MiB) and 512 of 8×8 (3 MiB): blocks with either.
+        for l2 in [MIB, 2 * MIB] {
+            assert!(blocks_pay(&t256, 3, 256 * 128, 128, l2));
+            assert!(blocks_pay(&t512, 3, 64 * 128, 128, l2));
+            // 512 planes of 2×2: the whole input (2 MiB) in about one tile, no blocks.
+            assert!(!blocks_pay(&t512, 3, 4 * 128, 128, 4 * MIB));
+        }
+        // Without blocks in the table (fewer than 96 planes), never.
+        assert!(!blocks_pay(&table(64), 3, 1024 * 128, 128, 256 << 10));
     }
 }

@@ -18,6 +18,7 @@
 //! a fork-join cost well under a microsecond.
 
 mod backend;
+mod cache;
 mod conv;
 mod conv_dense;
 mod dense;

@@ -9,6 +9,10 @@
 //!   at the start of each of its samples: what ran before it (a competitor with a larger
 //!   working set) must not decide its time. A sample measures the steady state of repeated
 //!   calls, as a training loop sees a kernel it calls every step;
+//! - a **long** run (at least [`LONG_RUN`]) is its own warm-up and flush: its first run
+//!   is the whole warm-up and its samples go without the untimed run, since whatever ran
+//!   before it leaves nothing in the caches after a few microseconds. A planner race between
+//!   two 200 ms convolutions then costs 8 runs instead of 18;
 //! - a sample repeats the run until it lasts [`Config::sample_min`], so the clock's
 //!   resolution and the call overhead of the timer stay negligible;
 //! - results are **paired medians**: the first competitor's median over rounds, and for
@@ -67,6 +71,9 @@ pub struct Timings {
 pub const WARMUP_MIN: Duration = Duration::from_micros(300);
 /// Most warm-up runs per competitor.
 pub const WARMUP_MAX_RUNS: usize = 20;
+/// A run at least this long warms up by itself and needs no untimed run before its samples
+/// (it refills the L2 many times over).
+pub const LONG_RUN: Duration = Duration::from_millis(20);
 /// Most runs in one sample.
 pub const MAX_REPS: u32 = 100_000;
 
@@ -95,20 +102,30 @@ pub fn interleaved<E>(competitors: &mut [Run<'_, E>], config: &Config) -> Result
     }
     let start = Instant::now();
     let mut reps = Vec::with_capacity(n);
+    // Whether competitor `i` runs long ([`LONG_RUN`]): no untimed run before its samples.
+    let mut long = Vec::with_capacity(n);
     let mut round_cost = Duration::ZERO;
     for i in 0..n {
-        let warm = Instant::now();
-        let mut runs = 0;
-        while runs < 2 || (runs < WARMUP_MAX_RUNS && warm.elapsed() < WARMUP_MIN) {
-            sample(i, 1)?;
-            runs += 1;
+        let first = sample(i, 1)?;
+        let is_long = first >= LONG_RUN;
+        let once = if is_long {
+            first
+        } else {
+            let warm = Instant::now();
+            let mut runs = 1;
+            while runs < 2 || (runs < WARMUP_MAX_RUNS && warm.elapsed() < WARMUP_MIN) {
+                sample(i, 1)?;
+                runs += 1;
+            }
+            sample(i, 1)?
         }
-        let once = sample(i, 1)?.max(Duration::from_nanos(20));
+        .max(Duration::from_nanos(20));
         let r = (config.sample_min.as_nanos().div_ceil(once.as_nanos())).clamp(1, MAX_REPS as u128)
             as u32;
         reps.push(r);
+        long.push(is_long);
         // One untimed run per sample besides the timed ones (where there are neighbours).
-        round_cost += once * (r + u32::from(n > 1));
+        round_cost += once * (r + u32::from(n > 1 && !is_long));
     }
     let left = config.budget.saturating_sub(start.elapsed());
     let affordable = (left.as_nanos() / round_cost.as_nanos().max(1)) as usize;
@@ -124,7 +141,7 @@ pub fn interleaved<E>(competitors: &mut [Run<'_, E>], config: &Config) -> Result
     {
         for k in 0..n {
             let i = if rounds % 2 == 0 { k } else { n - 1 - k };
-            if n > 1 {
+            if n > 1 && !long[i] {
                 sample(i, 1)?;
             }
             let t = sample(i, reps[i])?;
@@ -249,6 +266,44 @@ mod tests {
         };
         let t = interleaved(&mut [&mut a, &mut b], &quick()).unwrap();
         assert!(t.us[0] < 30.0, "cold runs leaked into the samples: {t:?}");
+    }
+
+    #[test]
+    fn long_runs_are_their_own_warm_up_and_flush() {
+        // Two runs over `LONG_RUN`: one warm-up run each, then three rounds (the budget is
+        // spent) of one timed run each, without untimed runs between.
+        use std::cell::Cell;
+        let (calls_a, calls_b) = (Cell::new(0), Cell::new(0));
+        let mut a = || -> Result<(), ()> {
+            calls_a.set(calls_a.get() + 1);
+            spin(LONG_RUN + Duration::from_millis(1));
+            Ok(())
+        };
+        let mut b = || -> Result<(), ()> {
+            calls_b.set(calls_b.get() + 1);
+            spin(LONG_RUN * 2);
+            Ok(())
+        };
+        let t = interleaved(&mut [&mut a, &mut b], &quick()).unwrap();
+        assert_eq!(t.rounds, 3, "{t:?}");
+        assert_eq!((calls_a.get(), calls_b.get()), (4, 4), "{t:?}");
+        assert_eq!(t.reps, vec![1, 1]);
+        let ratio = t.us[1] / t.us[0];
+        assert!(ratio > 1.6 && ratio < 2.4, "{t:?}");
+        // A short run next to a long one keeps its warm-up and its untimed runs.
+        let calls_c = Cell::new(0);
+        let mut c = || -> Result<(), ()> {
+            calls_c.set(calls_c.get() + 1);
+            spin(Duration::from_micros(100));
+            Ok(())
+        };
+        calls_a.set(0);
+        let t = interleaved(&mut [&mut a, &mut c], &quick()).unwrap();
+        assert_eq!(calls_a.get(), 1 + t.rounds, "{t:?}");
+        assert!(
+            calls_c.get() >= 3 + t.rounds * (t.reps[1] as usize + 1),
+            "{t:?}"
+        );
     }
 
     #[test]
