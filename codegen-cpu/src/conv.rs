@@ -480,8 +480,6 @@ fn use_blocks(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize) ->
 
 /// [`use_blocks`] for a core with `l2` bytes of L2.
 fn blocks_pay(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize, l2: usize) -> bool {
-    let tile_input_max = l2 / 2;
-    let input_in_l2 = l2;
     // A row's sums are stored and reloaded once per block: worth it where a row has a few
     // entries in each block (at 1 % density, 128 planes: 3, and the blocks lost 1.26×).
     const ENTRIES_PER_ROW_BLOCK_MIN: usize = 8;
@@ -489,8 +487,8 @@ fn blocks_pay(table: &TapTable, kernel: usize, in_plane: usize, lanes: usize, l2
     let tile_input = table.planes * window.min(in_plane / lanes.max(1)) * lanes * 4;
     let row_blocks = table.rows * table.blocks();
     table.block > 0
-        && tile_input > tile_input_max
-        && table.planes * in_plane * 4 > input_in_l2
+        && tile_input > l2 / 2
+        && table.planes * in_plane * 4 > l2
         && table.len() >= ENTRIES_PER_ROW_BLOCK_MIN * row_blocks
 }
 
@@ -998,9 +996,9 @@ mod tests {
         for l2 in [MIB, 2 * MIB] {
             assert!(blocks_pay(&t256, 3, 256 * 128, 128, l2));
             assert!(blocks_pay(&t512, 3, 64 * 128, 128, l2));
-            // 512 planes of 2×2: the whole input (2 MiB) in about one tile, no blocks.
-            assert!(!blocks_pay(&t512, 3, 4 * 128, 128, 4 * MIB));
         }
+        // 512 planes of 2×2: the whole input (2 MiB) in about one tile, no blocks.
+        assert!(!blocks_pay(&t512, 3, 4 * 128, 128, 4 * MIB));
         // Without blocks in the table (fewer than 96 planes), never.
         assert!(!blocks_pay(&table(64), 3, 1024 * 128, 128, 256 << 10));
     }

@@ -498,10 +498,7 @@ impl Model {
                 g.as_mut_slice().copy_from_slice(dy.as_slice());
             }
         }
-        let x = match self.inputs[i] {
-            Source::Input => &self.input,
-            Source::Layer(j) => &self.acts[j],
-        };
+        let x = input.map_or(&self.input, |j| &self.acts[j]);
         match input {
             None => {
                 let dy = &mut self.grad_pool[slots[i]];
